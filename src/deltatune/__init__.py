@@ -1,0 +1,17 @@
+"""deltatune: parameter-efficient fine-tuning as named, composable, saveable deltas on frozen models."""
+from . import errors
+from .api import activate, active, active_names, attach, detach, merge, summary, unload, unmerge
+from .config import DeltaConfig
+from .delta import Delta
+from .files import load, save
+from .methods import LoRA
+from .optim import param_groups
+from .tensors import DenseDelta, DeltaTensor, LowRankDelta, SparseDelta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Delta", "DeltaConfig", "DeltaTensor", "DenseDelta", "LoRA", "LowRankDelta", "SparseDelta", "activate",
+    "active", "active_names", "attach", "detach", "errors", "load", "merge", "param_groups", "save", "summary",
+    "unload", "unmerge",
+]

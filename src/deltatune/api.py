@@ -1,0 +1,305 @@
+"""The public verbs: attach, detach, activate, active, merge, unmerge, unload, summary.
+
+Every verb that changes the model first checks everything that can fail, then mutates; attach rolls back
+if anything still goes wrong, so a failed call leaves every parameter and module as it was.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+from .errors import ConfigError, DeltaNameError, StateError, TargetError, UnsupportedError
+from .host import (DeltaRecord, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
+from .piece import Piece
+from .targeting import resolve_targets
+
+Names = str | Sequence[str] | None
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise DeltaNameError(f"delta name must be a non-empty string without '.' or '/', got {name!r}")
+    st = state_of(model)
+    if st is not None and name in st.deltas:
+        raise DeltaNameError(f"a delta named {name!r} is already attached (attached: {sorted(st.deltas)}); "
+                             f"detach it first or choose another name")
+
+
+def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None = None) -> list[tuple[str, nn.Module, Piece]]:
+    """Construct (without installing) one piece per target. Touches nothing on the model."""
+    if not isinstance(cfg, DeltaConfig):
+        raise ConfigError(f"expected a delta config such as dt.LoRA(...), got {type(cfg).__name__}")
+    if paths is None:
+        targets = resolve_targets(model, cfg)
+    else:
+        modules = dict(model.named_modules())
+        missing = [p for p in paths if p not in modules or is_piece_module(p)]
+        if missing:
+            raise TargetError(f"{len(missing)} module path(s) not found in {type(model).__name__}: {missing[:5]}; "
+                              f"the delta was made for a different model")
+        targets = [(p, modules[p]) for p in paths]
+    built = []
+    for path, module in targets:
+        local = cfg.resolve(path)
+        piece = local.piece_class(module)(module, path, local)
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            piece.to(device=weight.device)
+        built.append((path, module, piece))
+    return built
+
+
+def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str, nn.Module, Piece]],
+            trainable: bool = True, activate: bool = True) -> nn.Module:
+    """Put built pieces on the model as delta `name`; all-or-nothing."""
+    _check_new_name(model, name)
+    fresh_state = state_of(model) is None
+    st = ensure_state(model)
+    created, added = [], []
+    try:
+        if fresh_state:
+            for pname, p in model.named_parameters():
+                st.base_requires_grad[pname] = p.requires_grad
+                p.requires_grad_(False)
+        for path, module, piece in built:
+            if slot_of(module) is None:
+                created.append(module)
+            slot = ensure_slot(module, getattr(piece, "layout", None))
+            for p in piece.parameters():
+                p.requires_grad_(trainable)
+            slot[name] = piece
+            added.append(module)
+        st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable)
+        if activate:
+            _set_active(model, (name,))
+        else:
+            _set_active(model, st.active)
+    except BaseException:
+        for module in added:
+            slot = slot_of(module)
+            if slot is not None and name in slot:
+                del slot[name]
+        for module in created:
+            remove_slot(module)
+        st.deltas.pop(name, None)
+        if fresh_state:
+            _restore_grads(model, st.base_requires_grad)
+            drop_state(model)
+        raise
+    return model
+
+
+def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, activate: bool = True,
+           trainable: bool = True) -> nn.Module:
+    """Attach delta `name` configured by `cfg` to every targeted module; freezes the base. Returns `model`.
+
+    With activate=True (default) the new delta becomes the only active one.
+    """
+    _check_new_name(model, name)
+    return install(model, name, cfg, build_pieces(model, cfg), trainable=trainable, activate=activate)
+
+
+def _restore_grads(model: nn.Module, flags: dict[str, bool]) -> None:
+    for pname, p in model.named_parameters():
+        if pname in flags:
+            p.requires_grad_(flags[pname])
+
+
+def _state(model: nn.Module):
+    st = state_of(model)
+    if st is None:
+        raise StateError(f"no delta is attached to this {type(model).__name__}; call dt.attach(model, cfg, name) first")
+    return st
+
+
+def _names(model: nn.Module, names: Names, default: Sequence[str]) -> list[str]:
+    st = _state(model)
+    if names is None:
+        return list(default)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in st.deltas]
+    if unknown:
+        raise DeltaNameError(f"unknown delta(s) {unknown}; attached: {sorted(st.deltas)}")
+    return names
+
+
+def _slots(model: nn.Module, name: str):
+    modules = dict(model.named_modules())
+    for path in _state(model).deltas[name].paths:
+        module = modules[path]
+        yield module, slot_of(module)
+
+
+def _set_active(model: nn.Module, names: Sequence[str]) -> None:
+    st = _state(model)
+    st.active = tuple(names)
+    for module in model.modules():
+        slot = slot_of(module)
+        if slot is not None:
+            slot.active = tuple(n for n in names if n in slot)
+
+
+def activate(model: nn.Module, names: Names) -> nn.Module:
+    """Make `names` (one name, several — their sum — or None for the bare model) the active deltas."""
+    if names is None:
+        _state(model)
+        _set_active(model, ())
+        return model
+    names = _names(model, names, ())
+    if len(set(names)) != len(names):
+        raise ConfigError(f"delta names repeat in {names}")
+    _set_active(model, names)
+    return model
+
+
+def active_names(model: nn.Module) -> tuple[str, ...]:
+    st = state_of(model)
+    return st.active if st is not None else ()
+
+
+@contextmanager
+def active(model: nn.Module, names: Names) -> Iterator[nn.Module]:
+    """Temporarily activate `names`; the previous active set is restored on exit."""
+    previous = active_names(model)
+    activate(model, names)
+    try:
+        yield model
+    finally:
+        _set_active(model, previous)
+
+
+def merge(model: nn.Module, names: Names = None) -> nn.Module:
+    """Add the weight updates of `names` (default: the active deltas) into the base weights."""
+    st = _state(model)
+    names = _names(model, names, [n for n in st.active if n not in st.merged])
+    if not names:
+        raise StateError("nothing to merge: no active, unmerged delta; pass names=")
+    again = [n for n in names if n in st.merged]
+    if again:
+        raise StateError(f"delta(s) {again} are already merged; unmerge first")
+    for name in names:
+        for module, slot in _slots(model, name):
+            if not slot[name].mergeable:
+                raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} ({type(slot[name]).__name__}) is not a "
+                                       f"weight update and cannot be merged; keep it unmerged")
+    with torch.no_grad():
+        for name in names:
+            for module, slot in _slots(model, name):
+                slot[name].merge_into(module, slot.layout)
+                slot.merged.append(name)
+            st.merged.append(name)
+    return model
+
+
+def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
+    """Subtract merged deltas (default: all, newest first) from the base weights again."""
+    st = _state(model)
+    names = _names(model, names, list(reversed(st.merged)))
+    not_merged = [n for n in names if n not in st.merged]
+    if not_merged:
+        raise StateError(f"delta(s) {not_merged} are not merged (merged: {st.merged})")
+    with torch.no_grad():
+        for name in names:
+            for module, slot in _slots(model, name):
+                slot[name].unmerge_from(module, slot.layout)
+                slot.merged.remove(name)
+            st.merged.remove(name)
+    return model
+
+
+def _remove(model: nn.Module, name: str) -> None:
+    st = _state(model)
+    for module, slot in list(_slots(model, name)):
+        del slot[name]
+        slot.active = tuple(n for n in slot.active if n != name)
+        if not len(slot):
+            remove_slot(module)
+    del st.deltas[name]
+    st.active = tuple(n for n in st.active if n != name)
+
+
+def detach(model: nn.Module, name: str) -> nn.Module:
+    """Remove delta `name` (unmerging it first if merged). The last detach restores the plain model."""
+    st = _state(model)
+    _names(model, name, ())
+    if name in st.merged:
+        unmerge(model, name)
+    _remove(model, name)
+    if not st.deltas:
+        _restore_grads(model, st.base_requires_grad)
+        drop_state(model)
+    return model
+
+
+def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
+    """Remove every delta and hook. With merge_active=True the active deltas stay in the weights."""
+    st = _state(model)
+    if merge_active:
+        todo = [n for n in st.active if n not in st.merged]
+        if todo:
+            merge(model, todo)
+        drop = [n for n in reversed(st.merged) if n not in set(st.active)]
+        if drop:
+            unmerge(model, drop)
+    elif st.merged:
+        unmerge(model)
+    for name in list(st.deltas):
+        _remove(model, name)
+    _restore_grads(model, st.base_requires_grad)
+    drop_state(model)
+    return model
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    kind: str
+    modules: int
+    params: int
+    trainable: int
+    active: bool
+    merged: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    rows: tuple[SummaryRow, ...]
+    base_params: int
+
+    def __str__(self) -> str:
+        head = f"{'delta':<16}{'kind':<8}{'modules':>8}{'params':>12}{'trainable':>12}{'% of base':>10}  state"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            state = ("active" if r.active else "inactive") + (", merged" if r.merged else "")
+            pct = 100.0 * r.params / max(self.base_params, 1)
+            lines.append(f"{r.name:<16}{r.kind:<8}{r.modules:>8}{r.params:>12,}{r.trainable:>12,}{pct:>9.3f}%  {state}")
+        lines.append(f"base model parameters: {self.base_params:,}")
+        return "\n".join(lines)
+
+    def __getitem__(self, name: str) -> SummaryRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise DeltaNameError(f"no delta {name!r} in summary; have {[r.name for r in self.rows]}")
+
+
+def summary(model: nn.Module) -> Summary:
+    """Parameters per delta (total and trainable) and the base model's parameter count."""
+    st = state_of(model)
+    piece_ids: set[int] = set()
+    rows = []
+    for name, rec in (st.deltas.items() if st else []):
+        params = trainable = 0
+        for _, slot in _slots(model, name):
+            for p in slot[name].parameters():
+                piece_ids.add(id(p))
+                params += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+        rows.append(SummaryRow(name, rec.config.kind, len(rec.paths), params, trainable, name in st.active, name in st.merged))
+    base = sum(p.numel() for p in model.parameters() if id(p) not in piece_ids)
+    return Summary(tuple(rows), base)

@@ -1,0 +1,119 @@
+"""Frozen, validated delta configs that round-trip through JSON, and the registry of methods."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+Targets = str | tuple[str, ...]
+
+_REGISTRY: dict[str, type["DeltaConfig"]] = {}
+
+
+def register(kind: str):
+    """Class decorator: make a config class loadable by its `kind` string."""
+
+    def wrap(cls: type[DeltaConfig]) -> type[DeltaConfig]:
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ConfigError(f"delta kind {kind!r} is registered twice ({_REGISTRY[kind].__name__}, {cls.__name__})")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return wrap
+
+
+def known_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _CheckedKeywords(type):
+    """Reject unknown constructor keywords with a message that lists the known ones."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        known = {f.name for f in fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}")
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class DeltaConfig(metaclass=_CheckedKeywords):
+    """Fields every method shares: where it goes. Subclasses add what it is."""
+
+    kind: ClassVar[str] = "abstract"
+
+    targets: Targets = "all-linear"
+    exclude: Targets | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude", "layers"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if isinstance(self.targets, tuple) and not self.targets:
+            raise ConfigError(f"{type(self).__name__}.targets is an empty list; give module names, a regex or 'all-linear'")
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                object.__setattr__(self, "layers", (self.layers,))
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+                raise ConfigError(f"{type(self).__name__}.layers must be non-negative integers, got {self.layers!r}")
+        self.validate()
+
+    # --- contract -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError for invalid field values. Subclasses extend."""
+
+    def resolve(self, path: str) -> "DeltaConfig":
+        """The config that applies to the module at `path` (per-module overrides). Default: self."""
+        return self
+
+    def piece_class(self, module: Any) -> type:
+        """The Piece class to build for `module`; raise TargetError if the module type is unsupported."""
+        raise NotImplementedError
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "DeltaConfig":
+        if not isinstance(data, dict) or "kind" not in data:
+            raise ConfigError(f"a delta config must be a JSON object with a 'kind' key (one of {known_kinds()}), got {data!r}")
+        kind = data["kind"]
+        if kind not in _REGISTRY:
+            raise ConfigError(f"unknown delta kind {kind!r}; known kinds: {known_kinds()}")
+        cls = _REGISTRY[kind]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"kind"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {cls.__name__} config; known keys: {sorted(known)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "kind"})
+        except TypeError as e:
+            raise ConfigError(f"invalid {cls.__name__} config {data!r}: {e}") from None
+
+    @staticmethod
+    def from_json(text: str) -> "DeltaConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"delta config is not valid JSON: {e}") from None
+        return DeltaConfig.from_dict(data)
+
+    def replace(self, **changes: Any) -> "DeltaConfig":
+        return dataclasses.replace(self, **changes)

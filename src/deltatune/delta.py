@@ -1,0 +1,163 @@
+"""The Delta object: a delta detached from any model — config, per-module saved state, base identity.
+
+It is what files hold (`read`/`write`), what `save`/`load` pass through, and what merging and compression
+act on via `tensors()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from .config import DeltaConfig
+from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, UnsupportedError
+from .host import slot_of, state_of
+from .io.atomic import write_bytes, write_text
+from .io.safetensors_io import check_finite, read_tensors
+from .tensors import DeltaTensor
+
+FORMAT = "deltatune.delta"
+FORMAT_VERSION = 1
+CONFIG_FILE = "delta.json"
+TENSOR_FILE = "delta.safetensors"
+
+
+@dataclass
+class Delta:
+    """A named delta: `state[path][param]` tensors for each adapted module, plus what it was made for."""
+
+    name: str
+    config: DeltaConfig
+    state: dict[str, dict[str, Tensor]]
+    module_types: dict[str, str] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)
+
+    # --- algebra view ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, DeltaTensor]:
+        """ΔW per module path as delta tensors in the [out, in] view."""
+        out = {}
+        for path, st in self.state.items():
+            local = self.config.resolve(path)
+            dw, _ = local.piece_class().state_to_delta(st, local)
+            if dw is None:
+                raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights "
+                                       f"to express its update (e.g. DoRA); load it into the model and use dt.merge")
+            out[path] = dw
+        return out
+
+    def biases(self) -> dict[str, Tensor]:
+        out = {}
+        for path, st in self.state.items():
+            local = self.config.resolve(path)
+            _, db = local.piece_class().state_to_delta(st, local)
+            if db is not None:
+                out[path] = db
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for st in self.state.values() for t in st.values())
+
+    # --- from / to a model -------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, name: str | None = None, model_name: str | None = None) -> "Delta":
+        st = state_of(model)
+        if st is None or not st.deltas:
+            raise DeltaNameError(f"no delta is attached to this {type(model).__name__}; nothing to save")
+        if name is None:
+            if len(st.deltas) != 1:
+                raise DeltaNameError(f"several deltas are attached ({sorted(st.deltas)}); pass name=")
+            name = next(iter(st.deltas))
+        if name not in st.deltas:
+            raise DeltaNameError(f"unknown delta {name!r}; attached: {sorted(st.deltas)}")
+        rec = st.deltas[name]
+        modules = dict(model.named_modules())
+        state, types, shapes = {}, {}, {}
+        for path in rec.paths:
+            module = modules[path]
+            piece = slot_of(module)[name]
+            state[path] = {k: v.detach().contiguous() for k, v in piece.state_dict().items()}
+            layout = getattr(piece, "layout", None)
+            types[path] = layout.module_type if layout is not None else type(module).__name__
+            if getattr(module, "weight", None) is not None:
+                shapes[path] = list(module.weight.shape)
+        if model_name is None:
+            model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base = {"model_class": type(model).__name__, "model_name": model_name, "weight_shapes": shapes}
+        return cls(name, rec.config, state, types, base)
+
+    # --- files -------------------------------------------------------------------------------------
+    def write(self, path: str | Path) -> Path:
+        """Write delta.safetensors then delta.json (each atomically); the JSON records the tensor file's hash."""
+        path = Path(path)
+        flat = {f"{p}.{k}": t for p, st in self.state.items() for k, t in st.items()}
+        data = st_save(flat, metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "kind": self.config.kind,
+            "config": self.config.to_dict(),
+            "base": self.base,
+            "modules": {p: {"type": self.module_types.get(p, "?"), "params": sorted(st)} for p, st in self.state.items()},
+            "tensors": {"file": TENSOR_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        }
+        write_bytes(path / TENSOR_FILE, data)
+        write_text(path / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Delta":
+        """Read a native delta directory, or a PEFT adapter directory, without a model."""
+        path = Path(path)
+        if not path.exists():
+            raise DeltaNotFoundError(f"delta path {str(path)!r} does not exist")
+        if (path / CONFIG_FILE).is_file():
+            return _read_native(path)
+        if (path / "adapter_config.json").is_file():
+            from .io.peft import read_peft
+
+            return read_peft(path)
+        raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
+
+
+def _read_native(path: Path) -> Delta:
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not a deltatune delta file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CorruptFileError(f"{str(path)!r} has format version {meta['format_version']}; this deltatune reads up to "
+                               f"{FORMAT_VERSION} — upgrade deltatune")
+    try:
+        config = DeltaConfig.from_dict(meta["config"])
+        modules = meta["modules"]
+    except KeyError as e:
+        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} lacks the key {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{str(path / CONFIG_FILE)!r}: {e}") from None
+    flat, data = read_tensors(path / TENSOR_FILE)
+    expect = meta.get("tensors", {})
+    if expect.get("bytes") is not None and (expect["bytes"] != len(data) or expect.get("sha256") != hashlib.sha256(data).hexdigest()):
+        raise CorruptFileError(f"{str(path / TENSOR_FILE)!r} does not match the size/hash recorded in {CONFIG_FILE}; "
+                               f"the file was truncated, modified or belongs to another save")
+    check_finite(flat, str(path / TENSOR_FILE))
+    state: dict[str, dict[str, Tensor]] = {p: {} for p in modules}
+    for key, t in flat.items():
+        mod, _, param = key.rpartition(".")
+        if mod not in state:
+            raise CorruptFileError(f"tensor {key!r} in {str(path / TENSOR_FILE)!r} belongs to no module listed in {CONFIG_FILE}")
+        state[mod][param] = t
+    for p, info in modules.items():
+        missing = sorted(set(info.get("params", [])) - set(state[p]))
+        if missing:
+            raise CorruptFileError(f"{str(path / TENSOR_FILE)!r} lacks {missing} for module {p!r}")
+    types = {p: info.get("type", "?") for p, info in modules.items()}
+    return Delta(meta.get("name") or path.name, config, state, types, meta.get("base", {}))

@@ -1,0 +1,110 @@
+"""Hosts: a targeted module keeps its class, parameters and state_dict keys; its deltas live in a
+`deltatune` ModuleDict on it and a forward hook adds their contributions to the module's output."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from .config import DeltaConfig
+from .layouts import Layout
+from .piece import Piece
+
+SLOT = "deltatune"
+
+
+class DeltaSlot(nn.ModuleDict):
+    """Named pieces on one module, which of them are active, and which are merged into its weight."""
+
+    def __init__(self, layout: Layout | None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.handle = None
+
+    def running(self) -> list[Piece]:
+        return [self[n] for n in self.active if n in self and n not in self.merged]
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+    slot: DeltaSlot = getattr(module, SLOT)
+    pieces = slot.running()
+    if not pieces:
+        return output
+    x = _first_input(args, kwargs)
+    if len(pieces) == 1:
+        return pieces[0](x, output, output, module)
+    acc = output.clone()
+    for piece in pieces:
+        acc = piece(x, output, acc, module)
+    return acc
+
+
+def is_piece_module(path: str) -> bool:
+    return SLOT in path.split(".")
+
+
+def slot_of(module: nn.Module) -> DeltaSlot | None:
+    slot = module._modules.get(SLOT)
+    return slot if isinstance(slot, DeltaSlot) else None
+
+
+def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
+    slot = slot_of(module)
+    if slot is None:
+        slot = DeltaSlot(layout)
+        module.add_module(SLOT, slot)
+        slot.handle = module.register_forward_hook(_hook, with_kwargs=True)
+    return slot
+
+
+def remove_slot(module: nn.Module) -> None:
+    slot = slot_of(module)
+    if slot is not None:
+        if slot.handle is not None:
+            slot.handle.remove()
+        del module._modules[SLOT]
+
+
+@dataclass
+class DeltaRecord:
+    name: str
+    config: DeltaConfig
+    paths: list[str]
+    trainable: bool
+
+
+@dataclass
+class ModelState:
+    """What deltatune keeps on a model: attached deltas, the active set, merged names, the base's grad flags."""
+
+    deltas: dict[str, DeltaRecord] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    merged: list[str] = field(default_factory=list)
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+_STATE = "_deltatune_state"
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    return model.__dict__.get(_STATE)
+
+
+def ensure_state(model: nn.Module) -> ModelState:
+    st = state_of(model)
+    if st is None:
+        st = ModelState()
+        model.__dict__[_STATE] = st
+    return st
+
+
+def drop_state(model: nn.Module) -> None:
+    model.__dict__.pop(_STATE, None)

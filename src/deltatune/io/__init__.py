@@ -1,0 +1,1 @@
+"""Files: the native format (delta.json + delta.safetensors) and PEFT adapter directories."""

@@ -1,0 +1,230 @@
+"""LoRA and its options: rsLoRA scaling, DoRA, dropout, bias deltas, PiSSA/MiLoRA/OLoRA/gaussian inits."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DeltaConfig, register
+from ..errors import ConfigError, TargetError
+from ..layouts import layout_of
+from ..piece import Piece
+from ..targeting import pattern_value
+from ..tensors import DeltaTensor, LowRankDelta
+from .lora_autograd import LoRAFunction
+from .lora_init import kaiming_a, qr_factors, svd_factors
+
+INITS = ("default", "gaussian", "pissa", "milora", "olora")
+WEIGHT_INITS = ("pissa", "milora", "olora")
+BIASES = ("none", "lora_only")
+
+
+@register("lora")
+@dataclass(frozen=True)
+class LoRA(DeltaConfig):
+    """ΔW = s · B A with s = alpha / r (or alpha / √r with rslora); DoRA rescales rows to a learned magnitude."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    bias: str = "none"
+    init: str = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"LoRA.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha == 0:
+            raise ConfigError(f"LoRA.alpha must be a finite non-zero number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoRA.init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ConfigError(f"LoRA.bias must be one of {BIASES}, got {self.bias!r}")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"LoRA.rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def resolve(self, path: str) -> "LoRA":
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        r = pattern_value(self.rank_pattern, path, self.r)
+        alpha = pattern_value(self.alpha_pattern, path, self.alpha)
+        return self.replace(r=r, alpha=float(alpha), rank_pattern={}, alpha_pattern={})  # type: ignore[return-value]
+
+    def piece_class(self, module: Any = None) -> type[Piece]:
+        return LoRAPiece
+
+
+class LoRAPiece(Piece):
+    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+
+    def __init__(self, base: nn.Module, path: str, cfg: LoRA) -> None:
+        super().__init__(base, path, cfg)
+        allowed = ("Linear", "Conv1D") if cfg.dora else self.supported
+        self.layout = layout_of(base, path, allowed)
+        w = self.layout.weight(base).detach()
+        d_out, d_in = w.shape
+        if cfg.r > min(d_out, d_in):
+            raise TargetError(f"LoRA rank r={cfg.r} exceeds min(out={d_out}, in={d_in}) of module {path!r}; lower r or use rank_pattern")
+        self.scale = cfg.scale
+        self.p = cfg.dropout
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        a, b = self._initial_factors(w, cfg, dtype)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        if cfg.init in WEIGHT_INITS:
+            self.register_buffer("init_A", a.clone())
+            self.register_buffer("init_B", b.clone())
+        if cfg.dora:
+            self.magnitude = nn.Parameter(self._row_norm(w.to(dtype)))
+            self._norm_key: tuple | None = None
+            self._norm_cache: Tensor | None = None
+            self.register_buffer("_merged_norm", None, persistent=False)
+        bias = self.layout.bias(base)
+        if cfg.bias == "lora_only" and bias is not None:
+            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+
+    def _initial_factors(self, w: Tensor, cfg: LoRA, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        d_out, d_in = w.shape
+        if cfg.init == "pissa" or cfg.init == "milora":
+            a, b = svd_factors(w, cfg.r, cfg.scale, minor=cfg.init == "milora")
+        elif cfg.init == "olora":
+            a, b = qr_factors(w, cfg.r)
+        elif cfg.init == "gaussian":
+            a = torch.randn(cfg.r, d_in, device=w.device) / cfg.r
+            b = torch.zeros(d_out, cfg.r, device=w.device)
+        elif self.layout.module_type == "Embedding":  # lookup tables: A = 0, B ~ N(0, 1)
+            a = torch.zeros(cfg.r, d_in, device=w.device)
+            b = torch.randn(d_out, cfg.r, device=w.device)
+        else:
+            a = kaiming_a(cfg.r, d_in, torch.float32, w.device)
+            b = torch.zeros(d_out, cfg.r, device=w.device)
+        return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+    # --- the low-rank factors in use -----------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) of the whole update; with a weight-derived init, [A; A0] and [B, -B0] so ΔW(0) = 0."""
+        if hasattr(self, "init_A"):
+            return torch.cat([self.lora_A, self.init_A]), torch.cat([self.lora_B, -self.init_B], 1)
+        return self.lora_A, self.lora_B
+
+    def fast_params(self):
+        return (self.lora_B,)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        a, b = self.factors()
+        p = self.p if self.training else 0.0
+        if self.cfg.dora:
+            out = self._dora(x, base_out, acc, base, a, b, p)
+        else:
+            out = self._lora(x, acc, base, a, b, p)
+        if hasattr(self, "bias"):
+            out = out.add_(self.bias) if not torch.is_grad_enabled() else out + self.bias
+        return out
+
+    def _lora(self, x: Tensor, acc: Tensor, base: nn.Module, a: Tensor, b: Tensor, p: float) -> Tensor:
+        dense = self.layout.module_type != "Embedding"
+        same = acc.dtype == a.dtype and x.dtype == a.dtype
+        if dense and same and torch.is_grad_enabled():
+            return LoRAFunction.apply(x, acc, a, b, self.scale, p)
+        xin = x.to(a.dtype) if dense else x
+        if p > 0:
+            xin = F.dropout(xin, p, True)
+        t = self.layout.project(base, xin, a)
+        if same and not torch.is_grad_enabled() and acc.is_contiguous():
+            acc.view(-1, acc.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), b.t(), alpha=self.scale)
+            return acc
+        return acc + (t @ b.t() * self.scale).to(acc.dtype)
+
+    # --- DoRA: y = m / ‖W + sBA‖_row ⊙ (x (W + sBA)ᵀ) + bias ---------------------------------------
+    @staticmethod
+    def _row_norm(w: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(w, dim=1)
+
+    def _weight_norm(self, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+        w = self.layout.weight(base)
+        return self._row_norm(w.to(a.dtype) + self.scale * (b @ a)).detach()
+
+    def _cached_norm(self, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+        w = base.weight
+        key = (w.data_ptr(), w._version, self.lora_A._version, self.lora_B._version, a.shape[0])
+        if self._norm_key != key or self._norm_cache is None:
+            self._norm_cache = self._weight_norm(base, a, b)
+            self._norm_key = key
+        return self._norm_cache
+
+    def _dora(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module, a: Tensor, b: Tensor, p: float) -> Tensor:
+        bias = self.layout.bias(base)
+        if not torch.is_grad_enabled():
+            mag = self.magnitude / self._cached_norm(base, a, b)
+            t = self.layout.project(base, x.to(a.dtype), a)
+            lora = t @ b.t()
+            if acc is base_out and acc.dtype == lora.dtype:  # alone: one pass, in place
+                acc.add_(lora, alpha=self.scale).mul_(mag)
+                return acc.add_(bias * (1 - mag)) if bias is not None else acc
+            plain = base_out - bias if bias is not None else base_out
+            return acc.add_(((mag - 1) * plain + mag * self.scale * lora).to(acc.dtype))
+        mag = self.magnitude / self._weight_norm(base, a, b)
+        if p > 0:  # as in PEFT: with dropout the magnitude term uses the dropped input
+            x = F.dropout(x.to(a.dtype), p, True)
+            plain = self.layout.matmul(base, x, self.layout.weight(base).to(a.dtype))
+        else:
+            plain = base_out - bias if bias is not None else base_out
+        lora = self.layout.project(base, x.to(a.dtype), a) @ b.t()
+        return acc + ((mag - 1) * plain + mag * self.scale * lora).to(acc.dtype)
+
+    # --- merging ---------------------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> DeltaTensor:
+        a, b = self.factors()
+        low = LowRankDelta(a.detach(), b.detach(), self.scale)
+        if not self.cfg.dora:
+            return low
+        from ..tensors import DenseDelta
+
+        w = self.layout.weight(base).detach().to(a.dtype)
+        mag = (self.magnitude / self._weight_norm(base, a, b)).detach()
+        return DenseDelta((mag[:, None] - 1) * w + mag[:, None] * low.to_dense())
+
+    def delta_bias(self, base: nn.Module) -> Tensor | None:
+        return self.bias.detach() if hasattr(self, "bias") else None
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module, layout) -> None:
+        if self.cfg.dora:  # remember the norm: after merging it can no longer be computed from W
+            a, b = self.factors()
+            self._merged_norm = self._weight_norm(base, a, b)
+        super().merge_into(base, layout)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module, layout) -> None:
+        if not self.cfg.dora:
+            return super().unmerge_from(base, layout)
+        a, b = self.factors()
+        mag = self.magnitude / self._merged_norm
+        w = layout.weight(base)
+        w.copy_((w.to(a.dtype) / mag[:, None] - self.scale * (b @ a)).to(w.dtype))
+        self._merged_norm = None
+        self._add_bias(base, -1.0)
+
+    @classmethod
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA) -> tuple[DeltaTensor | None, Tensor | None]:
+        if cfg.dora:
+            return None, None
+        a, b = state["lora_A"], state["lora_B"]
+        if "init_A" in state:
+            a, b = torch.cat([a, state["init_A"]]), torch.cat([b, -state["init_B"]], 1)
+        return LowRankDelta(a, b, cfg.scale), state.get("bias")

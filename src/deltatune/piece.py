@@ -1,0 +1,79 @@
+"""The per-module contract every method honours. Generic code (hosts, merge, files, arithmetic) uses only this."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .config import DeltaConfig
+from .tensors import DeltaTensor
+
+
+class Piece(nn.Module):
+    """One delta's trainable state on one module of the model.
+
+    Subclasses implement `forward`, and, when the update is a change of the module's weight and bias,
+    `delta_weight`/`delta_bias` — that single capability buys merge/unmerge, arithmetic, merging of many
+    deltas, compression and the multi-delta serving path.
+    """
+
+    #: module types (layout names) this method can adapt
+    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+
+    def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
+        super().__init__()
+        self.path = path
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        """Return `acc` plus this piece's contribution for input x.
+
+        `base_out` is the frozen module's output and must not be written; `acc` may be updated in place
+        when grad is disabled (the host passes the same tensor for both when this piece is alone).
+        """
+        raise NotImplementedError
+
+    # --- linear mergeability --------------------------------------------------------------------
+    @property
+    def mergeable(self) -> bool:
+        return type(self).delta_weight is not Piece.delta_weight
+
+    def delta_weight(self, base: nn.Module) -> DeltaTensor:
+        """ΔW in the [out, in] view, computed against the module's current weight."""
+        raise NotImplementedError
+
+    def delta_bias(self, base: nn.Module) -> Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module, layout) -> None:
+        w = base.weight
+        w.add_(layout.to_native(self.delta_weight(base).to_dense()).to(w.dtype))
+        self._add_bias(base, 1.0)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module, layout) -> None:
+        w = base.weight
+        w.sub_(layout.to_native(self.delta_weight(base).to_dense()).to(w.dtype))
+        self._add_bias(base, -1.0)
+
+    def _add_bias(self, base: nn.Module, sign: float) -> None:
+        db = self.delta_bias(base)
+        if db is not None:
+            base.bias.add_(db.to(base.bias.dtype), alpha=sign)
+
+    # --- training helpers -------------------------------------------------------------------------
+    def fast_params(self) -> Iterable[nn.Parameter]:
+        """Parameters that LoRA+-style optimisers give a larger learning rate. Default: none."""
+        return ()
+
+    # --- files without a model ------------------------------------------------------------------
+    @classmethod
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig) -> tuple[DeltaTensor | None, Tensor | None]:
+        """(ΔW, Δb) from a saved state alone, or (None, None) when the base weights are needed."""
+        return None, None
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}"
