@@ -1,5 +1,5 @@
 # Every setup step lives here: `make test` and `make demo` work on a fresh machine.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

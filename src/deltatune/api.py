@@ -70,6 +70,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
             if slot_of(module) is None:
                 created.append(module)
             slot = ensure_slot(module, getattr(piece, "layout", None))
+            piece.train(module.training)
             for p in piece.parameters():
                 p.requires_grad_(trainable)
             slot[name] = piece
