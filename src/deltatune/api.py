@@ -16,7 +16,7 @@ from .config import DeltaConfig
 from .errors import ConfigError, DeltaNameError, StateError, TargetError, UnsupportedError
 from .host import (DeltaRecord, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
 from .piece import Piece
-from .targeting import resolve_targets
+from .targeting import matches, resolve_targets
 
 Names = str | Sequence[str] | None
 
@@ -36,6 +36,14 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
         raise ConfigError(f"expected a delta config such as dt.LoRA(...), got {type(cfg).__name__}")
     if paths is None:
         targets = resolve_targets(model, cfg)
+        if cfg.modules_to_save:
+            taken = {p for p, _ in targets}
+            extra = [(p, m) for p, m in model.named_modules()
+                     if p and p not in taken and not is_piece_module(p) and matches(tuple(cfg.modules_to_save), p)]
+            if len(extra) < len(cfg.modules_to_save):
+                raise TargetError(f"modules_to_save={cfg.modules_to_save!r} match {len(extra)} module(s) of "
+                                  f"{type(model).__name__}; give the head's path, e.g. 'classifier' or 'score'")
+            targets += extra
     else:
         modules = dict(model.named_modules())
         missing = [p for p in paths if p not in modules or is_piece_module(p)]
@@ -45,7 +53,7 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
         targets = [(p, modules[p]) for p in paths]
     built = []
     for path, module in targets:
-        local = cfg.resolve(path)
+        local = cfg.for_module(path)
         piece = local.piece_class(module)(module, path, local)
         weight = getattr(module, "weight", None)
         if weight is not None:

@@ -54,9 +54,12 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     targets: Targets = "all-linear"
     exclude: Targets | None = None
     layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("targets", "exclude", "layers"):
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        for name in ("targets", "exclude", "layers", "modules_to_save"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         if isinstance(self.targets, tuple) and not self.targets:
             raise ConfigError(f"{type(self).__name__}.targets is an empty list; give module names, a regex or 'all-linear'")
@@ -74,6 +77,16 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     def resolve(self, path: str) -> "DeltaConfig":
         """The config that applies to the module at `path` (per-module overrides). Default: self."""
         return self
+
+    def for_module(self, path: str) -> "DeltaConfig":
+        """The config that builds the piece at `path`: a `Full` copy for `modules_to_save`, else `resolve(path)`."""
+        from .targeting import matches
+
+        if self.modules_to_save and matches(tuple(self.modules_to_save), path):
+            from .methods.full import Full
+
+            return Full(targets=(path,))
+        return self.resolve(path)
 
     def piece_class(self, module: Any) -> type:
         """The Piece class to build for `module`; raise TargetError if the module type is unsupported."""

@@ -42,7 +42,7 @@ class Delta:
         """ΔW per module path as delta tensors in the [out, in] view."""
         out = {}
         for path, st in self.state.items():
-            local = self.config.resolve(path)
+            local = self.config.for_module(path)
             dw, _ = local.piece_class().state_to_delta(st, local)
             if dw is None:
                 raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights "
@@ -53,7 +53,7 @@ class Delta:
     def biases(self) -> dict[str, Tensor]:
         out = {}
         for path, st in self.state.items():
-            local = self.config.resolve(path)
+            local = self.config.for_module(path)
             _, db = local.piece_class().state_to_delta(st, local)
             if db is not None:
                 out[path] = db

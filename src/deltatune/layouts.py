@@ -25,6 +25,10 @@ class Layout:
         """A [out, in] tensor in the module's own parameter layout."""
         return delta
 
+    def from_native(self, native: Tensor) -> Tensor:
+        """A tensor in the module's parameter layout as [out, in] (the layouts here are transposes or identity)."""
+        return self.to_native(native)
+
     def bias(self, module: nn.Module) -> Tensor | None:
         return getattr(module, "bias", None)
 
