@@ -1,0 +1,93 @@
+"""Checkpoints without pickles: delta (native format), optimizer and scheduler state, RNG state, progress.
+
+Tensors go to safetensors, everything else to JSON; the directory is written under a temporary name and
+renamed into place, so a crash never leaves a half checkpoint that `resume` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CorruptFileError
+from ..files import save as save_delta
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+
+
+def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optimizer.{idx}.{key}"] = val.contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for key, val in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(path: Path, model: nn.Module, name: str, opt: torch.optim.Optimizer, sched: Any,
+                    progress: dict[str, Any]) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_delta(model, tmp / "delta", name=name)
+    tensors, opt_meta = _split_optimizer(opt)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    meta = {"optimizer": opt_meta, "scheduler": sched.state_dict(), "progress": progress,
+            "python_rng": jsonable(random.getstate())}
+    (tmp / STATE_JSON).write_text(json.dumps(meta))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG state; returns the saved progress dict. The delta is loaded by the caller."""
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as e:
+        raise CorruptFileError(f"checkpoint {str(path)!r} is unreadable ({e}); delete it to start over") from None
+    opt.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate(untuple(meta["python_rng"]))
+    return meta["progress"]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def jsonable(x):
+    return [jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def untuple(x):
+    return tuple(untuple(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,99 @@
+"""TrainConfig: everything a training run needs, from a YAML file and/or flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import DeltaConfig
+from ..errors import ConfigError
+
+TASKS = ("auto", "classification", "generation")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "minilm-l6"                 # zoo name or local HF directory
+    data: str = "bbc"                         # zoo name or local .jsonl/.json/.csv/.tsv
+    validation_data: str | None = None
+    test_data: str | None = None
+    task: str = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    answer_column: str = "answer"
+    delta: dict[str, Any] = field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
+    name: str = "default"
+    output_dir: str = "runs/default"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    loraplus_ratio: float = 1.0
+    max_length: int = 128
+    eval_every: int | None = None
+    eval_batch_size: int = 64
+    max_eval_examples: int | None = None
+    early_stopping_patience: int | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    lisa_layers: int | None = None
+    lisa_interval: int = 20
+    train_examples: int | None = None        # cap the training set (first N of the fixed split)
+    max_new_tokens: int = 256
+    seed: int = 0
+    log_every: int = 10
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lisa_interval", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError("give epochs > 0 or max_steps")
+        if isinstance(self.delta, DeltaConfig):
+            self.delta = self.delta.to_dict()
+        self.delta_config()  # validate now, not after the model is loaded
+
+    def delta_config(self) -> DeltaConfig:
+        return DeltaConfig.from_dict(dict(self.delta))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"training config {str(path)!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"training config {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"training config {str(path)!r} must be a mapping of options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,128 @@
+"""Turning examples into batches: classification (text → label) and causal-LM instruction tuning
+(prompt → response, loss on the response tokens only, chat template when the tokenizer has one)."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DeltaNotFoundError
+
+Example = dict[str, Any]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    labels: list[str] | None
+    task: str  # "classification" | "generation"
+
+
+def read_table(path: str | Path) -> list[Example]:
+    """Rows of a local .jsonl / .json / .csv / .tsv file as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ConfigError(f"{str(path)!r} must hold a JSON list of objects")
+        return data
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise ConfigError(f"unsupported data file type {suffix!r} for {str(path)!r}; use .jsonl, .json, .csv or .tsv")
+
+
+def _column(rows: list[Example], col: str, path: str) -> None:
+    if rows and col not in rows[0]:
+        raise ConfigError(f"column {col!r} not found in {path!r}; columns are {sorted(rows[0])}")
+
+
+def local_splits(path: str, task: str, text_col: str = "text", label_col: str = "label",
+                 prompt_col: str = "prompt", response_col: str = "response", answer_col: str = "answer",
+                 validation: str | None = None, test: str | None = None, seed: int = 0) -> Splits:
+    """Splits from local files: given validation/test files, or a fixed seeded 80/10/10 split of one file."""
+    rows = read_table(path)
+    parts = [rows, read_table(validation) if validation else None, read_table(test) if test else None]
+    if parts[1] is None or parts[2] is None:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, len(rows) // 10)
+        val_idx, test_idx, train_idx = order[:n_val], order[n_val:2 * n_val], order[2 * n_val:]
+        parts = [[rows[i] for i in train_idx], parts[1] or [rows[i] for i in val_idx], parts[2] or [rows[i] for i in test_idx]]
+    if task == "classification":
+        for part in parts:
+            _column(part, text_col, path)
+            _column(part, label_col, path)
+        labels = sorted({str(r[label_col]) for part in parts for r in part})
+        index = {lab: i for i, lab in enumerate(labels)}
+        conv = [[{"text": str(r[text_col]), "label": index[str(r[label_col])]} for r in part] for part in parts]
+        return Splits(*conv, labels=labels, task=task)
+    for part in parts:
+        _column(part, prompt_col, path)
+        _column(part, response_col, path)
+    conv = [[{"prompt": str(r[prompt_col]), "response": str(r[response_col]),
+              "answer": str(r.get(answer_col, ""))} for r in part] for part in parts]
+    return Splits(*conv, labels=None, task="generation")
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model should see it: through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt.rstrip() + "\n"
+
+
+class Collator:
+    """Pads a list of examples into a batch dict for the task."""
+
+    def __init__(self, tokenizer: Any, task: str, max_length: int) -> None:
+        self.tok, self.task, self.max_length = tokenizer, task, max_length
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def __call__(self, examples: list[Example]) -> dict[str, Tensor]:
+        if self.task == "classification":
+            enc = self.tok([e["text"] for e in examples], truncation=True, max_length=self.max_length,
+                           padding=True, return_tensors="pt")
+            enc["labels"] = torch.tensor([e["label"] for e in examples])
+            return dict(enc)
+        return self._causal(examples)
+
+    def _causal(self, examples: list[Example]) -> dict[str, Tensor]:
+        ids, labels = [], []
+        eos = self.tok.eos_token or ""
+        for e in examples:
+            p = self.tok(format_prompt(self.tok, e["prompt"]), add_special_tokens=False)["input_ids"]
+            r = self.tok(e["response"] + eos, add_special_tokens=False)["input_ids"]
+            seq = (p + r)[: self.max_length]
+            lab = ([-100] * len(p) + r)[: self.max_length]
+            ids.append(seq)
+            labels.append(lab)
+        width = max(len(s) for s in ids)
+        pad = self.tok.pad_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        lab_t = torch.full((len(ids), width), -100, dtype=torch.long)
+        for i, (s, l) in enumerate(zip(ids, labels)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            lab_t[i, : len(l)] = torch.tensor(l)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": lab_t}
+
+
+def count_tokens(batch: dict[str, Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())

@@ -1,0 +1,300 @@
+"""dt.train: one training run — data, model, delta, optimizer, schedule, eval, early stopping, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import attach
+from ..config import DeltaConfig
+from ..errors import ConfigError
+from ..files import save as save_delta
+from ..delta import Delta
+from ..host import slot_of
+from ..optim import param_groups
+from ..targeting import head_paths
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Collator, Splits, count_tokens, local_splits
+from .distributed import Dist
+from .evaluate import evaluate_classification, evaluate_generation
+from .lisa import Lisa
+from .progress import Progress
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    delta_path: Path
+    steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    from .. import zoo
+
+    if cfg.data in zoo.list_datasets():
+        return zoo.load_dataset(cfg.data)
+    task = "classification" if cfg.task == "auto" else cfg.task
+    return local_splits(cfg.data, task, cfg.text_column, cfg.label_column, cfg.prompt_column, cfg.response_column,
+                        cfg.answer_column, cfg.validation_data, cfg.test_data, cfg.seed)
+
+
+def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
+    from .. import zoo
+
+    if cfg.model in zoo.list_models():
+        return zoo.load_model(cfg.model, num_labels=num_labels if task == "classification" else None)
+    path = Path(cfg.model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {cfg.model!r} is neither a zoo model ({zoo.list_models()}) nor a local HF "
+                          f"directory with config.json")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if task == "classification":
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), tok
+    return AutoModelForCausalLM.from_pretrained(path), tok
+
+
+def with_head(delta: DeltaConfig, model: nn.Module, task: str) -> DeltaConfig:
+    """For classification the (new) head trains in full and is saved with the delta."""
+    if task != "classification" or delta.modules_to_save:
+        return delta
+    heads = sorted(head_paths(model) & {p for p, m in model.named_modules() if hasattr(m, "weight")})
+    return delta.replace(modules_to_save=tuple(heads)) if heads else delta
+
+
+def schedule(cfg: TrainConfig, total: int):
+    warm = int(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return factor
+
+
+class BatchOrder:
+    """Global batches from seeded per-epoch permutations; rank r takes its slice of each global batch."""
+
+    def __init__(self, n: int, per_rank: int, dist: Dist, seed: int) -> None:
+        self.n, self.per_rank, self.dist, self.seed = n, per_rank, dist, seed
+        self.global_size = per_rank * dist.world
+        if n < self.global_size:
+            raise ConfigError(f"the training set has {n} examples, fewer than one global batch ({self.global_size})")
+        self.per_epoch = n // self.global_size
+        self._perm: tuple[int, list[int]] | None = None
+
+    def indices(self, k: int) -> list[int]:
+        epoch, within = divmod(k, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        start = within * self.global_size + self.dist.rank * self.per_rank
+        return self._perm[1][start : start + self.per_rank]
+
+
+def _trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or ".deltatune." in n}
+
+
+def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
+          splits: Splits | None = None, **overrides: Any) -> TrainResult:
+    """Train a delta. `cfg` is a TrainConfig, a dict of options or a YAML path; keyword options override it.
+    Pass `model`/`tokenizer`/`splits` to use objects already in memory instead of loading by name."""
+    if cfg is None or isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict({**(cfg or {}), **overrides})
+    elif isinstance(cfg, (str, Path)):
+        cfg = TrainConfig.from_yaml(cfg, **overrides)
+    elif overrides:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    return _Run(cfg, model, tokenizer, splits).run()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, splits: Splits | None) -> None:
+        self.cfg = cfg
+        self.dist = Dist.from_env()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.splits = splits or load_splits(cfg)
+        self.task = self.splits.task if cfg.task == "auto" else cfg.task
+        if self.task == "classification" and not self.splits.labels:
+            raise ConfigError("classification needs labels; the data has none")
+        n_labels = len(self.splits.labels) if self.splits.labels else None
+        if model is None:
+            model, tokenizer = load_model(cfg, self.task, n_labels)
+        if tokenizer is None:
+            raise ConfigError("pass tokenizer= together with model=")
+        self.model, self.tok = model, tokenizer
+        self.train_set = self.splits.train[: cfg.train_examples] if cfg.train_examples else self.splits.train
+        self.val_set = self.splits.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else self.splits.validation
+        self.out = Path(cfg.output_dir)
+        self.delta_cfg = with_head(cfg.delta_config(), model, self.task)
+        attach(model, self.delta_cfg, cfg.name)
+        model.train()
+        if cfg.lisa_layers and self.dist.enabled:
+            raise ConfigError("LISA toggles requires_grad between steps, which DDP does not allow; train LISA in one process")
+        self.lisa = Lisa(model, cfg.name, cfg.lisa_layers, cfg.lisa_interval, cfg.seed) if cfg.lisa_layers else None
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio))
+        self.order = BatchOrder(len(self.train_set), cfg.batch_size, self.dist, cfg.seed)
+        per_step = self.order.global_size * cfg.grad_accum
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_set) / per_step))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule(cfg, self.total))
+        self.collate = Collator(tokenizer, "classification" if self.task == "classification" else "causal", cfg.max_length)
+        self.wrapped = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapped = DistributedDataParallel(model)
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.bad_evals = 0
+        self.step = 0
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out) if self.cfg.resume else None
+        if ckpt is None:
+            if self.dist.main and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
+            return
+        delta = Delta.read(ckpt / "delta")
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for path, state in delta.state.items():
+                slot_of(modules[path])[self.cfg.name].load_state_dict(state)
+        progress = load_checkpoint(ckpt, self.opt, self.sched)
+        self.step, self.bad_evals = progress["step"], progress["bad_evals"]
+        if self.lisa is not None and progress.get("lisa"):
+            self.lisa.load_state(progress["lisa"])
+        self.history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step] if (self.out / "metrics.jsonl").exists() else []
+        if self.dist.main:
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def evaluate(self, examples: list) -> dict[str, Any]:
+        if self.task == "classification":
+            return evaluate_classification(self.model, self.tok, examples, len(self.splits.labels),
+                                           self.cfg.eval_batch_size, self.cfg.max_length)
+        return {"loss": self._lm_loss(examples)}
+
+    @torch.no_grad()
+    def _lm_loss(self, examples: list) -> float:
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        for i in range(0, len(examples), self.cfg.eval_batch_size):
+            batch = self.collate(examples[i : i + self.cfg.eval_batch_size])
+            total += float(self.model(**batch).loss) * len(batch["input_ids"])
+            n += len(batch["input_ids"])
+        self.model.train(was)
+        return total / max(n, 1)
+
+    def _after_eval(self, metrics: dict[str, Any]) -> bool:
+        """Track the best state; True when early stopping says stop."""
+        score = metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+        if self.best is None or score > self.best[0]:
+            self.best = (score, self.step, _trainable_snapshot(self.model))
+            self.bad_evals = 0
+            return False
+        self.bad_evals += 1
+        return self.cfg.early_stopping_patience is not None and self.bad_evals >= self.cfg.early_stopping_patience
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self._resume()
+        eval_every = cfg.eval_every or max(1, self.total // 5)
+        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        stopped = False
+        with Progress(self.total, self.step, enabled=cfg.progress and self.dist.main) as bar:
+            while self.step < self.total and not stopped:
+                if self.lisa is not None:
+                    self.lisa.step(self.step)
+                loss_val, tokens = self._train_step()
+                window_loss += loss_val
+                window_tokens += tokens
+                self.step += 1
+                lr = self.sched.get_last_lr()[0]
+                elapsed = time.perf_counter() - t0
+                bar.update(self.step, loss=loss_val, lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9))
+                if self.step % cfg.log_every == 0 or self.step == self.total:
+                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                    self.log({"step": self.step, "loss": window_loss / n, "lr": lr,
+                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
+                    window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+                if self.val_set and (self.step % eval_every == 0 or self.step == self.total):
+                    metrics = self.evaluate(self.val_set)
+                    self.log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
+                    stopped = self._after_eval(metrics)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total:
+                    self._checkpoint()
+        return self._finish(stopped)
+
+    def _train_step(self) -> tuple[float, int]:
+        cfg = self.cfg
+        total_loss, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            idx = self.order.indices(self.step * cfg.grad_accum + micro)
+            batch = self.collate([self.train_set[i] for i in idx])
+            loss = self.wrapped(**batch).loss / cfg.grad_accum
+            loss.backward()
+            total_loss += float(loss.detach())
+            tokens += count_tokens(batch)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return self.dist.mean(total_loss), tokens * self.dist.world
+
+    def _checkpoint(self) -> None:
+        if self.dist.main:
+            progress = {"step": self.step, "bad_evals": self.bad_evals,
+                        "lisa": self.lisa.state() if self.lisa is not None else None}
+            save_checkpoint(self.out / f"checkpoint-{self.step}", self.model, self.cfg.name, self.opt, self.sched, progress)
+        self.dist.barrier()
+
+    def _finish(self, stopped: bool) -> TrainResult:
+        cfg = self.cfg
+        if self.best is not None and cfg.early_stopping_patience is not None:
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for n, t in self.best[2].items():
+                    params[n].copy_(t)
+        metrics: dict[str, Any] = {"steps": self.step, "early_stopped": stopped}
+        if self.best is not None:
+            metrics["best_step"] = self.best[1]
+        if self.task == "classification" and self.splits.test:
+            test = self.evaluate(self.splits.test)
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+            self.log({"step": self.step, **{f"test_{k}": v for k, v in test.items()}})
+        delta_path = self.out / "delta"
+        if self.dist.main:
+            save_delta(self.model, delta_path, name=cfg.name)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            if cfg.plot:
+                from .plot import plot_history
+
+                plot_history(self.history, self.out / "training.png")
+        self.dist.barrier()
+        return TrainResult(self.out, delta_path, self.step, metrics, self.history)
