@@ -156,6 +156,7 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule(cfg, self.total))
         self.collate = Collator(tokenizer, "classification" if self.task == "classification" else "causal", cfg.max_length)
         self.wrapped = model
+        torch.manual_seed(cfg.seed + self.dist.rank)  # same init on every rank above; own dropout stream below
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 

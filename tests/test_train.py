@@ -1,0 +1,189 @@
+"""dt.train / deltatune train: classification and causal-LM runs, resume, LISA, DDP, eval and inspect CLIs."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import ConfigError
+from deltatune.train import TrainConfig, train
+from deltatune.train.data import Collator, local_splits
+from deltatune.train.evaluate import classification_metrics, final_number
+
+from train_fixtures import additions, save_bert_dir, sentiment, tiny_bert, tiny_llama, word_tokenizer, write_jsonl
+
+QUIET = {"progress": False, "plot": False}
+
+
+@pytest.fixture(scope="module")
+def cls_splits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "train.jsonl", sentiment(160, 1))
+    write_jsonl(d / "val.jsonl", sentiment(40, 2))
+    write_jsonl(d / "test.jsonl", sentiment(40, 3))
+    return local_splits(str(d / "train.jsonl"), "classification", validation=str(d / "val.jsonl"),
+                        test=str(d / "test.jsonl"))
+
+
+def test_classification_learns_and_saves_head(cls_splits, tmp_path):
+    base = tiny_bert()
+    r = train({"output_dir": str(tmp_path), "max_steps": 40, "batch_size": 8, "lr": 1e-2, "eval_every": 20, **QUIET,
+               "plot": True}, model=copy.deepcopy(base), tokenizer=word_tokenizer(), splits=cls_splits)
+    assert r.metrics["test_accuracy"] >= 0.9
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_accuracy" in rec for rec in records) and any("tokens_per_s" in rec for rec in records)
+    delta = dt.Delta.read(r.delta_path)
+    assert "classifier" in delta.state and delta.state["classifier"]["weight"].shape == (2, 32)
+    # the saved delta (with its head) reproduces the trained model's test accuracy on a fresh base with another head
+    fresh = tiny_bert()
+    torch.nn.init.normal_(fresh.classifier.weight)
+    dt.load(fresh, r.delta_path)
+    from deltatune.train.evaluate import evaluate_classification
+
+    again = evaluate_classification(fresh, word_tokenizer(), cls_splits.test, 2)
+    assert again["accuracy"] == pytest.approx(r.metrics["test_accuracy"])
+
+
+def test_resume_gives_the_same_losses(cls_splits, tmp_path):
+    base = tiny_bert()
+    common = {"max_steps": 24, "batch_size": 8, "lr": 5e-3, "log_every": 1, "eval_every": 8,
+              "delta": {"kind": "lora", "r": 4, "dropout": 0.1}, **QUIET}
+    straight = train({**common, "output_dir": str(tmp_path / "a")}, model=copy.deepcopy(base),
+                     tokenizer=word_tokenizer(), splits=cls_splits)
+    train({**common, "output_dir": str(tmp_path / "b"), "checkpoint_every": 12}, model=copy.deepcopy(base),
+          tokenizer=word_tokenizer(), splits=cls_splits)
+    assert (tmp_path / "b" / "checkpoint-12").is_dir()
+    resumed = train({**common, "output_dir": str(tmp_path / "b"), "resume": True}, model=copy.deepcopy(base),
+                    tokenizer=word_tokenizer(), splits=cls_splits)
+    la = [h["loss"] for h in straight.history if "loss" in h]
+    lb = [h["loss"] for h in resumed.history if "loss" in h]
+    assert len(la) == len(lb) == 24
+    assert la == pytest.approx(lb, abs=1e-6)
+    assert la[0] != pytest.approx(la[-1])
+
+
+def test_lisa_trains_only_sampled_layers(cls_splits, tmp_path):
+    model = tiny_bert()
+    seen = []
+
+    from deltatune.train import lisa as lisa_mod
+
+    orig = lisa_mod.Lisa.step
+
+    def spy(self, step):
+        orig(self, step)
+        seen.append((step, list(self.current)))
+
+    lisa_mod.Lisa.step = spy
+    try:
+        train({"output_dir": str(tmp_path), "max_steps": 3, "batch_size": 8, "lr": 1e-2, "lisa_layers": 1,
+               "lisa_interval": 100, **QUIET}, model=model, tokenizer=word_tokenizer(), splits=cls_splits)
+    finally:
+        lisa_mod.Lisa.step = orig
+    layer = seen[0][1][0]
+    # lora_B starts at zero: only the sampled layer's B matrices may have moved
+    bs = {n: p for n, p in model.named_parameters() if n.endswith("lora_B") and ".layer." in n}
+    assert bs
+    for n, p in bs.items():
+        moved = bool(p.abs().sum() > 0)
+        assert moved == (f".layer.{layer}." in n), n
+
+
+def test_causal_lm_masks_prompt_and_learns(tmp_path):
+    tok = word_tokenizer(causal=True)
+    batch = Collator(tok, "causal", 64)([{"prompt": "question 1 plus 2", "response": "answer is 3"}])
+    labels = batch["labels"][0]
+    n_prompt = len(tok("question 1 plus 2\n", add_special_tokens=False)["input_ids"])
+    assert (labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).all()
+    d = tmp_path
+    write_jsonl(d / "train.jsonl", additions(200, 1))
+    write_jsonl(d / "test.jsonl", additions(30, 2))
+    splits = local_splits(str(d / "train.jsonl"), "generation", validation=str(d / "test.jsonl"),
+                          test=str(d / "test.jsonl"))
+    model = tiny_llama()
+    r = train({"output_dir": str(d / "run"), "max_steps": 60, "batch_size": 16, "lr": 2e-2, "eval_every": 10,
+               "delta": {"kind": "lora", "r": 8, "alpha": 16}, **QUIET}, model=model, tokenizer=tok, splits=splits)
+    vals = [h["val_loss"] for h in r.history if "val_loss" in h]
+    assert vals[-1] < vals[0] * 0.5
+    # batched greedy generation with the KV cache, final-number exact match
+    from deltatune.train.evaluate import evaluate_generation
+
+    gen = evaluate_generation(model, tok, splits.test, batch_size=8, max_new_tokens=5)
+    with dt.active(model, None):
+        bare = evaluate_generation(model, tok, splits.test, batch_size=8, max_new_tokens=5)
+    assert gen["exact_match"] >= 0.5 > bare["exact_match"]
+    # batching with left padding gives the same outputs as one example at a time
+    alone = [evaluate_generation(model, tok, [e], batch_size=1, max_new_tokens=5)["outputs"][0]["output"]
+             for e in splits.test[:6]]
+    assert alone == [o["output"] for o in gen["outputs"][:6]]
+
+
+def test_metrics_and_number_parsing():
+    m = classification_metrics([0, 1, 1, 2], [0, 1, 2, 2], 3)
+    assert m["accuracy"] == 0.75
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert final_number("so the total is 1,234.5 apples") == 1234.5
+    assert final_number("#### -7") == -7 and final_number("no digits") is None
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="known"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig(delta={"kind": "lora", "rank": 4})
+    (tmp_path / "c.yaml").write_text("lr: [oops\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deltatune.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_train_eval_inspect(tmp_path):
+    model_dir = save_bert_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment(200, 5))
+    (tmp_path / "run.yaml").write_text(f"model: {model_dir}\ndata: {data}\nmax_steps: 30\nbatch_size: 8\nlr: 0.01\n"
+                                       f"delta: {{kind: lora, r: 4}}\nprogress: false\n")
+    out = tmp_path / "out"
+    res = _cli("train", str(tmp_path / "run.yaml"), "-o", str(out), "--set", "eval_every=15")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout[: res.stdout.rindex("}") + 1])["test_accuracy"] >= 0.9
+    res = _cli("eval", "--model", str(model_dir), "--data", str(data), "--delta", str(out / "delta"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["accuracy"] >= 0.9
+    res = _cli("inspect", str(out / "delta"))
+    assert res.returncode == 0 and "lora" in res.stdout and "classifier" in res.stdout, res.stdout + res.stderr
+    res = _cli("inspect", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes × batch 4 gives the loss curve of one process × batch 8; rank 0 writes one delta."""
+    model_dir = save_bert_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment(160, 7))
+    common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "8", "--lr", "0.01",
+              "--set", "log_every=1", "--set", "progress=false", "--set", "plot=false", "--set", "eval_every=100"]
+    one = _cli("train", *common, "--batch-size", "8", "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "-m", "deltatune.cli", "train", *common, "--batch-size", "4", "-o", str(tmp_path / "two")]
+    two = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(p: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert len(losses(tmp_path / "two")) == 8
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_dir()) == ["delta"]
