@@ -187,3 +187,14 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     assert len(losses(tmp_path / "two")) == 8
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_dir()) == ["delta"]
+
+
+def test_fsdp2_on_cpu_matches_unwrapped(tmp_path):
+    """FSDP2 fully_shard over a model with a LoRA delta: same losses and grads as unwrapped; the delta saves whole."""
+    script = Path(__file__).parent / "dist_fsdp_check.py"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29547", str(script), str(tmp_path / "delta")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = tiny_llama()
+    dt.load(model, tmp_path / "delta")
+    assert dt.summary(model)["a"].params > 0

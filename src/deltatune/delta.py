@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .config import DeltaConfig
 from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, UnsupportedError
 from .host import slot_of, state_of
-from .io.atomic import write_bytes, write_text
+from .io.atomic import write_files
 from .io.safetensors_io import check_finite, read_tensors
 from .tensors import DeltaTensor
 
@@ -59,6 +59,11 @@ class Delta:
                 out[path] = db
         return out
 
+    def for_model(self, model: nn.Module) -> "Delta":
+        """This delta made concrete for `model`, without changing it. Formats whose files hold values relative to
+        the base (e.g. PEFT's trained biases, which replace the base's) override this; the default is `self`."""
+        return self
+
     @property
     def num_params(self) -> int:
         return sum(t.numel() for st in self.state.values() for t in st.values())
@@ -81,7 +86,7 @@ class Delta:
         for path in rec.paths:
             module = modules[path]
             piece = slot_of(module)[name]
-            state[path] = {k: v.detach().contiguous() for k, v in piece.state_dict().items()}
+            state[path] = {k: _full(v).detach().contiguous() for k, v in piece.state_dict().items()}
             layout = getattr(piece, "layout", None)
             types[path] = layout.module_type if layout is not None else type(module).__name__
             if getattr(module, "weight", None) is not None:
@@ -93,7 +98,7 @@ class Delta:
 
     # --- files -------------------------------------------------------------------------------------
     def write(self, path: str | Path) -> Path:
-        """Write delta.safetensors then delta.json (each atomically); the JSON records the tensor file's hash."""
+        """Write delta.safetensors and delta.json atomically as a pair; the JSON records the tensor file's hash."""
         path = Path(path)
         flat = {f"{p}.{k}": t for p, st in self.state.items() for k, t in st.items()}
         data = st_save(flat, metadata={"format": FORMAT})
@@ -107,8 +112,9 @@ class Delta:
             "modules": {p: {"type": self.module_types.get(p, "?"), "params": sorted(st)} for p, st in self.state.items()},
             "tensors": {"file": TENSOR_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         }
-        write_bytes(path / TENSOR_FILE, data)
-        write_text(path / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # before touching any file
+        # both files or neither: a failed save leaves the previous delta in the directory loadable
+        write_files({path / TENSOR_FILE: data, path / CONFIG_FILE: text.encode("utf-8")})
         return path
 
     @classmethod
@@ -126,6 +132,11 @@ class Delta:
         raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
 
 
+def _full(t: Tensor) -> Tensor:
+    """A sharded (FSDP2 / DTensor) tensor gathered to its full value; plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _read_native(path: Path) -> Delta:
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
@@ -133,8 +144,11 @@ def _read_native(path: Path) -> Delta:
         raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not valid JSON ({e}); the file is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not a deltatune delta file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CorruptFileError(f"{str(path)!r} has format version {meta['format_version']}; this deltatune reads up to "
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} has format_version {version!r}; expected an integer")
+    if version > FORMAT_VERSION:
+        raise UnsupportedError(f"{str(path)!r} has format version {meta['format_version']}; this deltatune reads up to "
                                f"{FORMAT_VERSION} — upgrade deltatune")
     try:
         config = DeltaConfig.from_dict(meta["config"])
