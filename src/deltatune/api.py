@@ -68,6 +68,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
     _check_new_name(model, name)
     fresh_state = state_of(model) is None
     st = ensure_state(model)
+    previous_active = st.active
     created, added = [], []
     try:
         if fresh_state:
@@ -96,6 +97,11 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
         for module in created:
             remove_slot(module)
         st.deltas.pop(name, None)
+        st.active = previous_active
+        for module in model.modules():
+            slot = slot_of(module)
+            if slot is not None:
+                slot.active = tuple(n for n in previous_active if n in slot)
         if fresh_state:
             _restore_grads(model, st.base_requires_grad)
             drop_state(model)
@@ -146,6 +152,10 @@ def _slots(model: nn.Module, name: str):
 
 def _set_active(model: nn.Module, names: Sequence[str]) -> None:
     st = _state(model)
+    if any(n not in names for n in st.merged):
+        # a merged delta that stops being active must leave the weights too; unmerging all of them, newest
+        # first, is exact even for weight-dependent updates (DoRA); those still active keep acting unmerged
+        unmerge(model)
     st.active = tuple(names)
     for module in model.modules():
         slot = slot_of(module)
@@ -154,7 +164,9 @@ def _set_active(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def activate(model: nn.Module, names: Names) -> nn.Module:
-    """Make `names` (one name, several — their sum — or None for the bare model) the active deltas."""
+    """Make `names` (one name, several — their sum — or None for the bare model) the active deltas.
+
+    If a merged delta would become inactive, every merged delta is unmerged first (as PEFT does)."""
     if names is None:
         _state(model)
         _set_active(model, ())
@@ -191,11 +203,19 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     again = [n for n in names if n in st.merged]
     if again:
         raise StateError(f"delta(s) {again} are already merged; unmerge first")
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
     for name in names:
         for module, slot in _slots(model, name):
             if not slot[name].mergeable:
                 raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} ({type(slot[name]).__name__}) is not a "
                                        f"weight update and cannot be merged; keep it unmerged")
+            tied = owners.get(id(getattr(module, "weight", None)), [])
+            if len(tied) > 1:
+                raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} cannot be merged: the weight is shared by "
+                                       f"{tied} (tied embeddings), so merging would change those modules too; keep it "
+                                       f"unmerged or untie the weights first")
     with torch.no_grad():
         for name in names:
             for module, slot in _slots(model, name):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -34,6 +35,21 @@ def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _check_spec(owner: str, name: str, spec: Any) -> None:
+    """A targeting field is None, a full-match regex (a string) or a list of module-name suffixes."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise ConfigError(f"{owner}.{name}={spec!r} is not a valid regular expression ({e}); a string is a "
+                              f"full-match regex, a list is name suffixes such as ['q_proj', 'v_proj']") from None
+        return
+    if not isinstance(spec, tuple) or not all(isinstance(s, str) and s for s in spec):
+        raise ConfigError(f"{owner}.{name} must be a regex string or a list of module-name suffixes, got {spec!r}")
+
+
 class _CheckedKeywords(type):
     """Reject unknown constructor keywords with a message that lists the known ones."""
 
@@ -63,10 +79,13 @@ class DeltaConfig(metaclass=_CheckedKeywords):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         if isinstance(self.targets, tuple) and not self.targets:
             raise ConfigError(f"{type(self).__name__}.targets is an empty list; give module names, a regex or 'all-linear'")
+        for name in ("targets", "exclude", "modules_to_save"):
+            _check_spec(type(self).__name__, name, getattr(self, name))
         if self.layers is not None:
-            if isinstance(self.layers, int):
+            if isinstance(self.layers, int) and not isinstance(self.layers, bool):
                 object.__setattr__(self, "layers", (self.layers,))
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            if not isinstance(self.layers, tuple) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
                 raise ConfigError(f"{type(self).__name__}.layers must be non-negative integers, got {self.layers!r}")
         self.validate()
 

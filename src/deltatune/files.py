@@ -52,6 +52,7 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
     name = name or delta.name
     _check_new_name(model, name)
     check_fits(model, delta)
+    delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))
     for path, module, piece in built:
         saved = delta.state[path]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +24,10 @@ WEIGHT_INITS = ("pissa", "milora", "olora")
 BIASES = ("none", "lora_only")
 
 
+def _finite_nonzero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x != 0
+
+
 @register("lora")
 @dataclass(frozen=True)
 class LoRA(DeltaConfig):
@@ -41,17 +46,29 @@ class LoRA(DeltaConfig):
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"LoRA.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha == 0:
+        if not _finite_nonzero(self.alpha):
             raise ConfigError(f"LoRA.alpha must be a finite non-zero number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"LoRA.init must be one of {INITS}, got {self.init!r}")
         if self.bias not in BIASES:
             raise ConfigError(f"LoRA.bias must be one of {BIASES}, got {self.bias!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, field_name)
+            if not isinstance(patterns, dict) or not all(isinstance(k, str) and k for k in patterns):
+                raise ConfigError(f"LoRA.{field_name} must map module-name patterns to values, got {patterns!r}")
+            for key in patterns:
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ConfigError(f"LoRA.{field_name} key {key!r} is not a valid regular expression ({e})") from None
         for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r < 1:
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                 raise ConfigError(f"LoRA.rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+        for key, a in self.alpha_pattern.items():
+            if not _finite_nonzero(a):
+                raise ConfigError(f"LoRA.alpha_pattern[{key!r}] must be a finite non-zero number, got {a!r}")
 
     @property
     def scale(self) -> float:
@@ -139,10 +156,16 @@ class LoRAPiece(Piece):
     def _lora(self, x: Tensor, acc: Tensor, base: nn.Module, a: Tensor, b: Tensor, p: float) -> Tensor:
         dense = self.layout.module_type != "Embedding"
         same = acc.dtype == a.dtype and x.dtype == a.dtype
-        if dense and same and torch.is_grad_enabled():
+        # with dropout, grad-free training forwards (reentrant checkpointing) must draw the same masks as the
+        # recomputation in backward, so they take the same path
+        if dense and same and (torch.is_grad_enabled() or p > 0):
             return LoRAFunction.apply(x, acc, a, b, self.scale, p)
+        if dense and same and acc.is_contiguous():  # inference: add s · x Aᵀ Bᵀ into the output in place
+            t = self.layout.project(base, x.reshape(-1, x.shape[-1]), a)
+            acc.view(-1, acc.shape[-1]).addmm_(t, b.t(), alpha=self.scale)
+            return acc
         xin = x.to(a.dtype) if dense else x
-        if p > 0:
+        if p > 0 and dense:  # an Embedding's input is indices: no input dropout (as in PEFT)
             xin = F.dropout(xin, p, True)
         t = self.layout.project(base, xin, a)
         if same and not torch.is_grad_enabled() and acc.is_contiguous():
@@ -161,16 +184,21 @@ class LoRAPiece(Piece):
 
     def _cached_norm(self, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         w = base.weight
-        key = (w.data_ptr(), w._version, self.lora_A._version, self.lora_B._version, a.shape[0])
-        if self._norm_key != key or self._norm_cache is None:
+        key = (w.data_ptr(), w._version, self.lora_A.data_ptr(), self.lora_A._version, self.lora_B.data_ptr(),
+               self.lora_B._version, a.shape[0])
+        if self.training or self._norm_key != key or self._norm_cache is None:
             self._norm_cache = self._weight_norm(base, a, b)
             self._norm_key = key
         return self._norm_cache
 
     def _dora(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module, a: Tensor, b: Tensor, p: float) -> Tensor:
         bias = self.layout.bias(base)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and p == 0:  # with dropout: the same path as in grad mode (same masks)
             mag = self.magnitude / self._cached_norm(base, a, b)
+            if acc is base_out and acc.dtype == a.dtype == x.dtype and acc.is_contiguous():  # alone: in place
+                t = self.layout.project(base, x.reshape(-1, x.shape[-1]), a)
+                acc.view(-1, acc.shape[-1]).addmm_(t, b.t(), alpha=self.scale).mul_(mag)
+                return acc.add_(bias * (1 - mag)) if bias is not None else acc
             t = self.layout.project(base, x.to(a.dtype), a)
             lora = t @ b.t()
             if acc is base_out and acc.dtype == lora.dtype:  # alone: one pass, in place
@@ -178,6 +206,9 @@ class LoRAPiece(Piece):
                 return acc.add_(bias * (1 - mag)) if bias is not None else acc
             plain = base_out - bias if bias is not None else base_out
             return acc.add_(((mag - 1) * plain + mag * self.scale * lora).to(acc.dtype))
+        # A grad-mode forward precedes optimizer steps, and fused optimizers (HF Trainer's default) update
+        # parameters without bumping their version counters: drop the inference cache here.
+        self._norm_cache = None
         mag = self.magnitude / self._weight_norm(base, a, b)
         if p > 0:  # as in PEFT: with dropout the magnitude term uses the dropped input
             x = F.dropout(x.to(a.dtype), p, True)
@@ -186,6 +217,11 @@ class LoRAPiece(Piece):
             plain = base_out - bias if bias is not None else base_out
         lora = self.layout.project(base, x.to(a.dtype), a) @ b.t()
         return acc + ((mag - 1) * plain + mag * self.scale * lora).to(acc.dtype)
+
+    def train(self, mode: bool = True) -> "LoRAPiece":
+        if self.cfg.dora:  # parameters may have changed in ways version counters miss (fused optimizers)
+            self._norm_cache = None
+        return super().train(mode)
 
     # --- merging ---------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> DeltaTensor:
