@@ -123,6 +123,9 @@ class Delta:
         path = Path(path)
         if not path.exists():
             raise DeltaNotFoundError(f"delta path {str(path)!r} does not exist")
+        if path.is_file():
+            raise DeltaNotFoundError(f"{str(path)!r} is a file; a delta is a directory — pass the directory that holds "
+                                     f"{CONFIG_FILE} (deltatune) or adapter_config.json (PEFT), e.g. {str(path.parent)!r}")
         if (path / CONFIG_FILE).is_file():
             return _read_native(path)
         if (path / "adapter_config.json").is_file():

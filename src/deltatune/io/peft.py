@@ -122,8 +122,8 @@ class PeftDelta(Delta):
 
     def write(self, path: str | Path) -> Path:
         if self.absolute_bias:
-            raise UnsupportedError(f"PEFT adapter {self.name!r} stores trained biases (bias='lora_only') relative to no "
-                                   f"base; load it into its base model with dt.load and dt.save from there")
+            raise UnsupportedError(f"PEFT adapter {self.name!r} stores trained biases (bias='lora_only') that replace the "
+                                   f"base model's; their change needs the base: dt.load it into the model and dt.save")
         return super().write(path)
 
 

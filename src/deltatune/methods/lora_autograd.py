@@ -3,9 +3,11 @@
 It saves only x (already alive for the rest of the graph) and the [N, r] projection; the dropout mask is
 not stored but regenerated in backward from a seed, so dropout costs no activation memory.
 
-Dropout is inverted dropout with a 0/1 keep mask k (P(k = 1) = 1 - p) drawn as `uniform ≥ p`, which is
-several times cheaper on CPU than `bernoulli_`; the 1/(1-p) rescaling is applied to the [N, r] projection
-and its gradient instead of to the [N, in] input: drop(x) Aᵀ = ((x ⊙ k) Aᵀ) / (1-p).
+Dropout is inverted dropout with a 0/1 keep mask k. The mask is cut from full-range random 64-bit words,
+16 bits per element (k = [u16 ≥ threshold]), which on CPU is about 3x cheaper than `uniform_` and 5x cheaper
+than `bernoulli_`; the drop probability is therefore p rounded to a multiple of 2⁻¹⁶ (within 7.7e-6 of p).
+The 1/(1-p) rescaling is applied to the [N, r] projection and its gradient instead of to the [N, in] input:
+drop(x) Aᵀ = ((x ⊙ k) Aᵀ) / (1-p).
 """
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ from torch import Tensor
 
 
 def _keep(x2: Tensor, p: float, seed: int) -> Tensor:
-    """The 0/1 keep mask (in x's dtype) drawn from `seed`: the same mask on every call with the same seed."""
+    """The 0/1 keep mask (in x's dtype and shape) drawn from `seed`: the same mask on every call with the same seed."""
     gen = torch.Generator(device=x2.device)
     gen.manual_seed(seed)
-    return torch.empty_like(x2, memory_format=torch.contiguous_format).uniform_(generator=gen).ge_(p)
+    n = x2.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x2.device).random_(-2**63, None, generator=gen)
+    lanes = words.view(torch.int16)[:n].view(x2.shape)  # n independent uniform 16-bit integers
+    out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    return torch.ge(lanes, round(p * 65536) - 32768, out=out)  # P(keep) = 1 - p
 
 
 class LoRAFunction(torch.autograd.Function):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +11,11 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DeltaNotFoundError
+from ..zoo.splits import Splits
 
 Example = dict[str, Any]
 
-
-@dataclass
-class Splits:
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-    labels: list[str] | None
-    task: str  # "classification" | "generation"
+__all__ = ["Collator", "Splits", "count_tokens", "format_prompt", "local_splits", "read_table"]
 
 
 def read_table(path: str | Path) -> list[Example]:
@@ -68,13 +61,13 @@ def local_splits(path: str, task: str, text_col: str = "text", label_col: str = 
         labels = sorted({str(r[label_col]) for part in parts for r in part})
         index = {lab: i for i, lab in enumerate(labels)}
         conv = [[{"text": str(r[text_col]), "label": index[str(r[label_col])]} for r in part] for part in parts]
-        return Splits(*conv, labels=labels, task=task)
+        return Splits(str(path), "classification", *conv, labels=labels)
     for part in parts:
         _column(part, prompt_col, path)
         _column(part, response_col, path)
     conv = [[{"prompt": str(r[prompt_col]), "response": str(r[response_col]),
               "answer": str(r.get(answer_col, ""))} for r in part] for part in parts]
-    return Splits(*conv, labels=None, task="generation")
+    return Splits(str(path), "generation", *conv, labels=None)
 
 
 def format_prompt(tokenizer: Any, prompt: str) -> str:

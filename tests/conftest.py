@@ -1,0 +1,145 @@
+"""Shared tiny models, built in code (no downloads), fp32, seeded, all dropout off, in eval mode.
+
+Each fixture returns a fresh `Tiny`: the model, inputs for it, and `logits(model)` to run them. Use
+`tiny.fresh()` for an untouched deepcopy of the pristine base (e.g. to load a saved delta into).
+
+    tiny_llama  LlamaForCausalLM, Linear layers without bias, untied embeddings (vocab 64, hidden 16, 2 layers)
+    tiny_gpt2   GPT2LMHeadModel, transformers Conv1D layers with bias, wte tied to lm_head
+    tiny_bert   BertForSequenceClassification, Linear layers with bias, 3 labels
+    tiny_mlp    nn.Sequential(Linear, Tanh, Linear, Tanh, Linear), all with bias; input [batch, 8] floats
+
+`tiny_model` is parametrized over all four; `build_tiny(kind)` is the plain function behind the fixtures.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+# Tiny tensors: one intra-op thread is fastest, and avoids OpenMP spin-waiting when several test runs share a
+# few cores (2 threads on a loaded 2-core machine made a 4 ms forward take 300 ms).
+torch.set_num_threads(1)
+
+VOCAB = 64
+HIDDEN = 16
+SEQ = 6
+BATCH = 2
+MLP_IN = 8
+
+
+@dataclass
+class Tiny:
+    """A tiny model, its inputs, and how to get logits from it."""
+
+    kind: str
+    model: nn.Module
+    inputs: dict[str, Any]
+    _pristine: nn.Module = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self._pristine is None:
+            self._pristine = copy.deepcopy(self.model)
+
+    def logits(self, model: nn.Module | None = None, grad: bool = False) -> Tensor:
+        """Logits of `model` (default: self.model) on the fixed inputs; no_grad unless grad=True."""
+        model = self.model if model is None else model
+        with torch.set_grad_enabled(grad):
+            out = model(**self.inputs)
+        return out if isinstance(out, Tensor) else out.logits
+
+    def fresh(self) -> nn.Module:
+        """An untouched copy of the base model as built (eval mode)."""
+        return copy.deepcopy(self._pristine)
+
+
+def build_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def build_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "eager"
+    return GPT2LMHeadModel(cfg).float().eval()
+
+
+def build_bert(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    return BertForSequenceClassification(cfg).float().eval()
+
+
+def build_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(MLP_IN, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4)).eval()
+
+
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "llama": build_llama, "gpt2": build_gpt2, "bert": build_bert, "mlp": build_mlp,
+}
+
+
+def inputs_for(kind: str, seed: int = 1) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return {"input": torch.randn(BATCH, MLP_IN, generator=g)}
+    ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
+    if kind == "bert":
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids}
+
+
+@functools.lru_cache(maxsize=None)
+def _prototype(kind: str, seed: int) -> nn.Module:
+    return BUILDERS[kind](seed)
+
+
+def build_tiny(kind: str, seed: int = 0) -> Tiny:
+    """A fresh tiny model of `kind` (one of BUILDERS) with its inputs; built once per (kind, seed), then copied."""
+    return Tiny(kind, copy.deepcopy(_prototype(kind, seed)), inputs_for(kind))
+
+
+@pytest.fixture
+def tiny_llama() -> Tiny:
+    return build_tiny("llama")
+
+
+@pytest.fixture
+def tiny_gpt2() -> Tiny:
+    return build_tiny("gpt2")
+
+
+@pytest.fixture
+def tiny_bert() -> Tiny:
+    return build_tiny("bert")
+
+
+@pytest.fixture
+def tiny_mlp() -> Tiny:
+    return build_tiny("mlp")
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def tiny_model(request: pytest.FixtureRequest) -> Tiny:
+    return build_tiny(request.param)
