@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import DeltaConfig
 from .errors import ConfigError, DeltaNameError, StateError, TargetError, UnsupportedError
-from .host import (DeltaRecord, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
+from .host import (DeltaRecord, DeltaSlot, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
 from .piece import Piece
 from .targeting import matches, resolve_targets
 
@@ -24,6 +24,9 @@ Names = str | Sequence[str] | None
 def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise DeltaNameError(f"delta name must be a non-empty string without '.' or '/', got {name!r}")
+    if hasattr(DeltaSlot, name) or name in ("layout", "active", "merged", "saved_updates", "handle"):
+        raise DeltaNameError(f"delta name {name!r} is reserved (an attribute of deltatune's per-module slot); "
+                             f"choose another name")
     st = state_of(model)
     if st is not None and name in st.deltas:
         raise DeltaNameError(f"a delta named {name!r} is already attached (attached: {sorted(st.deltas)}); "
@@ -150,9 +153,23 @@ def _slots(model: nn.Module, name: str):
         yield module, slot_of(module)
 
 
+def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[str]) -> str | None:
+    """Where an unmerged, active, weight-dependent piece (DoRA) would see other deltas merged into its weight."""
+    for module in model.modules():
+        slot = slot_of(module)
+        if slot is None:
+            continue
+        here = [m for m in merged if m in slot]
+        running = [n for n in active if n in slot and n not in merged and slot[n].weight_dependent]
+        if here and running:
+            return (f"at {slot[running[0]].path!r}, active delta(s) {running} compute their update from the weight, "
+                    f"which would then include merged delta(s) {here}")
+    return None
+
+
 def _set_active(model: nn.Module, names: Sequence[str]) -> None:
     st = _state(model)
-    if any(n not in names for n in st.merged):
+    if any(n not in names for n in st.merged) or _weight_conflict(model, names, st.merged):
         # a merged delta that stops being active must leave the weights too; unmerging all of them, newest
         # first, is exact even for weight-dependent updates (DoRA); those still active keep acting unmerged
         unmerge(model)
@@ -216,12 +233,16 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
                 raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} cannot be merged: the weight is shared by "
                                        f"{tied} (tied embeddings), so merging would change those modules too; keep it "
                                        f"unmerged or untie the weights first")
-    with torch.no_grad():
-        for name in names:
-            for module, slot in _slots(model, name):
-                slot[name].merge_into(module, slot.layout)
-                slot.merged.append(name)
-            st.merged.append(name)
+    conflict = _weight_conflict(model, st.active, [*st.merged, *names])
+    if conflict:
+        raise StateError(f"cannot merge {names}: {conflict}; merge those deltas too, or deactivate them")
+    per_module: dict[int, tuple[nn.Module, object, list[str]]] = {}
+    for name in names:
+        for module, slot in _slots(model, name):
+            per_module.setdefault(id(module), (module, slot, []))[2].append(name)
+    for module, slot, here in per_module.values():
+        slot.merge_pieces(module, here)
+    st.merged.extend(names)
     return model
 
 
@@ -232,12 +253,13 @@ def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
     not_merged = [n for n in names if n not in st.merged]
     if not_merged:
         raise StateError(f"delta(s) {not_merged} are not merged (merged: {st.merged})")
-    with torch.no_grad():
-        for name in names:
-            for module, slot in _slots(model, name):
-                slot[name].unmerge_from(module, slot.layout)
-                slot.merged.remove(name)
-            st.merged.remove(name)
+    conflict = _weight_conflict(model, st.active, [m for m in st.merged if m not in names])
+    if conflict:
+        raise StateError(f"cannot unmerge only {names}: {conflict}; unmerge all merged deltas (dt.unmerge(model))")
+    for name in names:
+        for module, slot in _slots(model, name):
+            slot.unmerge_piece(module, name)
+        st.merged.remove(name)
     return model
 
 

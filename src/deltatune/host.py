@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from .config import DeltaConfig
@@ -21,10 +22,54 @@ class DeltaSlot(nn.ModuleDict):
         self.layout = layout
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged weight-dependent pieces
         self.handle = None
 
     def running(self) -> list[Piece]:
         return [self[n] for n in self.active if n in self and n not in self.merged]
+
+
+    def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
+        if name in self.saved_updates:
+            return self.saved_updates[name]
+        piece = self[name]
+        return piece.delta_weight(module).to_dense(), piece.delta_bias(module)
+
+    @torch.no_grad()
+    def merge_pieces(self, module: nn.Module, names: list[str]) -> None:
+        """Add the updates of `names` to the weights. Every update is computed against the weights *without*
+        any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂)."""
+        layout, w, bias = self.layout, module.weight, getattr(module, "bias", None)
+        clean_w = clean_b = None
+        if self.merged and any(self[n].weight_dependent for n in names):
+            clean_w = layout.weight(module).detach().clone()
+            clean_b = bias.detach().clone() if bias is not None else None
+            for m in self.merged:
+                dw, db = self.merged_update(m, module)
+                clean_w -= dw.to(clean_w.dtype)
+                if db is not None and clean_b is not None:
+                    clean_b -= db.to(clean_b.dtype)
+        updates = {n: (self[n].delta_weight(module, clean_w).to_dense(), self[n].delta_bias(module, clean_b))
+                   for n in names}
+        for n, (dw, db) in updates.items():
+            w.add_(layout.to_native(dw).to(w.dtype))
+            if db is not None:
+                bias.add_(db.to(bias.dtype))
+            if self[n].weight_dependent:
+                self.saved_updates[n] = (dw, db)
+            self.merged.append(n)
+
+    @torch.no_grad()
+    def unmerge_piece(self, module: nn.Module, name: str) -> None:
+        """Subtract the update merging `name` added (any order is exact)."""
+        dw, db = self.merged_update(name, module)
+        w = module.weight
+        w.sub_(self.layout.to_native(dw).to(w.dtype))
+        if db is not None:
+            module.bias.sub_(db.to(module.bias.dtype))
+        self.saved_updates.pop(name, None)
+        self.merged.remove(name)
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:

@@ -40,29 +40,18 @@ class Piece(nn.Module):
     def mergeable(self) -> bool:
         return type(self).delta_weight is not Piece.delta_weight
 
-    def delta_weight(self, base: nn.Module) -> DeltaTensor:
-        """ΔW in the [out, in] view, computed against the module's current weight."""
+    @property
+    def weight_dependent(self) -> bool:
+        """True when ΔW depends on the base weight (DoRA, full copies); merges then keep the exact update."""
+        return False
+
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
+        """ΔW in the [out, in] view, computed against `weight` (default: the module's current weight)."""
         raise NotImplementedError
 
-    def delta_bias(self, base: nn.Module) -> Tensor | None:
+    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
+        """Δb, computed against `bias` (default: the module's current bias); None when the piece has none."""
         return None
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module, layout) -> None:
-        w = base.weight
-        w.add_(layout.to_native(self.delta_weight(base).to_dense()).to(w.dtype))
-        self._add_bias(base, 1.0)
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module, layout) -> None:
-        w = base.weight
-        w.sub_(layout.to_native(self.delta_weight(base).to_dense()).to(w.dtype))
-        self._add_bias(base, -1.0)
-
-    def _add_bias(self, base: nn.Module, sign: float) -> None:
-        db = self.delta_bias(base)
-        if db is not None:
-            base.bias.add_(db.to(base.bias.dtype), alpha=sign)
 
     # --- training helpers -------------------------------------------------------------------------
     def fast_params(self) -> Iterable[nn.Parameter]:

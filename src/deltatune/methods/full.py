@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
@@ -50,28 +49,14 @@ class FullPiece(Piece):
             return out
         return acc + (out - base_out)
 
-    def delta_weight(self, base: nn.Module) -> DeltaTensor:
-        return DenseDelta(self.layout.from_native(self.weight.detach()) - self.layout.weight(base).detach())
+    weight_dependent = True
 
-    def delta_bias(self, base: nn.Module) -> Tensor | None:
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
+        w = self.layout.weight(base) if weight is None else weight
+        return DenseDelta(self.layout.from_native(self.weight.detach()) - w.detach())
+
+    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
         if not hasattr(self, "bias"):
             return None
-        return self.bias.detach() - self.layout.bias(base).detach()
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module, layout) -> None:
-        # after merging, base holds W_trained; the base weight cannot be recovered from it, so we keep it
-        w = base.weight
-        w.copy_(self._merged_w)
-        if hasattr(self, "bias"):
-            base.bias.copy_(self._merged_b)
-        del self._merged_w
-        if hasattr(self, "_merged_b"):
-            del self._merged_b
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module, layout) -> None:
-        self._merged_w = base.weight.detach().clone()
-        if hasattr(self, "bias"):
-            self._merged_b = base.bias.detach().clone()
-        super().merge_into(base, layout)
+        b = self.layout.bias(base) if bias is None else bias
+        return self.bias.detach() - b.detach()

@@ -15,7 +15,7 @@ from ..errors import ConfigError, TargetError
 from ..layouts import layout_of
 from ..piece import Piece
 from ..targeting import pattern_value
-from ..tensors import DeltaTensor, LowRankDelta
+from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
 from .lora_autograd import LoRAFunction
 from .lora_init import kaiming_a, qr_factors, svd_factors
 
@@ -109,7 +109,6 @@ class LoRAPiece(Piece):
             self.magnitude = nn.Parameter(self._row_norm(w.to(dtype)))
             self._norm_key: tuple | None = None
             self._norm_cache: Tensor | None = None
-            self.register_buffer("_merged_norm", None, persistent=False)
         bias = self.layout.bias(base)
         if cfg.bias == "lora_only" and bias is not None:
             self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
@@ -224,37 +223,21 @@ class LoRAPiece(Piece):
         return super().train(mode)
 
     # --- merging ---------------------------------------------------------------------------------
-    def delta_weight(self, base: nn.Module) -> DeltaTensor:
+    @property
+    def weight_dependent(self) -> bool:
+        return self.cfg.dora
+
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         a, b = self.factors()
         low = LowRankDelta(a.detach(), b.detach(), self.scale)
         if not self.cfg.dora:
             return low
-        from ..tensors import DenseDelta
-
-        w = self.layout.weight(base).detach().to(a.dtype)
-        mag = (self.magnitude / self._weight_norm(base, a, b)).detach()
+        w = (self.layout.weight(base) if weight is None else weight).detach().to(a.dtype)
+        mag = (self.magnitude / self._row_norm(w + self.scale * (b @ a))).detach()
         return DenseDelta((mag[:, None] - 1) * w + mag[:, None] * low.to_dense())
 
-    def delta_bias(self, base: nn.Module) -> Tensor | None:
+    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
         return self.bias.detach() if hasattr(self, "bias") else None
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module, layout) -> None:
-        if self.cfg.dora:  # remember the norm: after merging it can no longer be computed from W
-            a, b = self.factors()
-            self._merged_norm = self._weight_norm(base, a, b)
-        super().merge_into(base, layout)
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module, layout) -> None:
-        if not self.cfg.dora:
-            return super().unmerge_from(base, layout)
-        a, b = self.factors()
-        mag = self.magnitude / self._merged_norm
-        w = layout.weight(base)
-        w.copy_((w.to(a.dtype) / mag[:, None] - self.scale * (b @ a)).to(w.dtype))
-        self._merged_norm = None
-        self._add_bias(base, -1.0)
 
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA) -> tuple[DeltaTensor | None, Tensor | None]:

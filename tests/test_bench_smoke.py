@@ -1,0 +1,40 @@
+"""Keeps bench/forward.py from rotting: the whole benchmark, correctness checks included, on a tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "forward.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("deltatune_bench_forward", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forward_bench_runs_on_a_tiny_model() -> None:
+    bench = _load_bench()
+    shape = bench.Shape(hidden=64, intermediate=96, layers=1, heads=4, vocab=64, batch=2, seq=8, r=4, alpha=8.0)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            res = bench.run(shape, infer_rounds=1, train_rounds=1, threads=1, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res.infer) == {"bare", "bare (2nd copy)", "deltatune LoRA", "peft LoRA", "deltatune DoRA", "peft DoRA"}
+    assert [t.dropout for t in res.train] == [0.05, 0.0]
+    for tr in res.train:
+        assert tr.peak_ours > 0 and tr.peak_peft > 0 and tr.act_ours > 0 and tr.act_peft > 0
+    with_dropout = res.train[0]
+    assert with_dropout.act_ours < with_dropout.act_peft  # no dropout mask or dropped copy of x is saved
+    text = bench.render(res)
+    assert bench.COMMAND in text and "| deltatune LoRA |" in text and "peak × peft" in text
