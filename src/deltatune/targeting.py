@@ -73,21 +73,34 @@ def resolve_targets(model: nn.Module, cfg: DeltaConfig) -> list[tuple[str, nn.Mo
     """The (path, module) pairs `cfg` applies to, in model order. Raises TargetError if none match."""
     from .host import is_piece_module
 
-    found = []
+    found, seen_layers = [], set()
     for path, module in _candidates(model, cfg):
         if is_piece_module(path):
             continue
         if cfg.exclude is not None and matches(cfg.exclude, path):
             continue
-        if cfg.layers is not None and layer_index(model, path) not in cfg.layers:
-            continue
+        if cfg.layers is not None:
+            index = layer_index(model, path)
+            seen_layers.add(index)
+            if index not in cfg.layers:
+                continue
         found.append((path, module))
+    if cfg.layers is not None:
+        missing = sorted(set(cfg.layers) - seen_layers)
+        if missing:
+            have = sorted(i for i in seen_layers if i is not None)
+            raise TargetError(f"layers {missing} hold no targeted module of {type(model).__name__}; targeted modules "
+                              f"sit in layers {have}")
     if not found:
         example = [p for p, _ in model.named_modules() if p][:8]
+        hint = ""
+        if isinstance(cfg.targets, str) and cfg.targets != "all-linear" and re.fullmatch(r"[\w]+", cfg.targets):
+            if any(p.endswith("." + cfg.targets) for p, _ in model.named_modules()):
+                hint = f" A string is a full-match regex on the whole path: did you mean targets=[{cfg.targets!r}]?"
         raise TargetError(
             f"targets={cfg.targets!r} (exclude={cfg.exclude!r}, layers={cfg.layers!r}) match no module of "
             f"{type(model).__name__}; module paths look like {example}. Give name suffixes such as ['q_proj', 'v_proj'], "
-            f"a full-match regex, or 'all-linear'."
+            f"a full-match regex, or 'all-linear'.{hint}"
         )
     return found
 

@@ -7,6 +7,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..files import save as save_delta
 from ..delta import Delta
-from ..host import slot_of
+from ..host import slot_of, state_of
 from ..optim import param_groups
 from ..targeting import head_paths
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -32,7 +33,7 @@ from .progress import Progress
 @dataclass
 class TrainResult:
     output_dir: Path
-    delta_path: Path
+    delta_path: Path | None
     steps: int
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -112,20 +113,24 @@ def _trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
-          splits: Splits | None = None, **overrides: Any) -> TrainResult:
+          splits: Splits | None = None, prepare: Callable[[nn.Module], Any] | None = None,
+          **overrides: Any) -> TrainResult:
     """Train a delta. `cfg` is a TrainConfig, a dict of options or a YAML path; keyword options override it.
-    Pass `model`/`tokenizer`/`splits` to use objects already in memory instead of loading by name."""
+    Pass `model`/`tokenizer`/`splits` to use objects already in memory instead of loading by name.
+    `prepare(model)` replaces attaching the configured delta (for baselines such as full fine-tuning or
+    another library's adapters: it must leave exactly the parameters to train with requires_grad=True)."""
     if cfg is None or isinstance(cfg, dict):
         cfg = TrainConfig.from_dict({**(cfg or {}), **overrides})
     elif isinstance(cfg, (str, Path)):
         cfg = TrainConfig.from_yaml(cfg, **overrides)
     elif overrides:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
-    return _Run(cfg, model, tokenizer, splits).run()
+    return _Run(cfg, model, tokenizer, splits, prepare).run()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, splits: Splits | None) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, splits: Splits | None,
+                 prepare: Callable[[nn.Module], Any] | None = None) -> None:
         self.cfg = cfg
         self.dist = Dist.from_env()
         torch.manual_seed(cfg.seed)
@@ -144,12 +149,18 @@ class _Run:
         self.val_set = self.splits.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else self.splits.validation
         self.out = Path(cfg.output_dir)
         self.delta_cfg = with_head(cfg.delta_config(), model, self.task)
-        attach(model, self.delta_cfg, cfg.name)
+        if prepare is None:
+            attach(model, self.delta_cfg, cfg.name)
+        else:
+            prepare(model)
         model.train()
         if cfg.lisa_layers and self.dist.enabled:
             raise ConfigError("LISA toggles requires_grad between steps, which DDP does not allow; train LISA in one process")
         self.lisa = Lisa(model, cfg.name, cfg.lisa_layers, cfg.lisa_interval, cfg.seed) if cfg.lisa_layers else None
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio))
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+        if not any(g["params"] for g in groups):
+            raise ConfigError("no parameter is trainable; check the delta config (or the prepare function)")
+        self.opt = torch.optim.AdamW(groups)
         self.order = BatchOrder(len(self.train_set), cfg.batch_size, self.dist, cfg.seed)
         per_step = self.order.global_size * cfg.grad_accum
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_set) / per_step))
@@ -289,9 +300,11 @@ class _Run:
             test = self.evaluate(self.splits.test)
             metrics.update({f"test_{k}": v for k, v in test.items()})
             self.log({"step": self.step, **{f"test_{k}": v for k, v in test.items()}})
-        delta_path = self.out / "delta"
+        st = state_of(self.model)
+        delta_path = self.out / "delta" if st is not None and cfg.name in st.deltas else None
         if self.dist.main:
-            save_delta(self.model, delta_path, name=cfg.name)
+            if delta_path is not None:
+                save_delta(self.model, delta_path, name=cfg.name)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             if cfg.plot:
                 from .plot import plot_history
