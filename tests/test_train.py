@@ -198,3 +198,47 @@ def test_fsdp2_on_cpu_matches_unwrapped(tmp_path):
     model = tiny_llama()
     dt.load(model, tmp_path / "delta")
     assert dt.summary(model)["a"].params > 0
+
+
+def test_grad_accumulation_matches_the_larger_batch(cls_splits, tmp_path):
+    """batch 4 × 2 accumulation steps follows the same loss curve as batch 8 (no dropout anywhere)."""
+    base = tiny_bert()
+    common = {"max_steps": 6, "lr": 1e-2, "log_every": 1, "eval_every": 100, **QUIET}
+    big = train({**common, "output_dir": str(tmp_path / "a"), "batch_size": 8}, model=copy.deepcopy(base),
+                tokenizer=word_tokenizer(), splits=cls_splits)
+    acc = train({**common, "output_dir": str(tmp_path / "b"), "batch_size": 4, "grad_accum": 2},
+                model=copy.deepcopy(base), tokenizer=word_tokenizer(), splits=cls_splits)
+    la = [h["loss"] for h in big.history if "loss" in h]
+    lb = [h["loss"] for h in acc.history if "loss" in h]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_early_stopping_restores_the_best_state(cls_splits, tmp_path):
+    """Validation accuracy stops improving within a few evaluations: training stops after `patience` evaluations
+    without improvement, and the saved delta is the first best evaluated state, not the last."""
+    r = train({"output_dir": str(tmp_path), "max_steps": 60, "batch_size": 8, "lr": 1e-2, "eval_every": 5,
+               "early_stopping_patience": 2, "schedule": "constant", "warmup_ratio": 0.0, **QUIET},
+              model=tiny_bert(), tokenizer=word_tokenizer(), splits=cls_splits)
+    vals = [(h["step"], h["val_accuracy"]) for h in r.history if "val_accuracy" in h]
+    best_step, best_acc = max(vals, key=lambda v: v[1])
+    assert r.metrics["early_stopped"], vals
+    assert r.steps < 60 and r.steps == vals[-1][0]
+    assert all(acc <= best_acc for _, acc in vals[-2:])
+    assert r.metrics["best_step"] == min(s for s, a in vals if a == best_acc)
+    fresh = tiny_bert()
+    dt.load(fresh, r.delta_path)
+    from deltatune.train.evaluate import evaluate_classification
+
+    again = evaluate_classification(fresh, word_tokenizer(), cls_splits.validation, 2)
+    assert again["accuracy"] == pytest.approx(best_acc)
+
+
+def test_inspect_peft_directory(tmp_path):
+    model = tiny_llama()
+    dt.attach(model, dt.LoRA(r=4, targets=("q_proj", "v_proj")), "x")
+    dt.save(model, tmp_path / "peft", format="peft")
+    res = _cli("inspect", str(tmp_path / "peft"), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["format"] == "peft" and info["kind"] == "lora" and info["modules"] == 4
+    assert info["parameters"] == dt.summary(model)["x"].params
