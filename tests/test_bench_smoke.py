@@ -30,10 +30,12 @@ def test_forward_bench_runs_on_a_tiny_model() -> None:
             res = bench.run(shape, infer_rounds=1, train_rounds=1, threads=1, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
-    assert set(res.infer) == {"bare", "bare (2nd copy)", "deltatune LoRA", "peft LoRA", "deltatune DoRA", "peft DoRA"}
+    assert set(res.infer) == {"bare", "bare (2nd copy)", "deltatune LoRA", "peft LoRA", "deltatune DoRA", "peft DoRA",
+                              bench.ADAPTER_ONLY}
     assert [t.dropout for t in res.train] == [0.05, 0.0]
     for tr in res.train:
-        assert tr.peak_ours > 0 and tr.peak_peft > 0 and tr.act_ours > 0 and tr.act_peft > 0
+        assert tr.peak_ours > tr.state_ours > 0 and tr.peak_peft > tr.state_peft > 0
+        assert tr.act_ours > 0 and tr.act_peft > 0
     with_dropout = res.train[0]
     assert with_dropout.act_ours < with_dropout.act_peft  # no dropout mask or dropped copy of x is saved
     text = bench.render(res)

@@ -59,9 +59,10 @@ def train(
         result = run(cfg)
     except DeltaTuneError as e:
         _fail(e)
-    summary = {k: v for k, v in result.metrics.items()}
-    typer.echo(json.dumps(summary, indent=2))
-    typer.echo(f"delta saved to {result.delta_path}")
+    typer.echo(json.dumps(result.metrics, indent=2))
+    if "test_accuracy" in result.metrics:
+        typer.echo(f"test accuracy {result.metrics['test_accuracy']:.4f}, macro-F1 {result.metrics['test_macro_f1']:.4f}")
+    typer.echo(f"delta saved to {result.delta_path}; metrics and plot in {result.output_dir}")
 
 
 @app.command("eval")

@@ -93,7 +93,7 @@ class Delta:
                 shapes[path] = list(module.weight.shape)
         if model_name is None:
             model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        base = {"model_class": type(model).__name__, "model_name": model_name, "weight_shapes": shapes}
+        base = {"model_class": model_class_name(model), "model_name": model_name, "weight_shapes": shapes}
         return cls(name, rec.config, state, types, base)
 
     # --- files -------------------------------------------------------------------------------------
@@ -133,6 +133,14 @@ class Delta:
 
             return read_peft(path)
         raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name, looking through wrapper subclasses made at run time (FSDP2's `FSDP<Name>`)."""
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("torch.distributed") and not cls.__name__.startswith("FSDP"):
+            return cls.__name__
+    return type(model).__name__
 
 
 def _full(t: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .api import _check_new_name, build_pieces, install
-from .delta import Delta
+from .delta import Delta, model_class_name
 from .errors import ConfigError, ShapeMismatchError, TargetError
 
 FORMATS = ("native", "peft")
@@ -42,7 +42,7 @@ def check_fits(model: nn.Module, delta: Delta) -> None:
         raise ShapeMismatchError(f"delta {delta.name!r} does not fit this model; weight shapes differ at "
                                  f"{len(bad)} module(s): {bad[:3]}")
     cls = delta.base.get("model_class")
-    if cls and cls != type(model).__name__:
+    if cls and cls != model_class_name(model):
         warnings.warn(f"delta {delta.name!r} was saved from a {cls}, loading into a {type(model).__name__}", stacklevel=3)
 
 
