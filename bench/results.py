@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = int(os.environ.get("RESULTS_THREADS", "2"))
 CLS_METHODS = {
     "full": ("full fine-tuning", 5e-5),
     "lora": ("LoRA r=8", 2e-3),
@@ -28,8 +30,8 @@ CLS_METHODS = {
     "pissa": ("LoRA r=8, PiSSA init", 2e-3),
     "peft-lora": ("peft LoRA r=8", 2e-3),
 }
-CLS_DATA = {"bbc": 1.0, "r8": 1.0}  # epochs
-GSM_TRAIN, GSM_TEST, GSM_STEPS = 800, 100, 100
+CLS_DATA = {"bbc": 1.0, "r8": 0.5}  # epochs (R8 has 2.9x more training examples than BBC)
+GSM_TRAIN, GSM_TEST, GSM_STEPS = 240, 60, 30
 
 
 def _cls_row(data: str, method: str, out: Path) -> dict:
@@ -91,28 +93,39 @@ def _gsm_row(method: str, out: Path) -> dict:
 def run_row(row: str) -> dict:
     data, method = row.split(":")
     out = ROOT / "runs" / "results" / f"{data}-{method}"
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     res = _gsm_row(method, out) if data == "gsm8k" else _cls_row(data, method, out)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    res["peak_rss_mb"] = usage.ru_maxrss / 1024
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other load on the machine
+    res["threads"] = THREADS
     return res
+
+
+def _cpu(row: dict) -> str:
+    return f"{row['cpu_s']:.0f}" if "cpu_s" in row else "—"
 
 
 def render(rows: list[dict], command: str) -> str:
     lines = ["# Results on real data", "",
              f"Regenerate: `{command}` (each row in its own process; about an hour on 2 CPU cores).", "",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+             f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
+             "torch thread count. "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
-             "one epoch over the zoo's fixed train split, batch 16, max 128 tokens, AdamW with 6% warmup and "
+             "one epoch over the zoo's fixed train split for BBC, half an epoch for R8, batch 16, max 128 tokens, AdamW with 6% warmup and "
              "linear decay, seed 0; LoRA-family rows: r=8, alpha=16, dropout 0.05, all linear layers, lr 2e-3; "
              "full fine-tuning: lr 5e-5. Test accuracy on the fixed test split (docs/zoo.md). "
-             "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python).", "",
-             "| data | method | test accuracy | macro-F1 | trainable params | wall time (s) | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|"]
+             "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python). "
+             "CPU time is the row process's user+system time (includes loading and evaluation); wall time is "
+             "the training call (or, for GSM8K, training plus evaluation) and depends on other load on the "
+             "machine while the row ran.", "",
+             "| data | method | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["data"] == "gsm8k":
             continue
         lines.append(f"| {r['data']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-                     f"{r['trainable']:,} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['trainable']:,} | {r['wall_s']:.0f} | {_cpu(r)} | {r.get('threads', 1)} | {r['peak_rss_mb']:.0f} |")
     gsm = [r for r in rows if r["data"] == "gsm8k"]
     if gsm:
         lines += ["", "## Causal LM: SmolLM2-135M-Instruct on GSM8K", "",
@@ -121,11 +134,11 @@ def render(rows: list[dict], command: str) -> str:
                   "chat template), lr 5e-4, max 256 tokens. Evaluation: greedy decoding (KV cache, 256 new "
                   f"tokens) on the first {GSM_TEST} problems of the GSM8K test split, exact match of the final number. "
                   "The base weights are the Q4_1 GGUF dequantised to fp32.", "",
-                  "| model | exact match | test problems | train steps | wall time (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | exact match | test problems | train steps | wall time (s) | CPU time (s) | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in gsm:
             lines.append(f"| {r['method']} | {r['exact_match']:.3f} | {r['n_test']} | {r['steps']} | "
-                         f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                         f"{r['wall_s']:.0f} | {_cpu(r)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,15 +146,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", help="comma-separated data:method rows (default: all)")
     ap.add_argument("--write", type=Path, help="write the markdown table here")
+    ap.add_argument("--resume", action="store_true", help="keep rows already measured in runs/results/rows.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = ap.parse_args()
     if args.one:
         print("ROW " + json.dumps(run_row(args.one)))
         return
     rows = args.rows.split(",") if args.rows else (
-        [f"{d}:{m}" for d in CLS_DATA for m in CLS_METHODS] + ["gsm8k:base", "gsm8k:lora"])
-    results = []
-    for row in rows:
+        [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full",
+                                              "r8:dora", "r8:pissa"])
+    store = ROOT / "runs" / "results" / "rows.json"
+    done = json.loads(store.read_text()) if args.resume and store.exists() else {}
+    results = [done[r] for r in rows if r in done]
+    for row in (r for r in rows if r not in done):
         print(f"== {row}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", row], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -149,10 +166,12 @@ def main() -> None:
         res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
         print(json.dumps(res), flush=True)
         results.append(res)
-    text = render(results, "make results")
-    if args.write:
-        args.write.write_text(text)
-    print(text)
+        done[row] = res
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(done, indent=1))
+        if args.write:  # after every row, so a long run that stops early keeps what it measured
+            args.write.write_text(render(results, "make results"))
+    print(render(results, "make results"))
 
 
 if __name__ == "__main__":
