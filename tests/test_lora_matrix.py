@@ -709,3 +709,34 @@ def test_merge_refuses_tied_embedding_and_leaves_model_intact() -> None:
     assert all(torch.equal(v, w0[k]) for k, v in base_params(model).items())
     assert dt.summary(model)["a"].merged is False
     torch.testing.assert_close(tiny.logits(), y, atol=0, rtol=0)
+
+
+def test_merge_that_fails_midway_takes_back_what_it_added(monkeypatch) -> None:
+    """All or nothing: an error while merging the third module leaves every weight as before."""
+    from deltatune.host import DeltaSlot
+
+    tiny = build_tiny("llama")
+    model = tiny.model
+    dt.attach(model, dt.LoRA(r=2), "a")
+    randomize(model, "a", seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    orig = DeltaSlot.merge_pieces
+
+    def flaky(self, module, names):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return orig(self, module, names)
+
+    monkeypatch.setattr(DeltaSlot, "merge_pieces", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        dt.merge(model, "a")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], atol=1e-6, rtol=0)
+    assert dt.active_names(model) == ("a",)
+    monkeypatch.setattr(DeltaSlot, "merge_pieces", orig)
+    dt.merge(model, "a")
+    dt.unmerge(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], atol=1e-6, rtol=0)

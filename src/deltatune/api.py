@@ -240,8 +240,16 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     for name in names:
         for module, slot in _slots(model, name):
             per_module.setdefault(id(module), (module, slot, []))[2].append(name)
-    for module, slot, here in per_module.values():
-        slot.merge_pieces(module, here)
+    done: list[tuple[nn.Module, object, list[str]]] = []
+    try:
+        for module, slot, here in per_module.values():
+            slot.merge_pieces(module, here)
+            done.append((module, slot, here))
+    except BaseException:
+        for module, slot, here in reversed(done):  # all or nothing: take back what was already added
+            for n in reversed(here):
+                slot.unmerge_piece(module, n)
+        raise
     st.merged.extend(names)
     return model
 

@@ -1,4 +1,4 @@
-"""Multi-process training under torchrun / accelerate launch: DDP on gloo (CPU) or nccl (GPU)."""
+"""Multi-process training under torchrun / accelerate launch: DDP over gloo (the loop trains on the CPU)."""
 from __future__ import annotations
 
 import os
@@ -28,8 +28,7 @@ class Dist:
         if world <= 1:
             return cls()
         if not tdist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            tdist.init_process_group(backend)
+            tdist.init_process_group("gloo")  # the training loop runs on the CPU; gloo works everywhere
         return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
     def mean(self, value: float) -> float:

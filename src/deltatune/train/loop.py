@@ -62,8 +62,8 @@ def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.
 
     tok = AutoTokenizer.from_pretrained(path)
     if task == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), tok
-    return AutoModelForCausalLM.from_pretrained(path), tok
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True), tok
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tok  # never a pickled checkpoint
 
 
 def with_head(delta: DeltaConfig, model: nn.Module, task: str) -> DeltaConfig:
@@ -152,6 +152,9 @@ class _Run:
         if prepare is None:
             attach(model, self.delta_cfg, cfg.name)
         else:
+            if cfg.checkpoint_every or cfg.resume:
+                raise ConfigError("checkpoints hold a delta; with prepare= (a baseline without one) leave "
+                                  "checkpoint_every and resume unset")
             prepare(model)
         model.train()
         if cfg.lisa_layers and self.dist.enabled:
@@ -198,6 +201,8 @@ class _Run:
                 slot_of(modules[path])[self.cfg.name].load_state_dict(state)
         progress = load_checkpoint(ckpt, self.opt, self.sched)
         self.step, self.bad_evals = progress["step"], progress["bad_evals"]
+        if self.dist.enabled:  # the checkpoint holds rank 0's RNG state: give every rank its own stream again
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
         if self.lisa is not None and progress.get("lisa"):
             self.lisa.load_state(progress["lisa"])
         self.history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()
