@@ -129,8 +129,9 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
               "not yet learned by either LoRA implementation, hence the low macro-F1 beside the accuracy."]
     if missing:
-        lines += ["", f"Rows not yet measured (the run was cut short; `{command}` resumes from the rows it has with "
-                      f"`--resume`): {', '.join(missing)}."]
+        lines += ["", f"Rows not yet measured (the run was cut short; `.venv/bin/python bench/results.py --resume "
+                      f"--write docs/results.md` adds them to the rows kept in runs/results/rows.json): "
+                      f"{', '.join(missing)}."]
     gsm = [r for r in rows if r["data"] == "gsm8k"]
     if gsm:
         lines += ["", "## Causal LM: SmolLM2-135M-Instruct on GSM8K", "",
