@@ -127,7 +127,7 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
         lines.append(f"| {r['data']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
                      f"{r['trainable']:,} | {r['wall_s']:.0f} | {_cpu(r)} | {r.get('threads', 1)} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
-              "not yet learned by either LoRA implementation, hence the low macro-F1 beside the accuracy."]
+              "not yet learned by any method here, hence the low macro-F1 beside the accuracy."]
     if missing:
         lines += ["", f"Rows not yet measured (the run was cut short; `.venv/bin/python bench/results.py --resume "
                       f"--write docs/results.md` adds them to the rows kept in runs/results/rows.json): "
