@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
 
 Targets = str | tuple[str, ...]
 
@@ -108,8 +108,9 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         return self.resolve(path)
 
     def piece_class(self, module: Any) -> type:
-        """The Piece class to build for `module`; raise TargetError if the module type is unsupported."""
-        raise NotImplementedError
+        """The Piece class to build for `module`; every registered method overrides this."""
+        raise UnsupportedError(f"{type(self).__name__} (kind {self.kind!r}) names no method; use a registered "
+                               f"config such as LoRA (known kinds: {known_kinds()})")
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

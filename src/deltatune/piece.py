@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .config import DeltaConfig
+from .errors import UnsupportedError
 from .tensors import DeltaTensor
 
 
-class Piece(nn.Module):
+class Piece(nn.Module, ABC):
     """One delta's trainable state on one module of the model.
 
     Subclasses implement `forward`, and, when the update is a change of the module's weight and bias,
@@ -27,13 +29,13 @@ class Piece(nn.Module):
         self.path = path
         self.cfg = cfg
 
+    @abstractmethod
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         """Return `acc` plus this piece's contribution for input x.
 
         `base_out` is the frozen module's output and must not be written; `acc` may be updated in place
         when grad is disabled (the host passes the same tensor for both when this piece is alone).
         """
-        raise NotImplementedError
 
     # --- linear mergeability --------------------------------------------------------------------
     @property
@@ -46,8 +48,11 @@ class Piece(nn.Module):
         return False
 
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        """ΔW in the [out, in] view, computed against `weight` (default: the module's current weight)."""
-        raise NotImplementedError
+        """ΔW in the [out, in] view, computed against `weight` (default: the module's current weight).
+
+        Optional capability: pieces that are not a weight update keep this default (`mergeable` is False)."""
+        raise UnsupportedError(f"{type(self).__name__} at {self.path!r} is not a weight update; it cannot be "
+                               f"merged or expressed as ΔW")
 
     def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
         """Δb, computed against `bias` (default: the module's current bias); None when the piece has none."""

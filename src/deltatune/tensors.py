@@ -6,6 +6,7 @@ low-rank + low-rank concatenates factors, sparse + sparse unions indices; mixed 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -14,23 +15,27 @@ from torch import Tensor
 from .errors import ShapeMismatchError
 
 
-class DeltaTensor:
+class DeltaTensor(ABC):
+    """Abstract: DenseDelta, LowRankDelta and SparseDelta implement the storage-specific operations."""
+
     shape: tuple[int, ...]
 
+    @abstractmethod
     def to_dense(self) -> Tensor:
-        raise NotImplementedError
+        """The update as one dense [out, in] tensor."""
 
     @property
+    @abstractmethod
     def nnz(self) -> int:
         """Numbers stored."""
-        raise NotImplementedError
 
     def norm(self) -> float:
         """Frobenius norm of the dense update."""
         return float(torch.linalg.vector_norm(self.to_dense().double()))
 
+    @abstractmethod
     def scaled(self, c: float) -> "DeltaTensor":
-        raise NotImplementedError
+        """This update times a scalar, in the same storage kind."""
 
     def svd(self, rank: int) -> "LowRankDelta":
         """Best rank-`rank` approximation (Eckart–Young) as a LowRankDelta with scale 1."""
