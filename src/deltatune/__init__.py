@@ -4,14 +4,14 @@ from .api import activate, active, active_names, attach, detach, merge, summary,
 from .config import DeltaConfig
 from .delta import Delta
 from .files import load, save
-from .methods import Full, LoRA
+from .methods import Dense, Full, LoRA, Sparse
 from .optim import param_groups
 from .tensors import DenseDelta, DeltaTensor, LowRankDelta, SparseDelta
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Delta", "DeltaConfig", "DeltaTensor", "DenseDelta", "Full", "LoRA", "LowRankDelta", "SparseDelta", "activate",
+    "Delta", "DeltaConfig", "DeltaTensor", "Dense", "DenseDelta", "Full", "LoRA", "LowRankDelta", "Sparse", "SparseDelta", "activate",
     "active", "active_names", "attach", "detach", "errors", "load", "merge", "param_groups", "save", "summary",
     "unload", "unmerge",
 ]

@@ -27,6 +27,12 @@ def register(kind: str):
     return wrap
 
 
+def config_class(kind: str) -> type["DeltaConfig"]:
+    if kind not in _REGISTRY:
+        raise ConfigError(f"unknown delta kind {kind!r}; known kinds: {known_kinds()}")
+    return _REGISTRY[kind]
+
+
 def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -112,6 +118,12 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         raise UnsupportedError(f"{type(self).__name__} (kind {self.kind!r}) names no method; use a registered "
                                f"config such as LoRA (known kinds: {known_kinds()})")
 
+    @classmethod
+    def for_tensors(cls, tensors: dict[str, Any], biases: dict[str, Any]) -> "DeltaConfig":
+        """A config of this kind whose pieces can hold exactly these updates (path -> DeltaTensor); methods that
+        store arbitrary updates of one kind (dense, sparse, low-rank) support it (see `Delta.from_tensors`)."""
+        return cls(targets=tuple(tensors))
+
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -127,10 +139,7 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     def from_dict(data: dict[str, Any]) -> "DeltaConfig":
         if not isinstance(data, dict) or "kind" not in data:
             raise ConfigError(f"a delta config must be a JSON object with a 'kind' key (one of {known_kinds()}), got {data!r}")
-        kind = data["kind"]
-        if kind not in _REGISTRY:
-            raise ConfigError(f"unknown delta kind {kind!r}; known kinds: {known_kinds()}")
-        cls = _REGISTRY[kind]
+        cls = config_class(data["kind"])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"kind"})
         if unknown:

@@ -9,14 +9,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .config import DeltaConfig
-from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, UnsupportedError
+from .config import DeltaConfig, config_class
+from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, TargetError, UnsupportedError
 from .host import slot_of, state_of
+from .layouts import layout_by_name, layout_of
 from .io.atomic import write_files
 from .io.safetensors_io import check_finite, read_tensors
 from .tensors import DeltaTensor
@@ -38,26 +40,54 @@ class Delta:
     base: dict[str, Any] = field(default_factory=dict)
 
     # --- algebra view ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, DeltaTensor]:
-        """ΔW per module path as delta tensors in the [out, in] view."""
-        out = {}
-        for path, st in self.state.items():
-            local = self.config.for_module(path)
-            dw, _ = local.piece_class().state_to_delta(st, local)
-            if dw is None:
-                raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights "
-                                       f"to express its update (e.g. DoRA); load it into the model and use dt.merge")
-            out[path] = dw
-        return out
+    def update(self, path: str, base: BaseWeights = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:
+        """(ΔW, Δb) of one module in the [out, in] view. `base` gives the base weights when the update depends on
+        them (DoRA, full copies): a model, or a callable path -> (weight [out, in], bias or None). With
+        with_bias=False, Δb may be left out (None) where computing it would need the base."""
+        local = self.config.for_module(path)
+        layout = layout_by_name(self.module_types.get(path, "Linear"))
+        weight = bias = None
+        lookup = base_lookup(base)
+        if lookup is not None:
+            weight, bias = lookup(path)
+        dw, db = local.piece_class().state_to_delta(self.state[path], local, layout, weight, bias)
+        if dw is None:
+            raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights to "
+                                   f"express its update (e.g. DoRA, full copies); pass base= (a model or a model "
+                                   f"directory's weights)")
+        return dw, db
 
-    def biases(self) -> dict[str, Tensor]:
+    def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
+        """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
+        return {path: self.update(path, base, with_bias=False)[0] for path in self.state}
+
+    def biases(self, base: BaseWeights = None) -> dict[str, Tensor]:
         out = {}
-        for path, st in self.state.items():
-            local = self.config.for_module(path)
-            _, db = local.piece_class().state_to_delta(st, local)
+        for path in self.state:
+            _, db = self.update(path, base)
             if db is not None:
                 out[path] = db
         return out
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor] | None = None, *,
+                     module_types: dict[str, str] | None = None, base: dict[str, Any] | None = None) -> "Delta":
+        """A delta holding exactly these updates, stored by the kind that keeps their storage (dense ΔW, sparse
+        index/values, or LoRA factors). All tensors must be of one storage kind."""
+        biases = dict(biases or {})
+        kinds = {t.storage_kind for t in tensors.values()}
+        if len(kinds) != 1:
+            raise ConfigError(f"from_tensors needs updates of one storage kind, got {sorted(kinds) or 'none'}; "
+                              f"convert them first (to_dense(), svd(rank) or SparseDelta.from_dense)")
+        config = config_class(kinds.pop()).for_tensors(tensors, biases)
+        types = {p: (module_types or {}).get(p, "Linear") for p in tensors}
+        state = {}
+        for path, dw in tensors.items():
+            local = config.for_module(path)
+            state[path] = local.piece_class().tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
+        shapes = {p: list(layout_by_name(types[p]).to_native(torch.empty(t.shape, device="meta")).shape)
+                  for p, t in tensors.items() if p in (module_types or {})}  # only where the layout is known
+        return cls(name, config, state, types, dict(base or {"weight_shapes": shapes}))
 
     def for_model(self, model: nn.Module) -> "Delta":
         """This delta made concrete for `model`, without changing it. Formats whose files hold values relative to
@@ -133,6 +163,24 @@ class Delta:
 
             return read_peft(path)
         raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
+
+
+BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | None
+
+
+def base_lookup(base: BaseWeights) -> Callable[[str], tuple[Tensor, Tensor | None]] | None:
+    if base is None or not isinstance(base, nn.Module):
+        return base
+    modules = dict(base.named_modules())
+
+    def from_model(path: str) -> tuple[Tensor, Tensor | None]:
+        if path not in modules:
+            raise TargetError(f"the base model has no module {path!r}")
+        layout = layout_of(modules[path], path)
+        b = layout.bias(modules[path])
+        return layout.weight(modules[path]).detach(), None if b is None else b.detach()
+
+    return from_model
 
 
 def model_class_name(model: nn.Module) -> str:

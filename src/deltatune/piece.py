@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .config import DeltaConfig
 from .errors import UnsupportedError
+from .layouts import Layout
 from .tensors import DeltaTensor
 
 
@@ -65,9 +66,19 @@ class Piece(nn.Module, ABC):
 
     # --- files without a model ------------------------------------------------------------------
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig) -> tuple[DeltaTensor | None, Tensor | None]:
-        """(ΔW, Δb) from a saved state alone, or (None, None) when the base weights are needed."""
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout,
+                       weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+        """(ΔW, Δb) from a saved state, without a model.
+
+        `weight`/`bias` are the base module's ([out, in] view), when the caller has them; pieces whose update
+        depends on the base (weight_dependent) return (None, None) without them. Default: not a weight update."""
         return None, None
+
+    @classmethod
+    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+        """The saved state of a piece whose update is exactly (dw, db): the inverse of state_to_delta, for
+        methods that can store any update of one delta-tensor kind (see `Delta.from_tensors`)."""
+        raise UnsupportedError(f"{cls.__name__} cannot store an arbitrary {type(dw).__name__}")
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,8 @@ class DeltaTensor(ABC):
     """Abstract: DenseDelta, LowRankDelta and SparseDelta implement the storage-specific operations."""
 
     shape: tuple[int, ...]
+    #: the delta kind whose files store this tensor kind exactly (see Delta.from_tensors)
+    storage_kind: ClassVar[str] = "dense"
 
     @abstractmethod
     def to_dense(self) -> Tensor:
@@ -91,6 +94,7 @@ class LowRankDelta(DeltaTensor):
     A: Tensor
     B: Tensor
     scale: float = 1.0
+    storage_kind: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
@@ -139,6 +143,7 @@ class SparseDelta(DeltaTensor):
     index: Tensor
     values: Tensor
     shape: tuple[int, ...]  # type: ignore[assignment]
+    storage_kind: ClassVar[str] = "sparse"
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)

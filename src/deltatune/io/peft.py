@@ -38,7 +38,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from ..delta import Delta
+from ..delta import Delta, base_lookup
+from ..tensors import DeltaTensor
 from ..errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..methods.full import Full
 from ..methods.lora import LoRA
@@ -114,11 +115,15 @@ class PeftDelta(Delta):
                 st["bias"] = b.float() - base_bias.detach().float().to(b.device)
         return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
 
-    def biases(self) -> dict[str, Tensor]:
-        if self.absolute_bias:
-            raise UnsupportedError(f"PEFT adapter {self.name!r} stores trained biases (bias='lora_only') that replace the "
-                                   f"base model's; their change needs the base: load it with dt.load(model, path)")
-        return super().biases()
+    def update(self, path: str, base: Any = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:
+        dw, db = super().update(path, base)
+        if path in self.absolute_bias and db is not None and with_bias:
+            if base is None:
+                raise UnsupportedError(f"PEFT adapter {self.name!r} stores trained biases (bias='lora_only') that replace "
+                                       f"the base model's; their change needs the base: pass base= (or dt.load it)")
+            base_bias = base_lookup(base)(path)[1]
+            db = db.float() - base_bias.float().to(db.device) if base_bias is not None else db
+        return dw, db
 
     def write(self, path: str | Path) -> Path:
         if self.absolute_bias:

@@ -1,5 +1,7 @@
 """Methods: one file per family, each a config plus a Piece."""
+from .dense import Dense, DensePiece
 from .full import Full, FullPiece
 from .lora import LoRA, LoRAPiece
+from .sparse import Sparse, SparsePiece
 
-__all__ = ["Full", "FullPiece", "LoRA", "LoRAPiece"]
+__all__ = ["Dense", "DensePiece", "Full", "FullPiece", "LoRA", "LoRAPiece", "Sparse", "SparsePiece"]

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
-from ..layouts import layout_of
+from ..layouts import Layout, layout_of
 from ..piece import Piece
 from ..tensors import DeltaTensor, DenseDelta
 
@@ -60,3 +60,12 @@ class FullPiece(Piece):
             return None
         b = self.layout.bias(base) if bias is None else bias
         return self.bias.detach() - b.detach()
+
+    @classmethod
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+        if weight is None:
+            return None, None
+        dw = DenseDelta(layout.from_native(state["weight"]) - weight.to(state["weight"].dtype))
+        db = state["bias"] - bias.to(state["bias"].dtype) if "bias" in state and bias is not None else None
+        return dw, db

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
-from ..errors import ConfigError, TargetError
-from ..layouts import layout_of
+from ..errors import ConfigError, TargetError, UnsupportedError
+from ..layouts import Layout, layout_of
 from ..piece import Piece
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
@@ -83,6 +83,15 @@ class LoRA(DeltaConfig):
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return LoRAPiece
+
+    @classmethod
+    def for_tensors(cls, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor]) -> "LoRA":
+        """A LoRA config storing these low-rank updates exactly: scale 1 (alpha = r), per-module ranks as patterns."""
+        ranks = {p: int(t.A.shape[0]) for p, t in tensors.items() if isinstance(t, LowRankDelta)}
+        r = max(ranks.values(), default=1)
+        pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+        return cls(targets=tuple(tensors), r=r, alpha=float(r), rank_pattern=pattern, bias="lora_only" if biases else "none",
+                   alpha_pattern={k: float(v) for k, v in pattern.items()})
 
 
 class LoRAPiece(Piece):
@@ -232,18 +241,38 @@ class LoRAPiece(Piece):
         low = LowRankDelta(a.detach(), b.detach(), self.scale)
         if not self.cfg.dora:
             return low
-        w = (self.layout.weight(base) if weight is None else weight).detach().to(a.dtype)
-        mag = (self.magnitude / self._row_norm(w + self.scale * (b @ a))).detach()
-        return DenseDelta((mag[:, None] - 1) * w + mag[:, None] * low.to_dense())
+        w = (self.layout.weight(base) if weight is None else weight).detach()
+        return dora_update(low, self.magnitude.detach(), w)
 
     def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
         return self.bias.detach() if hasattr(self, "bias") else None
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA) -> tuple[DeltaTensor | None, Tensor | None]:
-        if cfg.dora:
-            return None, None
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA, layout: Layout, weight: Tensor | None = None,
+                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
         a, b = state["lora_A"], state["lora_B"]
         if "init_A" in state:
             a, b = torch.cat([a, state["init_A"]]), torch.cat([b, -state["init_B"]], 1)
-        return LowRankDelta(a, b, cfg.scale), state.get("bias")
+        low = LowRankDelta(a, b, cfg.scale)
+        if cfg.dora:
+            if weight is None:
+                return None, None
+            return dora_update(low, state["magnitude"], weight), state.get("bias")
+        return low, state.get("bias")
+
+    @classmethod
+    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+        if not isinstance(dw, LowRankDelta):
+            raise UnsupportedError(f"LoRA stores low-rank updates; got a {type(dw).__name__} (refactor it with .svd(rank))")
+        state = {"lora_A": dw.A.contiguous(), "lora_B": (dw.B * dw.scale).contiguous()}  # scale folded into B
+        if db is not None:
+            state["bias"] = db
+        return state
+
+
+def dora_update(low: LowRankDelta, magnitude: Tensor, w: Tensor) -> DenseDelta:
+    """DoRA's exact ΔW against base weight w: m ⊙ (W + sBA)/‖W + sBA‖_row − W."""
+    w = w.to(low.A.dtype)
+    merged = w + low.to_dense()
+    mag = magnitude / torch.linalg.vector_norm(merged, dim=1)
+    return DenseDelta(mag[:, None] * merged - w)

@@ -1,0 +1,69 @@
+"""Dense: an arbitrary ΔW (and Δb) stored whole — the output of merges kept dense, and extraction residues."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeltaConfig, register
+from ..errors import UnsupportedError
+from ..layouts import Layout, layout_of
+from ..piece import Piece
+from ..tensors import DeltaTensor, DenseDelta
+
+
+@register("dense")
+@dataclass(frozen=True)
+class Dense(DeltaConfig):
+    """A trainable dense ΔW per targeted module (starts at zero); `bias` adds a Δb where the module has a bias."""
+
+    bias: bool = False
+
+    def piece_class(self, module: Any = None) -> type[Piece]:
+        return DensePiece
+
+    @classmethod
+    def for_tensors(cls, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor]) -> "Dense":
+        return cls(targets=tuple(tensors), bias=bool(biases))
+
+
+class DensePiece(Piece):
+    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+
+    def __init__(self, base: nn.Module, path: str, cfg: Dense) -> None:
+        super().__init__(base, path, cfg)
+        self.layout = layout_of(base, path, self.supported)
+        w = self.layout.weight(base)
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.delta = nn.Parameter(torch.zeros(w.shape, dtype=dtype, device=w.device))  # [out, in] view
+        bias = self.layout.bias(base)
+        if cfg.bias and bias is not None:
+            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        out = self.layout.matmul(base, x.to(self.delta.dtype) if x.is_floating_point() else x, self.delta)
+        if hasattr(self, "bias"):
+            out = out + self.bias
+        return acc + out.to(acc.dtype)
+
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
+        return DenseDelta(self.delta.detach())
+
+    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
+        return self.bias.detach() if hasattr(self, "bias") else None
+
+    @classmethod
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+        return DenseDelta(state["delta"]), state.get("bias")
+
+    @classmethod
+    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+        if not isinstance(dw, DenseDelta):
+            raise UnsupportedError(f"Dense stores dense updates; got a {type(dw).__name__} (use .to_dense())")
+        state = {"delta": dw.weight.contiguous()}
+        if db is not None:
+            state["bias"] = db.contiguous()
+        return state

@@ -1,0 +1,152 @@
+"""Sparse: ΔW with k trainable (index, value) pairs per weight — the storage of LT-SFT, SpIEL and SHiRA.
+
+Files hold `index` (int64, flat row-major in the [out, in] view) and `values`; the delta's weight update is
+a SparseDelta, so sparse deltas add exactly, merge exactly and take part in every merge method.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeltaConfig, register
+from ..errors import ConfigError, TargetError, UnsupportedError
+from ..layouts import Layout, layout_of
+from ..piece import Piece
+from ..targeting import pattern_value
+from ..tensors import DeltaTensor, SparseDelta
+from .sparse_autograd import SparseLinearFunction, scatter_dense
+
+MASKS = ("random", "magnitude")
+
+
+@register("sparse")
+@dataclass(frozen=True)
+class Sparse(DeltaConfig):
+    """k trainable entries per targeted weight, chosen by `mask` (seeded random, or largest |W|).
+
+    Give `k` (entries per weight) or `density` (fraction of each weight); `k_pattern` overrides k per module
+    (PEFT's pattern rule, as LoRA's rank_pattern)."""
+
+    k: int | None = None
+    density: float | None = None
+    mask: str = "random"
+    seed: int = 0
+    bias: bool = False
+    k_pattern: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if (self.k is None) == (self.density is None):
+            raise ConfigError(f"Sparse needs exactly one of k (entries per weight) or density (fraction), got "
+                              f"k={self.k!r}, density={self.density!r}")
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
+            raise ConfigError(f"Sparse.k must be a positive integer, got {self.k!r}")
+        if self.density is not None and (not isinstance(self.density, (int, float)) or isinstance(self.density, bool)
+                                         or not 0.0 < self.density <= 1.0):
+            raise ConfigError(f"Sparse.density must be a number in (0, 1], got {self.density!r}")
+        if self.mask not in MASKS:
+            raise ConfigError(f"Sparse.mask must be one of {MASKS}, got {self.mask!r}")
+        if not isinstance(self.k_pattern, dict) or not all(
+                isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                for key, v in self.k_pattern.items()):
+            raise ConfigError(f"Sparse.k_pattern must map module-name patterns to positive integers, got {self.k_pattern!r}")
+
+    def entries(self, path: str, numel: int) -> int:
+        """k for the module at `path` whose weight has `numel` entries."""
+        if self.density is not None and not self.k_pattern:
+            return max(1, round(self.density * numel))
+        k = int(pattern_value(self.k_pattern, path, self.k if self.k is not None else round(self.density * numel)))
+        if k > numel:
+            raise TargetError(f"Sparse k={k} exceeds the {numel} entries of the weight at {path!r}; lower k")
+        return max(1, k)
+
+    def piece_class(self, module: Any = None) -> type[Piece]:
+        return SparsePiece
+
+    @classmethod
+    def for_tensors(cls, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor]) -> "Sparse":
+        ks = {p: t.nnz for p, t in tensors.items()}
+        k = max(ks.values(), default=1)
+        return cls(targets=tuple(tensors), k=k, bias=bool(biases),
+                   k_pattern={re.escape(p): n for p, n in ks.items() if n != k})
+
+
+def path_seed(seed: int, path: str) -> int:
+    """A per-module seed that does not depend on Python's hash randomisation."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:7], "little")
+
+
+def initial_index(w: Tensor, k: int, mask: str, seed: int, path: str) -> Tensor:
+    """Sorted flat indices of the k entries chosen by `mask` for the weight w ([out, in] view)."""
+    if mask == "magnitude":
+        idx = torch.topk(w.detach().abs().reshape(-1).float(), k).indices
+    else:
+        gen = torch.Generator().manual_seed(path_seed(seed, path))
+        idx = torch.randperm(w.numel(), generator=gen)[:k].to(w.device)
+    return torch.sort(idx).values
+
+
+class SparsePiece(Piece):
+    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+
+    def __init__(self, base: nn.Module, path: str, cfg: Sparse) -> None:
+        super().__init__(base, path, cfg)
+        self.layout = layout_of(base, path, self.supported)
+        w = self.layout.weight(base)
+        self.dims = (int(w.shape[0]), int(w.shape[1]))
+        self.register_buffer("shape", torch.tensor(self.dims, dtype=torch.int64))  # saved, so files need no model
+        k = cfg.entries(path, w.numel())
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.register_buffer("index", initial_index(w, k, cfg.mask, cfg.seed, path))
+        self.values = nn.Parameter(torch.zeros(k, dtype=dtype, device=w.device))
+        bias = self.layout.bias(base)
+        if cfg.bias and bias is not None:
+            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+
+    @property
+    def k(self) -> int:
+        return int(self.index.numel())
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims)
+        else:
+            w = scatter_dense(self.index, self.values, self.dims)
+            x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+            if acc.dtype == w.dtype and acc.is_contiguous():
+                acc.view(-1, acc.shape[-1]).addmm_(x2, w.t())
+                out = acc
+            else:
+                out = acc + (x2 @ w.t()).view(acc.shape).to(acc.dtype)
+        if hasattr(self, "bias"):
+            out = out.add_(self.bias) if not torch.is_grad_enabled() else out + self.bias
+        return out
+
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
+        return SparseDelta(self.index.clone(), self.values.detach().clone(), self.dims)
+
+    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
+        return self.bias.detach() if hasattr(self, "bias") else None
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, k={self.k}, shape={self.dims}"
+
+    @classmethod
+    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+        return SparseDelta(state["index"], state["values"], tuple(int(s) for s in state["shape"])), state.get("bias")
+
+    @classmethod
+    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+        if not isinstance(dw, SparseDelta):
+            raise UnsupportedError(f"Sparse stores sparse updates; got a {type(dw).__name__} (use SparseDelta.from_dense)")
+        order = torch.argsort(dw.index)
+        state = {"index": dw.index[order].contiguous(), "values": dw.values[order].contiguous(),
+                 "shape": torch.tensor(dw.shape, dtype=torch.int64)}
+        if db is not None:
+            state["bias"] = db.contiguous()
+        return state
