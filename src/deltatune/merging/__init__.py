@@ -1,0 +1,1 @@
+"""Merging many deltas in ΔW space, module by module: methods, pipeline, checkpoints, compression, extraction."""
