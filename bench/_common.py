@@ -15,14 +15,16 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 # --- models -----------------------------------------------------------------------------------------
-def build_llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, seed: int = 0) -> nn.Module:
-    """A randomly initialised LlamaForCausalLM in eval mode (no download)."""
+def build_llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, seed: int = 0,
+                **config: object) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM in eval mode (no download); `config` overrides LlamaConfig fields
+    (e.g. num_key_value_heads, tie_word_embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                      max_position_embeddings=2048, attention_dropout=0.0, use_cache=False)
+    cfg = LlamaConfig(**{**dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                                max_position_embeddings=2048, attention_dropout=0.0, use_cache=False), **config})
     return LlamaForCausalLM(cfg).float().eval()
 
 

@@ -59,7 +59,7 @@ def step_ours(work: Path, fmt: str) -> None:
     out = work / f"ours-{fmt}"
     recipe = {"method": "ties", "base": str(work / "base"),
               "inputs": [{"path": str(work / f"adapter{i}"), "weight": 1.0, "density": DENSITY} for i in range(N_ADAPTERS)],
-              "parameters": {"normalize": True, "lambda": 1.0},
+              "parameters": {"normalize": True},
               "output": {"path": str(out), "format": fmt, **({"storage": "lowrank", "rank": RANK} if fmt != "model" else {})}}
     (work / f"recipe-{fmt}.yaml").write_text(json.dumps(recipe, indent=1))  # JSON is YAML
     subprocess.run([str(BIN / "deltatune"), "merge", str(work / f"recipe-{fmt}.yaml")], check=True,

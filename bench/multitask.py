@@ -94,18 +94,125 @@ def ensure_trained(kind: str, tasks: tuple[str, ...]) -> dict[str, dict]:
     return {t: done[f"{kind}-{t}"] for t in tasks}
 
 
+# --- evaluation ----------------------------------------------------------------------------------------
+def is_head(path: str) -> bool:
+    return path == "classifier" or path.startswith("classifier.")
+
+
+def part(delta, head: bool):
+    """The delta's classification head (head=True) or its encoder part, as a Delta of its own."""
+    from deltatune import Delta
+
+    keep = [p for p in delta.state if is_head(p) == head]
+    base = dict(delta.base)
+    base["weight_shapes"] = {p: s for p, s in base.get("weight_shapes", {}).items() if p in keep}
+    return Delta(delta.name + ("-head" if head else "-encoder"), delta.config, {p: delta.state[p] for p in keep},
+                 {p: delta.module_types[p] for p in keep}, base)
+
+
+def load_task_model(task: str):
+    from deltatune import zoo
+
+    splits = test_subset(zoo.load_dataset(task))
+    torch.manual_seed(0)
+    model, tok = zoo.load_model("minilm-l6", num_labels=len(splits.labels))
+    return model, tok, splits
+
+
+def accuracy(task: str, deltas: list) -> float:
+    """Test accuracy on `task` with all `deltas` attached and active together."""
+    import deltatune as dt
+    from deltatune.files import apply
+    from deltatune.train.evaluate import evaluate_classification
+
+    model, tok, splits = load_task_model(task)
+    names = []
+    for i, d in enumerate(deltas):
+        apply(model, d, name=f"d{i}", activate=False)
+        names.append(f"d{i}")
+    dt.activate(model, names)
+    model.eval()
+    return evaluate_classification(model, tok, splits.test, len(splits.labels), 64, MAX_LEN)["accuracy"]
+
+
+def fisher_of(task: str, delta, batches: int = 16) -> dict:
+    """Diagonal Fisher of the task's loss w.r.t. the encoder weights its delta adapts (train split batches)."""
+    from deltatune.files import apply
+    from deltatune.merging.fisher import estimate_fisher
+    from deltatune.train.data import Collator
+
+    model, tok, splits = load_task_model(task)
+    apply(model, delta, name="task")
+    model.eval()
+    collate = Collator(tok, "classification", MAX_LEN)
+    data = [collate(splits.train[i * BATCH:(i + 1) * BATCH]) for i in range(batches)]
+    paths = [p for p in delta.state if not is_head(p)]
+    return estimate_fisher(model, "task", data, modules=paths, progress=False)
+
+
+MERGES = {  # method -> (global parameters, per-input parameters)
+    "task_arithmetic": ({"lambda_": 0.4}, {"weight": 1.0}),
+    "ties": ({"lambda_": 1.0, "normalize": True}, {"weight": 1.0, "density": 0.2}),
+    "dare_ties": ({"lambda_": 1.0, "normalize": True, "seed": 0}, {"weight": 1.0, "density": 0.2}),
+    "fisher": ({}, {"weight": 1.0}),
+    "consensus": ({"lambda_": 0.4, "k": 2}, {"weight": 1.0, "mask_lambda": 0.4}),
+}
+
+
+def evaluate_all(kinds: list[str]) -> dict:
+    from deltatune import Delta
+    from deltatune.merging.combine import merge_deltas
+
+    res: dict = {"own": {}, "together": {}, "merged": {}}
+    trained = {kind: ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8")) for kind in kinds}
+    deltas = {kind: {t: Delta.read(info["delta_dir"]) for t, info in rows.items()} for kind, rows in trained.items()}
+    for kind, by_task in deltas.items():
+        for task, d in by_task.items():
+            res["own"][f"{kind}:{task}"] = accuracy(task, [d])
+            print(f"own {kind} {task}: {res['own'][f'{kind}:{task}']:.4f}", flush=True)
+        for task, other in (("bbc", "r8"), ("r8", "bbc")):
+            res["together"][f"{kind}:{task}"] = accuracy(task, [by_task[task], part(by_task[other], head=False)])
+            print(f"together {kind} {task}: {res['together'][f'{kind}:{task}']:.4f}", flush=True)
+    lora = deltas["lora"]
+    encoders = [part(lora[t], head=False) for t in TASKS]
+    fishers = [fisher_of(t, lora[t]) for t in TASKS]
+    for method, (params, per) in MERGES.items():
+        extra = {}
+        if method == "fisher":
+            extra = {"module_params": lambda path: {"fisher": [f[path] for f in fishers]},
+                     "supplied_per_module": ["fisher"]}
+        t0 = time.perf_counter()
+        merged = merge_deltas(encoders, method, params, per_input=[per] * len(TASKS), output="dense", name="merged",
+                              progress=False, **extra)
+        seconds = time.perf_counter() - t0
+        for task in TASKS:
+            res["merged"][f"{method}:{task}"] = accuracy(task, [merged, part(lora[task], head=True)])
+            print(f"merged {method} {task}: {res['merged'][f'{method}:{task}']:.4f}", flush=True)
+        res["merged"][f"{method}:seconds"] = seconds
+    res["trained"] = trained
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-one", help=argparse.SUPPRESS)
-    ap.add_argument("--kinds", default="lora", help="comma-separated delta kinds to train (lora, sparse)")
+    ap.add_argument("--kinds", default="lora,sparse", help="comma-separated delta kinds (lora, sparse)")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--write", type=Path, help="write the results into this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     if args.train_one:
         task, kind = args.train_one.split(":")
         print("ROW " + json.dumps(train_one(task, kind)))
         return
-    for kind in args.kinds.split(","):
-        print(json.dumps(ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8")), indent=1))
+    kinds = args.kinds.split(",")
+    if args.train_only:
+        for kind in kinds:
+            print(json.dumps(ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8")), indent=1))
+        return
+    res = evaluate_all(kinds)
+    (RUNS / "results.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,77 @@ def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="mach
     typer.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
+@app.command("compress")
+def compress_cmd(
+    src: Path = typer.Argument(..., metavar="IN", help="delta directory (native or PEFT)"),
+    out: Path = typer.Argument(..., metavar="OUT", help="directory to write the compressed delta to"),
+    method: str = typer.Option("compeft", help="compeft (top-k, ternary values) or svd (low rank)"),
+    density: float = typer.Option(0.1, help="compeft: fraction of each tensor's entries kept"),
+    alpha: float = typer.Option(1.0, help="compeft: kept entries become ±alpha·std of the original tensor"),
+    on: str = typer.Option("delta_w", help="compeft: delta_w (sparse result) or factors (A and B of a LoRA delta)"),
+    rank: Optional[int] = typer.Option(None, help="svd: rank cap per module"),
+    energy: Optional[float] = typer.Option(None, help="svd: fraction of each module's squared norm to keep"),
+    base: Optional[Path] = typer.Option(None, help="base model directory, for updates that depend on it (DoRA, full copies)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Compress a delta (ComPEFT or SVD); prints size ratio and relative error per module, writes OUT atomically."""
+    from .delta import Delta
+    from .merging.compress import compress
+
+    try:
+        delta = Delta.read(src)
+        result, report = compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
+                                  base=base, progress=not as_json)
+        result.write(out)
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if not as_json:
+        typer.echo(f"compressed delta ({result.config.kind}) written to {out}")
+
+
+@app.command("extract")
+def extract_cmd(
+    base: Path = typer.Option(..., "--base", help="base model directory (HF, safetensors)"),
+    tuned: Path = typer.Option(..., "--tuned", help="fine-tuned model directory of the same architecture"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory to write the LoRA delta to"),
+    rank: Optional[int] = typer.Option(None, help="rank cap per module"),
+    energy: Optional[float] = typer.Option(None, help="per module, the smallest rank keeping this fraction of ‖ΔW‖²"),
+    dense: list[str] = typer.Option([], "--dense", help="module-name suffix kept whole, e.g. embed_tokens (repeatable)"),
+    targets: list[str] = typer.Option([], "--targets", help="module-name suffix to factor (repeatable); default all-linear"),
+    name: str = typer.Option("extracted", help="the delta's name"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """LoRA delta from W_tuned − W_base (per-module SVD); prints each module's rank and relative error."""
+    from .merging.extract import extract
+
+    try:
+        delta, report = extract(base, tuned, rank=rank, energy=energy, dense=tuple(dense),
+                                targets=tuple(targets) if targets else "all-linear", name=name, progress=not as_json)
+        delta.write(output)
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    if not as_json:
+        typer.echo(f"delta {name!r} written to {output}")
+
+
+@app.command("merge")
+def merge_cmd(
+    recipe: Path = typer.Argument(..., help="YAML merge recipe (docs/merging.md, section Recipes)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Merge deltas, PEFT adapters or full models as a recipe says; checks the whole recipe before any work."""
+    from .merging.recipe import load_recipe, render, run_recipe
+
+    try:
+        summary = run_recipe(load_recipe(recipe), progress=not (quiet or as_json))
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
 def main() -> None:
     app()
 

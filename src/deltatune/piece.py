@@ -64,6 +64,14 @@ class Piece(nn.Module, ABC):
         """Parameters that LoRA+-style optimisers give a larger learning rate. Default: none."""
         return ()
 
+    def before_step(self, step: int, total: int | None = None) -> None:
+        """Training loops call this before each training step; `step` is the number of optimizer steps done so
+        far, `total` the planned number when known. Optional capability (e.g. SpIEL opens a regrow window)."""
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None, step: int, total: int | None = None) -> None:
+        """Training loops call this after each optimizer step; `step` counts the steps done, this one included.
+        Optional capability (e.g. SpIEL drops and regrows entries and resets their optimizer state)."""
+
     # --- files without a model ------------------------------------------------------------------
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout,

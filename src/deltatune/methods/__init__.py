@@ -2,6 +2,7 @@
 from .dense import Dense, DensePiece
 from .full import Full, FullPiece
 from .lora import LoRA, LoRAPiece
+from .paca import PaCA, PaCAPiece
 from .sparse import Sparse, SparsePiece
 
-__all__ = ["Dense", "DensePiece", "Full", "FullPiece", "LoRA", "LoRAPiece", "Sparse", "SparsePiece"]
+__all__ = ["Dense", "DensePiece", "Full", "FullPiece", "LoRA", "LoRAPiece", "PaCA", "PaCAPiece", "Sparse", "SparsePiece"]

@@ -2,6 +2,8 @@
 
 Files hold `index` (int64, flat row-major in the [out, in] view) and `values`; the delta's weight update is
 a SparseDelta, so sparse deltas add exactly, merge exactly and take part in every merge method.
+With `regrow_every` set the entries move during training (SpIEL drop/regrow, see spiel.py); the schedule is
+part of the config, so it is saved with the delta.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
-from ..errors import ConfigError, TargetError, UnsupportedError
+from ..errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
 from ..piece import Piece
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, SparseDelta
+from . import spiel
 from .sparse_autograd import SparseLinearFunction, scatter_dense
 
 MASKS = ("random", "magnitude")
@@ -30,7 +33,13 @@ class Sparse(DeltaConfig):
     """k trainable entries per targeted weight, chosen by `mask` (seeded random, or largest |W|).
 
     Give `k` (entries per weight) or `density` (fraction of each weight); `k_pattern` overrides k per module
-    (PEFT's pattern rule, as LoRA's rank_pattern)."""
+    (PEFT's pattern rule, as LoRA's rank_pattern).
+
+    SpIEL: with `regrow_every` = N, every N training steps each weight drops its ⌊k·p⌋ smallest-|value| entries
+    and regrows as many by a gradient score gathered over the last `regrow_window` steps: `regrow` =
+    "accumulated" (SpIEL-AG, |Σ grad|) or "momentum" (SpIEL-MA, row × column second moments, memory-lean).
+    p starts at `regrow_fraction` and decays to 0 over training by `regrow_decay` ("linear", "cosine",
+    "constant"). Training loops call the pieces' step hooks (dt.train and train.callback.DeltaCallback do)."""
 
     k: int | None = None
     density: float | None = None
@@ -38,6 +47,11 @@ class Sparse(DeltaConfig):
     seed: int = 0
     bias: bool = False
     k_pattern: dict[str, int] = field(default_factory=dict)
+    regrow_every: int | None = None
+    regrow: str = "accumulated"
+    regrow_fraction: float = 0.2
+    regrow_decay: str = "linear"
+    regrow_window: int = 5
 
     def validate(self) -> None:
         if (self.k is None) == (self.density is None):
@@ -54,6 +68,27 @@ class Sparse(DeltaConfig):
                 isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
                 for key, v in self.k_pattern.items()):
             raise ConfigError(f"Sparse.k_pattern must map module-name patterns to positive integers, got {self.k_pattern!r}")
+        self._validate_regrow()
+
+    def _validate_regrow(self) -> None:
+        def positive_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if self.regrow_every is not None and not positive_int(self.regrow_every):
+            raise ConfigError(f"Sparse.regrow_every must be a positive number of steps or None (no regrowth), got "
+                              f"{self.regrow_every!r}")
+        if self.regrow not in spiel.REGROWS:
+            raise ConfigError(f"Sparse.regrow must be one of {spiel.REGROWS}, got {self.regrow!r}")
+        if self.regrow_decay not in spiel.DECAYS:
+            raise ConfigError(f"Sparse.regrow_decay must be one of {spiel.DECAYS}, got {self.regrow_decay!r}")
+        if (not isinstance(self.regrow_fraction, (int, float)) or isinstance(self.regrow_fraction, bool)
+                or not 0.0 < self.regrow_fraction <= 1.0):
+            raise ConfigError(f"Sparse.regrow_fraction must be a number in (0, 1], got {self.regrow_fraction!r}")
+        if not positive_int(self.regrow_window):
+            raise ConfigError(f"Sparse.regrow_window must be a positive number of steps, got {self.regrow_window!r}")
+        if self.regrow_every is not None and self.regrow_window > self.regrow_every:
+            raise ConfigError(f"Sparse.regrow_window={self.regrow_window} exceeds regrow_every={self.regrow_every}; "
+                              f"statistics are gathered within each interval — lower regrow_window")
 
     def entries(self, path: str, numel: int) -> int:
         """k for the module at `path` whose weight has `numel` entries."""
@@ -106,6 +141,7 @@ class SparsePiece(Piece):
         bias = self.layout.bias(base)
         if cfg.bias and bias is not None:
             self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+        self._stats: spiel.GradientSum | spiel.RowColSquares | None = None  # only within a regrow window
 
     @property
     def k(self) -> int:
@@ -113,7 +149,7 @@ class SparsePiece(Piece):
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         if torch.is_grad_enabled():
-            out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims)
+            out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims, self._stats)
         else:
             w = scatter_dense(self.index, self.values, self.dims)
             x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
@@ -134,6 +170,46 @@ class SparsePiece(Piece):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, k={self.k}, shape={self.dims}"
+
+    # --- SpIEL drop/regrow (training hooks of the contract) -----------------------------------------
+    def before_step(self, step: int, total: int | None = None) -> None:
+        self._open_window(step, total)
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None, step: int, total: int | None = None) -> None:
+        cfg = self.cfg
+        every = cfg.regrow_every
+        if every is not None and step % every == 0 and (total is None or step < total):
+            stats, self._stats = self._stats, None
+            if stats is not None and stats.count:
+                n = spiel.count(self.k, spiel.fraction(cfg.regrow_fraction, cfg.regrow_decay, step, total))
+                spiel.regrow(self.index, self.values, stats, n, optimizer)
+        self._open_window(step, total)
+
+    def _open_window(self, step: int, total: int | None) -> None:
+        """Gather statistics in the step after `step` steps done when it leads up to a regrow; else free them."""
+        cfg = self.cfg
+        if cfg.regrow_every is not None and spiel.in_window(step, cfg.regrow_every, cfg.regrow_window, total):
+            if self._stats is None:
+                self._stats = spiel.new_stats(cfg.regrow)
+        else:
+            self._stats = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Refuse saved entries that do not fit this weight, before anything is copied."""
+        index, shape = state_dict.get(prefix + "index"), state_dict.get(prefix + "shape")
+        if shape is not None and tuple(int(s) for s in shape.tolist()) != self.dims:
+            raise ShapeMismatchError(f"the sparse delta at {self.path!r} was saved for a weight of shape "
+                                     f"{tuple(shape.tolist())}, this module's is {self.dims}; load it into the model "
+                                     f"it was trained on")
+        if index is not None and index.numel():
+            numel = self.dims[0] * self.dims[1]
+            if index.is_floating_point() or int(index.min()) < 0 or int(index.max()) >= numel:
+                raise ShapeMismatchError(f"the sparse delta at {self.path!r} holds indices outside [0, {numel}) of its "
+                                         f"{self.dims} weight; the file is damaged or belongs to another model")
+            if torch.unique(index).numel() != index.numel():
+                raise ShapeMismatchError(f"the sparse delta at {self.path!r} holds repeated indices; each entry of the "
+                                         f"weight may appear once — the file is damaged")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,

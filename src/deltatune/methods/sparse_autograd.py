@@ -1,13 +1,34 @@
-"""acc + x ΔWᵀ for a sparse ΔW given as (flat index, values), without keeping a dense ΔW alive.
+"""acc + x ΔWᵀ for a sparse ΔW given as (flat index, values), without keeping anything of size out × in alive.
 
-The dense [out, in] ΔW exists only inside forward and inside backward (rebuilt from index/values), so a
-layer's sparse delta costs k numbers between the passes; the values' gradient is gathered at the k indices
-from the transient dense gradient gᵀx.
+Between forward and backward the function keeps x (which the rest of the graph keeps anyway), index and values:
+k numbers and k indices, nothing of size out × in. Two ways to compute, chosen per call:
+
+* dense: ΔW is scattered into a transient dense [out, in] tensor in forward and again in backward (for x's
+  gradient); the values' gradient is gathered at the k indices from the transient dense gᵀx. At most one
+  out × in temporary exists at a time, and only while this layer is computed.
+* csr: ΔW is a CSR matrix built from (index, values) (O(k) work and memory); forward and x's gradient are
+  sparse × dense products and the values' gradient is a sampled dense product (SDDMM) at the k positions, so
+  no out × in tensor exists at all. It wins at low density (see `use_csr`).
+
+While regrowth statistics are being gathered (`stats` is not None, only in the few steps before a regrow) the
+dense gᵀx is computed in backward, handed to `stats.add` and dropped (see spiel.py).
 """
 from __future__ import annotations
 
+import warnings
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+#: densities k / (out·in) up to which the CSR path is used (measured by bench/sparse.py on a 2-core CPU: at
+#: ~1 % density CSR is 2-4x faster than dense for the delta's part of a layer, above ~5 % it is slower)
+CSR_MAX_DENSITY = 0.02
+
+
+class GradSink(Protocol):
+    def add(self, grad: Tensor) -> None:
+        """Take one backward's dense gradient of ΔW ([out, in]); it must not be kept by reference."""
 
 
 def scatter_dense(index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -15,25 +36,76 @@ def scatter_dense(index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tens
     return out.index_put_((index,), values).view(shape)
 
 
+def use_csr(k: int, shape: tuple[int, int], device: torch.device) -> bool:
+    """Whether the CSR path is the faster one for k entries in a weight of `shape` (CPU only)."""
+    return device.type == "cpu" and k <= CSR_MAX_DENSITY * shape[0] * shape[1]
+
+
+def _csr(index: Tensor, values: Tensor, shape: tuple[int, int], transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """ΔW (or ΔWᵀ) as a CSR tensor, and the order that maps its stored values back to slots of `values`."""
+    rows, cols = index // shape[1], index % shape[1]
+    if transpose:
+        rows, cols, shape = cols, rows, (shape[1], shape[0])
+    order = torch.argsort(rows * shape[1] + cols)
+    crow = torch._convert_indices_from_coo_to_csr(rows[order], shape[0])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are exact
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols[order], values[order], shape), order
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
 class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, acc: Tensor, index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:  # type: ignore[override]
-        w = scatter_dense(index, values, shape)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(acc.reshape(-1, acc.shape[-1]), x2.to(w.dtype), w.t())
+    def forward(ctx, x: Tensor, acc: Tensor, index: Tensor, values: Tensor, shape: tuple[int, int],  # type: ignore[override]
+                stats: GradSink | None = None, csr: bool | None = None) -> Tensor:
+        csr = use_csr(index.numel(), shape, values.device) if csr is None else csr
+        x2 = _flat(x).to(values.dtype)
+        if csr:
+            w, _ = _csr(index, values, shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                delta = torch.sparse.mm(w, x2.t()).t()  # [N, out], a transposed view
+            out = _flat(acc) + delta.to(acc.dtype)
+        else:
+            w = scatter_dense(index, values, shape)
+            if acc.dtype == w.dtype:
+                out = torch.addmm(_flat(acc), x2, w.t())
+            else:
+                out = _flat(acc) + (x2 @ w.t()).to(acc.dtype)
+            del w
         ctx.save_for_backward(x, index, values)
-        ctx.shape = shape
+        ctx.shape, ctx.stats, ctx.csr = shape, stats, csr
         return out.view(acc.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, index, values = ctx.saved_tensors
+        shape, stats, csr = ctx.shape, ctx.stats, ctx.csr
         need_x, need_acc, _, need_v = ctx.needs_input_grad[:4]
-        g2 = g.reshape(-1, g.shape[-1])
+        g2 = _flat(g).to(values.dtype)
         gx = gv = None
-        if need_x:
-            gx = (g2.to(values.dtype) @ scatter_dense(index, values, ctx.shape)).view(x.shape).to(x.dtype)
-        if need_v:
-            x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-            gv = (g2.to(values.dtype).t() @ x2).view(-1).index_select(0, index)
-        return gx, (g if need_acc else None), None, gv, None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            if need_x:
+                if csr:
+                    wt, _ = _csr(index, values, shape, transpose=True)
+                    gx = torch.sparse.mm(wt, g2.t()).t()
+                else:
+                    gx = g2 @ scatter_dense(index, values, shape)
+                gx = gx.reshape(x.shape).to(x.dtype)
+            if need_v or stats is not None:
+                x2 = _flat(x).to(values.dtype)
+                if csr and stats is None:
+                    w, order = _csr(index, values, shape)
+                    sampled = torch.sparse.sampled_addmm(w, g2.t(), x2, beta=0.0).values()
+                    gv = torch.empty_like(sampled).index_put_((order,), sampled)
+                else:
+                    dense = g2.t() @ x2  # [out, in], transient
+                    if stats is not None:
+                        stats.add(dense)
+                    gv = dense.view(-1).index_select(0, index)
+                    del dense
+        return gx, (g if need_acc else None), None, (gv if need_v else None), None, None, None

@@ -28,6 +28,7 @@ from .distributed import Dist
 from .evaluate import evaluate_classification, evaluate_generation
 from .lisa import Lisa
 from .progress import Progress
+from .step_hooks import after_optimizer_step, before_step
 
 
 @dataclass
@@ -109,7 +110,10 @@ class BatchOrder:
 
 
 def _trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or ".deltatune." in n}
+    """Trained parameters, and the deltas' buffers (which can change in training, e.g. regrown sparse indices)."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or ".deltatune." in n}
+    out.update({n: b.detach().clone() for n, b in model.named_buffers() if ".deltatune." in n})
+    return out
 
 
 def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
@@ -125,6 +129,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | Non
         cfg = TrainConfig.from_yaml(cfg, **overrides)
     elif overrides:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    if cfg.lt_sft is not None:  # a two-phase procedure made of runs of this loop
+        from .lt_sft import train_lt_sft
+
+        return train_lt_sft(cfg, model=model, tokenizer=tokenizer, splits=splits, prepare=prepare)
     return _Run(cfg, model, tokenizer, splits, prepare).run()
 
 
@@ -272,6 +280,7 @@ class _Run:
     def _train_step(self) -> tuple[float, int]:
         cfg = self.cfg
         total_loss, tokens = 0.0, 0
+        before_step(self.model, self.step, self.total, [cfg.name])  # pieces' step hooks (e.g. SpIEL regrowth)
         for micro in range(cfg.grad_accum):
             idx = self.order.indices(self.step * cfg.grad_accum + micro)
             batch = self.collate([self.train_set[i] for i in idx])
@@ -282,6 +291,7 @@ class _Run:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        after_optimizer_step(self.model, self.opt, self.step + 1, self.total, [cfg.name])
         return self.dist.mean(total_loss), tokens * self.dist.world
 
     def _checkpoint(self) -> None:
@@ -295,7 +305,7 @@ class _Run:
         cfg = self.cfg
         if self.best is not None and cfg.early_stopping_patience is not None:
             with torch.no_grad():
-                params = dict(self.model.named_parameters())
+                params = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
                 for n, t in self.best[2].items():
                     params[n].copy_(t)
         metrics: dict[str, Any] = {"steps": self.step, "early_stopped": stopped}
