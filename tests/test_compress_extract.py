@@ -331,8 +331,21 @@ def test_extract_gpt2_conv1d(tmp_path):
     torch.testing.assert_close(tiny.logits(loaded), tiny.logits(reference), atol=1e-4, rtol=0)
 
 
+def _wide_llama(path: Path) -> None:
+    """A tiny llama with another MLP width: the same tensor names as the fixtures' llama, other shapes."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(build_tiny("llama").model.config)
+    cfg.intermediate_size = 24
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
 def test_extract_rejects_bad_input(llama_pair, tmp_path):
     root, *_ = llama_pair
+    _wide_llama(tmp_path / "wide")
+    with pytest.raises(ShapeMismatchError, match=r"mlp\.gate_proj\.weight: base \[32, 16\] vs tuned \[24, 16\]"):
+        extract(root / "base", tmp_path / "wide", rank=2)
     with pytest.raises(DeltaNotFoundError, match="nope"):
         extract(tmp_path / "nope", root / "tuned", rank=2)
     with pytest.raises(ConfigError, match="positive integer"):
@@ -402,13 +415,7 @@ def test_cli_extract(llama_pair, tmp_path):
 
 def test_cli_extract_bad_input_exits_2(llama_pair, tmp_path):
     root, *_ = llama_pair
-    other = build_tiny("llama")
-    from transformers import LlamaForCausalLM  # a llama with another MLP width: same keys, other shapes
-
-    cfg = copy.deepcopy(other.model.config)
-    cfg.intermediate_size = 24
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    _wide_llama(tmp_path / "wide")
     base, tuned = str(root / "base"), str(root / "tuned")
     cases = [
         (["--base", str(tmp_path / "nope"), "--tuned", tuned, "--rank", "2"], "nope"),

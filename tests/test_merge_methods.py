@@ -173,6 +173,19 @@ def test_ties_hand_example_trim_sign_tie_and_zero_entries():
     assert torch.isfinite(get_method("ties")([torch.zeros(2, 3), torch.zeros(2, 3)], density=0.5)).all()
 
 
+def test_equal_magnitudes_rank_by_position():
+    g = torch.Generator().manual_seed(2)
+    small = [torch.randint(-2, 3, (4, 6), generator=g).float() for _ in range(3)]  # many ties at every cut
+    for density in (0.1, 0.25, 0.5, 0.7):
+        out = get_method("ties")(small, density=density, weight=[1.0, 0.5, 2.0])
+        torch.testing.assert_close(out.double(), ref_ties(small, [1.0, 0.5, 2.0], [density] * 3), atol=ATOL, rtol=0)
+        for gamma in (0.0, 0.2, 0.4):
+            vals = [ref_breadcrumbs_mask_apply(t, density, gamma) for t in small]
+            out = get_method("breadcrumbs")(small, density=density, gamma=gamma)
+            torch.testing.assert_close(out.double(), as_tensor(gta(vals, [1.0] * 3, elect=False, normalize=False,
+                                                                   lam=1.0), (4, 6)), atol=ATOL, rtol=0)
+
+
 # --- DARE -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("elect", [False, True])
 def test_dare_matches_formula_with_documented_seeding(taus, elect):
@@ -347,6 +360,17 @@ def test_every_documented_method_is_registered():
                                    "breadcrumbs_ties", "fisher", "slerp", "consensus", "tall", "mwa", "soup_uniform"}
     for name in list_methods():
         assert get_method(name).paper and get_method(name).summary
+
+
+def test_linear_declaration_holds(taus):
+    params = {"linear": {"weight": [0.5, 2.0, -1.0]}, "task_arithmetic": {"weight": [0.5, 2.0, -1.0], "lambda": 0.3},
+              "soup_uniform": {}, "mwa": {"metric": [0.9, 0.5, 0.7], "penalty": 2.0}}
+    declared = {n for n in list_methods() if get_method(n).linear}
+    assert declared == set(params)  # sparsifying, Fisher, SLERP and consensus results depend on the values
+    for name, p in params.items():
+        probes = [torch.eye(3)[i].reshape(1, 3) for i in range(3)]
+        c = get_method(name)(probes, **p)[0].tolist()
+        torch.testing.assert_close(get_method(name)(taus, **p), sum(ci * t for ci, t in zip(c, taus)), atol=ATOL, rtol=0)
 
 
 def test_schema_from_signature_and_validation(taus):

@@ -467,20 +467,20 @@ class TrackedReader(CheckpointReader):
 def test_merge_models_holds_one_key_per_input(tmp_path: Path) -> None:
     """Live tensors during a streamed merge stay within a few keys per input plus one shard, far below a model."""
     g = torch.Generator().manual_seed(0)
-    keys = [f"layers.{i}.proj.weight" for i in range(100)]
-    base = {k: torch.randn(32, 32, generator=g) for k in keys}  # 4 KiB per key, 400 KiB per model
+    keys = [f"layers.{i}.proj.weight" for i in range(60)]
+    base = {k: torch.randn(32, 32, generator=g) for k in keys}  # 4 KiB per key, 240 KiB per model
     _write(tmp_path / "base", base)
     for j in range(2):
         _write(tmp_path / f"in{j}", {k: w + 0.1 * torch.randn(32, 32, generator=g) for k, w in base.items()})
-    model_bytes, key_bytes, shard = 100 * 4096, 4096, 8192
+    model_bytes, key_bytes, shard = 60 * 4096, 4096, 8192
     mode = LiveBytes()
     with warnings.catch_warnings(), mode:
         warnings.simplefilter("ignore")
         merge_models(TrackedReader(tmp_path / "base", mode), [TrackedReader(tmp_path / f"in{j}", mode) for j in range(2)],
                      "ties", {"density": 0.5}, tmp_path / "out", max_shard_bytes=shard, progress=False)
     assert len(mode.live) == 0 or mode.now <= shard
-    bound = shard + 8 * (2 + 2) * key_bytes  # the inputs' keys, the base key, τs, TIES's working tensors, output
-    assert key_bytes < mode.peak <= bound < model_bytes / 3, (mode.peak, bound)
+    bound = shard + 6 * (2 + 2) * key_bytes  # the inputs' keys, the base key, τs, TIES's working tensors, output
+    assert key_bytes < mode.peak <= bound < model_bytes / 2, (mode.peak, bound)
 
 
 def test_apply_delta_writes_w_plus_dw(tmp_path: Path) -> None:

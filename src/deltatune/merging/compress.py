@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..delta import Delta, base_lookup
 from ..errors import ConfigError, UnsupportedError
-from ..tensors import DeltaTensor, DenseDelta, LowRankDelta, SparseDelta
+from ..tensors import DeltaTensor, LowRankDelta, SparseDelta
 
 METHODS = ("compeft", "svd")
 TARGETS = ("delta_w", "factors")

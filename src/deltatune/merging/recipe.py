@@ -321,10 +321,10 @@ def _locate(e: ConfigError, method: Any, parameters: dict[str, Any], inputs: lis
     index = m.group("index")
     if index is not None and int(index) < len(inputs) and p.name in inputs[int(index)].params:
         value = inputs[int(index)].params[p.name]
-        return _fail(f"inputs[{index}].{p.name}", f"expected {p.expected()}, got {_got(value)} ({e})")
+        return _fail(f"inputs[{index}].{p.name}", f"expected {p.expected()}, got {_got(value)}")
     if p.name in parameters or p.arg in parameters:
         value = parameters.get(p.name, parameters.get(p.arg))
-        return _fail(f"parameters.{p.name}", f"expected {p.expected()}, got {_got(value)} ({e})")
+        return _fail(f"parameters.{p.name}", f"expected {p.expected()}, got {_got(value)}")
     where = f"inputs[0].{p.name}" if p.per_input else f"parameters.{p.name}"
     return _fail(where, str(e))
 

@@ -24,6 +24,8 @@ How the signature becomes the schema:
 * ``key: str`` (keyword-only) is reserved: not a parameter but the per-call context the pipeline passes (the
   module path), which random methods combine with their ``seed`` parameter via `generator` so results are
   reproducible and independent across modules.
+* ``@merge_method(..., linear=True)`` declares a capability: the result is Σ c_i τ_i with coefficients fixed by
+  the parameters alone (not by the tensors' values), so the pipeline may combine low-rank inputs exactly.
 """
 from __future__ import annotations
 
