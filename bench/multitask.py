@@ -182,7 +182,7 @@ def evaluate_all(kinds: list[str]) -> dict:
             extra = {"module_params": lambda path: {"fisher": [f[path] for f in fishers]},
                      "supplied_per_module": ["fisher"]}
         t0 = time.perf_counter()
-        merged = merge_deltas(encoders, method, params, per_input=[per] * len(TASKS), output="dense", name="merged",
+        merged = merge_deltas(encoders, method, params, per_input=[per] * len(TASKS), output="dense", name="mtl",
                               progress=False, **extra)
         seconds = time.perf_counter() - t0
         for task in TASKS:

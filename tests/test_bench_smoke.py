@@ -40,3 +40,25 @@ def test_forward_bench_runs_on_a_tiny_model() -> None:
     assert with_dropout.act_ours < with_dropout.act_peft  # no dropout mask or dropped copy of x is saved
     text = bench.render(res)
     assert bench.COMMAND in text and "| deltatune LoRA |" in text and "peak × peft" in text
+
+
+def test_sparse_bench_runs_on_a_tiny_model() -> None:
+    spec = importlib.util.spec_from_file_location("deltatune_bench_sparse", BENCH.parent / "sparse.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    shape = bench.Shape(hidden=32, intermediate=48, layers=1, heads=4, kv_heads=2, vocab=64, batch=2, seq=8, r=2,
+                        every=4, window=2)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            res = bench.run(shape, rounds=1, threads=1, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = res.rows
+    assert rows["SpIEL"].trainable == rows["LoRA"].trainable == 2 * (4 * 32 + 2 * (16 + 32) + 3 * (48 + 32))
+    assert all(r.peak > r.state > 0 for r in rows.values())
+    assert rows["full"].peak > rows["SpIEL"].peak  # full fine-tuning holds gradients and moments of every weight
+    assert res.replaced["SpIEL-AG"] > 0 and res.replaced["SpIEL-MA"] > 0 and res.regrow_ms["SpIEL-AG"] > 0
+    text = bench.render(res)
+    assert bench.COMMAND in text and "| SpIEL, between windows |" in text and "× LoRA" in text

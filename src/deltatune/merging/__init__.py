@@ -6,3 +6,7 @@ from .methods_basic import mwa_weights
 from .methods_sparsify import tall_masks
 from .registry import MergeMethod, PerInput, generator, get_method, list_methods, merge_method
 from .soups import Soup, greedy_soup
+# the pipeline: deltas module by module, full checkpoints key by key, YAML recipes
+from .combine import merge_deltas
+from .full_models import apply_delta, merge_models, merge_models_to_delta
+from .recipe import load_recipe, run_recipe

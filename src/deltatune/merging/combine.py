@@ -108,6 +108,7 @@ def module_filter(include: str | None = None, exclude: str | None = None) -> Cal
 
 
 def check_storage(output: str, rank: int | None, energy: float | None) -> None:
+    """`output` is a storage; lowrank takes exactly one of rank and energy, the others neither."""
     if output not in STORAGES:
         raise ConfigError(f"output must be one of {STORAGES}, got {output!r}")
     if output == "lowrank":
@@ -149,17 +150,20 @@ def base_weights(base: Any, delta: Delta) -> BaseWeights:
     return base.module_weights(delta.module_types)
 
 
-def check_updates_without_base(deltas: list[Delta], paths: list[str]) -> None:
-    """Every update must be computable without base weights (cheap: no dense ΔW is formed for LoRA)."""
+def needs_base(deltas: list[Delta], paths: list[str]) -> tuple[int, str] | None:
+    """(input index, module path) of the first update that needs the base weights (DoRA, full copies, PEFT's
+    absolute biases), or None. Cheap: no dense ΔW is formed for LoRA."""
     for i, d in enumerate(deltas):
         for path in paths:
             if path in d.state:
                 try:
                     d.update(path, None)
-                except UnsupportedError as e:
-                    raise UnsupportedError(f"input {i} ({d.name!r}) at {path!r}: its update depends on the base weights "
-                                           f"(DoRA, full copies or PEFT's absolute biases); pass base= (a model or a "
-                                           f"model directory). {e}") from None
+                except UnsupportedError:
+                    return i, path
+    return None
+
+
+BASE_NEEDED = "needs the base weights to express its update at {path!r} (DoRA, full copies or PEFT's absolute biases)"
 
 
 def merge_deltas(inputs: Sequence[Delta | str | Path], method: Any, params: dict[str, Any] | None = None, *,
@@ -171,7 +175,8 @@ def merge_deltas(inputs: Sequence[Delta | str | Path], method: Any, params: dict
     """Merge `inputs` module by module with `method` into one Delta stored as `output`.
 
     `params` are the method's global parameters, `per_input` one dict of per-input parameters per input.
-    `output`: "dense", "sparse" (exact zeros dropped) or "lowrank" (truncated SVD to `rank` and/or `energy`).
+    `output`: "dense", "sparse" (exact zeros dropped) or "lowrank" (truncated SVD: `rank` per module, or the
+    smallest rank keeping `energy` of the squared singular values).
     `base`: the base model, model directory or weight lookup; needed for DoRA and full-copy inputs.
     `include`/`exclude`: full-match regexes on module paths. `module_params(key)` returns per-module extra
     parameters (e.g. Fisher tensors) for key = module path or `<path>.bias`; name them in `supplied_per_module`.
@@ -191,8 +196,11 @@ def merge_deltas(inputs: Sequence[Delta | str | Path], method: Any, params: dict
         raise ConfigError(f"no module is left to merge: the inputs adapt {sum(len(d.state) for d in deltas)} module(s), "
                           f"include={include!r} / exclude={exclude!r} keep none")
     types = _module_types(deltas, paths)
-    if base is None:
-        check_updates_without_base(deltas, paths)
+    missing = needs_base(deltas, paths) if base is None else None
+    if missing is not None:
+        i, path = missing
+        raise UnsupportedError(f"input {i} ({deltas[i].name!r}) {BASE_NEEDED.format(path=path)}; pass base= (a model "
+                               f"or a model directory)")
     lookups = [base_weights(base, d) for d in deltas]
     coefficients = linear_coefficients(method, checked, n) if is_linear(method) else None
 

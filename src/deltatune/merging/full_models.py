@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..delta import Delta
 from ..errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, TargetError, UnsupportedError
@@ -79,10 +79,11 @@ class _Slot:
     """What one base key is: its module path, its parameter, and the delta modules that change it."""
 
     key: str
-    module: str
+    module: str             # the module path: a delta's own path where one changes this key, else the key's prefix
     param: str
     layout: Layout | None
     deltas: dict[int, str]  # source index -> the delta's module path
+    kept: bool              # inside the include/exclude filters
 
 
 class CheckpointMerge:
@@ -106,7 +107,6 @@ class CheckpointMerge:
         owner: dict[str, dict[int, str]] = {}
         for i, src in enumerate(self.sources):
             if isinstance(src, CheckpointReader):
-                self._check_model(i, src)
                 continue
             for path in src.state:
                 if not self.keep(path):
@@ -130,18 +130,20 @@ class CheckpointMerge:
             deltas = owner.get(key, {})
             mtype = next((self.sources[i].module_types.get(p) for i, p in deltas.items()), None) or self.types.get(module)
             layout = layout_by_name(mtype) if mtype in LAYOUTS and param == "weight" else None
-            slots.append(_Slot(key, module, param, layout, deltas))
+            path = next(iter(deltas.values()), module)  # deltas' paths may carry a prefix the checkpoint's keys drop
+            slots.append(_Slot(key, path, param, layout, deltas, bool(deltas) or self.keep(module)))
+        for i, src in enumerate(self.sources):
+            if isinstance(src, CheckpointReader):
+                self._check_model(i, src, [s.key for s in slots if s.kept])
         return slots
 
-    def _check_model(self, i: int, src: CheckpointReader) -> None:
+    def _check_model(self, i: int, src: CheckpointReader, kept: list[str]) -> None:
         base = self.base
         extra = sorted(k for k in src.keys() if k not in base and self.keep(k.rpartition(".")[0]))
         if extra:
             raise ShapeMismatchError(f"input {i} ({str(src.path)!r}) has {len(extra)} tensor(s) the base lacks, e.g. "
                                      f"{extra[:3]}; they would be lost — exclude them or merge models of one architecture")
-        for key in base.keys():
-            if not self.keep(key.rpartition(".")[0]):
-                continue
+        for key in kept:
             if key not in src:
                 raise ShapeMismatchError(f"input {i} ({str(src.path)!r}) lacks the tensor {key!r} of the base; exclude "
                                          f"its module to keep the base's")
@@ -154,14 +156,14 @@ class CheckpointMerge:
     def merged(self, slot: _Slot) -> tuple[Tensor, Tensor | None]:
         """(base tensor, merged task vector in the native layout, or None when nothing changes this key)."""
         w = self.base.get(slot.key)
-        if not w.is_floating_point() or not self.keep(slot.module):
+        if not w.is_floating_point() or not slot.kept:
             return w, None
         taus = [self._task_vector(i, src, slot, w) for i, src in enumerate(self.sources)]
         if all(t is None for t in taus):
             return w, None
         shape = slot.layout.from_native(w).shape if slot.layout is not None else w.shape
         inputs = [torch.zeros(shape) if t is None else t for t in taus]
-        rand_key = slot.module if slot.param == "weight" else slot.key
+        rand_key = slot.module if slot.param == "weight" else f"{slot.module}.{slot.param}"  # as merge_deltas
         tau = self.method(inputs, key=rand_key, **self.checked)
         return w, slot.layout.to_native(tau) if slot.layout is not None else tau
 

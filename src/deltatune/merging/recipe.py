@@ -29,7 +29,7 @@ from ..delta import Delta
 from ..errors import ConfigError, DeltaTuneError
 from ..io.checkpoints import CheckpointReader
 from ..io.safetensors_io import check_finite, read_tensors
-from .combine import STORAGES, check_updates_without_base, merge_deltas, module_filter, resolve_method
+from .combine import BASE_NEEDED, STORAGES, merge_deltas, method_params, module_filter, needs_base, resolve_method
 from .full_models import CheckpointMerge, is_model_dir, plan_to_delta, write_model
 
 FORMATS = ("delta", "peft", "model")
@@ -304,8 +304,6 @@ def _validate_params(method: Any, parameters: dict[str, Any], inputs: list[Recip
                                                      f"parameter for every input, or put one value under parameters")
         combined[k] = [inp.params[k] for inp in inputs]
     try:
-        from .combine import method_params
-
         return method_params(method, len(inputs), combined, supplied_per_module=tensor_names)
     except ConfigError as e:
         raise _locate(e, method, parameters, inputs) from None
@@ -339,10 +337,11 @@ def _cross_checks(recipe: Recipe) -> None:
             raise _fail("base", "is required for output format model (the merged update is added to its weights)")
         deltas = [inp.source for inp in recipe.inputs]
         keep = module_filter(recipe.include, recipe.exclude)
-        try:
-            check_updates_without_base(deltas, [p for d in deltas for p in d.state if keep(p)])
-        except DeltaTuneError as e:
-            raise _fail("base", f"is required: {e}") from None
+        missing = needs_base(deltas, [p for d in deltas for p in d.state if keep(p)])
+        if missing is not None:
+            i, path = missing
+            raise _fail("base", f"is required: inputs[{i}] ({str(recipe.inputs[i].path)!r}) "
+                                f"{BASE_NEEDED.format(path=path)}; give the base model's directory")
     out = recipe.output.path.resolve()
     for i, inp in enumerate(recipe.inputs):
         if inp.path.resolve() == out:
@@ -408,7 +407,7 @@ def _module_params(recipe: Recipe):
 def render(summary: dict[str, Any]) -> str:
     what = f"{summary['format']}" + (f" ({summary['storage']})" if summary.get("storage") else "")
     return (f"merged {summary['inputs']} inputs with {summary['method']}: {summary['modules']} {summary['unit']} "
-            f"changed; wrote {what} to {summary['output']} ({_size(summary['bytes'])}) in {summary['seconds']:.1f} s")
+            f"merged; wrote {what} to {summary['output']} ({_size(summary['bytes'])}) in {summary['seconds']:.1f} s")
 
 
 def _size(n: int) -> str:
