@@ -1,8 +1,8 @@
 """Full model checkpoints (HF directories of safetensors shards), read and written one tensor at a time.
 
 `CheckpointReader` opens `model.safetensors` or `model.safetensors.index.json` + shards and reads single
-tensors on demand (memory-mapped by safetensors), so merging or extracting never holds a whole model.
-`CheckpointWriter` writes tensors into size-capped shards in a temporary directory next to the target and
+tensors on demand with plain file reads (no memory map), so merging or extracting never holds a whole model.
+`CheckpointWriter` streams tensors into size-capped shards in a temporary directory next to the target and
 moves the finished directory into place at the end: an interrupted write leaves the previous one intact.
 """
 from __future__ import annotations
@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
@@ -55,23 +53,22 @@ class CheckpointReader:
         missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
         if missing:
             raise CorruptFileError(f"shard file(s) listed in {str(self.path / INDEX)!r} are missing: {missing[:3]}")
-        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors has its own error types for every malformation
-            raise CorruptFileError(f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return list(read_header(file)[0])
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as e:
-                raise CorruptFileError(f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-        return self._handles[file]
+    def _entry(self, key: str) -> tuple[Path, dict[str, Any], int]:
+        if key not in self.files:
+            raise KeyError(f"{str(self.path)!r} has no tensor {key!r}")
+        file = self.files[key]
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        header, start = self._headers[file]
+        if key not in header:
+            raise CorruptFileError(f"{str(file)!r} does not hold {key!r}, which the shard index assigns to it")
+        return file, header[key], start
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -80,12 +77,20 @@ class CheckpointReader:
         return key in self.files
 
     def get(self, key: str) -> Tensor:
-        if key not in self.files:
-            raise KeyError(f"{str(self.path)!r} has no tensor {key!r}")
-        return self._handle(self.files[key]).get_tensor(key)
+        """One tensor, read with plain file reads (not memory-mapped), so only it occupies memory."""
+        file, info, start = self._entry(key)
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CorruptFileError(f"{str(file)!r} is truncated: tensor {key!r} ends past the end of the file")
+        if not buf:
+            return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[key]).get_slice(key).get_shape())
+        return tuple(self._entry(key)[1]["shape"])
 
     def items(self) -> Iterator[tuple[str, Tensor]]:
         for key in self.files:
@@ -138,44 +143,31 @@ class CheckpointWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[_Shard] = []
         self.total = 0
         self.seen: set[str] = set()
 
     def add(self, key: str, tensor: Tensor) -> None:
+        """Append one tensor to the current shard file (it is written now; nothing is kept in memory)."""
         if key in self.seen:
             raise UnsupportedError(f"tensor {key!r} written twice")
         self.seen.add(key)
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending[key] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        t = tensor.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        if not self.shards or (self.shards[-1].bytes and self.shards[-1].bytes + size > self.max_shard_bytes):
+            self.shards.append(_Shard(self.tmp / f"shard-{len(self.shards):05d}.data"))
+        self.shards[-1].append(key, t)
         self.total += size
 
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.tmp / f"shard-{len(self.shards):05d}.tmp"), metadata=self.metadata)
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
     def close(self) -> Path:
-        self._flush()
+        if not self.shards:
+            self.shards.append(_Shard(self.tmp / "shard-00000.data"))
         n = len(self.shards)
-        if n <= 1:
-            if n == 1:
-                os.replace(self.tmp / "shard-00000.tmp", self.tmp / SINGLE)
-            else:
-                save_file({}, str(self.tmp / SINGLE), metadata=self.metadata)
-        else:
-            weight_map = {}
-            for i, keys in enumerate(self.shards):
-                name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(self.tmp / f"shard-{i:05d}.tmp", self.tmp / name)
-                weight_map.update({k: name for k in keys})
+        names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for shard, name in zip(self.shards, names):
+            shard.finish(self.tmp / name, self.metadata)
+        if n > 1:
+            weight_map = {k: name for shard, name in zip(self.shards, names) for k in shard.header}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if self.copy_from is not None:
@@ -188,6 +180,8 @@ class CheckpointWriter:
         return _publish(self.tmp, self.path)
 
     def abort(self) -> None:
+        for shard in self.shards:
+            shard.f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "CheckpointWriter":
@@ -198,6 +192,74 @@ class CheckpointWriter:
             self.close()
         else:
             self.abort()
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _Shard:
+    """One safetensors shard written incrementally: tensor bytes go to a data file as they arrive; `finish`
+    writes the header and then copies the data after it in chunks."""
+
+    def __init__(self, data_file: Path) -> None:
+        self.data_file = data_file
+        self.header: dict[str, Any] = {}
+        self.bytes = 0
+        self.f = open(data_file, "wb")
+
+    def append(self, key: str, t: Tensor) -> None:
+        if t.dtype not in _DTYPE_NAMES:
+            raise UnsupportedError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        size = t.numel() * t.element_size()
+        self.header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.bytes, self.bytes + size]}
+        self.f.write(raw)
+        self.bytes += size
+
+    def finish(self, target: Path, metadata: dict[str, str]) -> None:
+        self.f.close()
+        text = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        with open(target, "wb") as out, open(self.data_file, "rb") as data:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            shutil.copyfileobj(data, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_file.unlink()
+
+
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's tensor table ({key: dtype, shape, data_offsets}) and where its data starts, checked
+    against the file's size; only the header is read."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8 or n > 100 << 20:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        data = size - 8 - n
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            itemsize = torch.empty((), dtype=DTYPES[info["dtype"]]).element_size()
+            if not 0 <= begin <= end <= data or end - begin != count * itemsize:
+                raise ValueError(f"tensor {key!r} has offsets {info['data_offsets']} for {count} x {info['dtype']} "
+                                 f"in {data} data bytes")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as e:
+        raise CorruptFileError(f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                               f"truncated or corrupt") from None
+    return header, 8 + n
 
 
 def _publish(tmp: Path, target: Path) -> Path:
