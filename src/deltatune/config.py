@@ -105,13 +105,17 @@ class DeltaConfig(metaclass=_CheckedKeywords):
 
     def for_module(self, path: str) -> "DeltaConfig":
         """The config that builds the piece at `path`: a `Full` copy for `modules_to_save`, else `resolve(path)`."""
-        from .targeting import matches
-
-        if self.modules_to_save and matches(tuple(self.modules_to_save), path):
+        if self.saves_whole(path):
             from .methods.full import Full
 
             return Full(targets=(path,))
         return self.resolve(path)
+
+    def saves_whole(self, path: str) -> bool:
+        """True for `modules_to_save` paths: modules trained and saved whole (e.g. a new head), not as a ΔW."""
+        from .targeting import matches
+
+        return bool(self.modules_to_save) and matches(tuple(self.modules_to_save), path)
 
     def piece_class(self, module: Any) -> type:
         """The Piece class to build for `module`; every registered method overrides this."""

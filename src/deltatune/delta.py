@@ -71,22 +71,33 @@ class Delta:
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor] | None = None, *,
-                     module_types: dict[str, str] | None = None, base: dict[str, Any] | None = None) -> "Delta":
+                     module_types: dict[str, str] | None = None, base: dict[str, Any] | None = None,
+                     whole: dict[str, dict[str, Tensor]] | None = None,
+                     modules_to_save: tuple[str, ...] = ()) -> "Delta":
         """A delta holding exactly these updates, stored by the kind that keeps their storage (dense ΔW, sparse
-        index/values, or LoRA factors). All tensors must be of one storage kind."""
+        index/values, or LoRA factors). All tensors must be of one storage kind. `whole` carries the saved state of
+        modules kept whole (`modules_to_save`, e.g. a classification head) unchanged."""
         biases = dict(biases or {})
         kinds = {t.storage_kind for t in tensors.values()}
         if len(kinds) != 1:
             raise ConfigError(f"from_tensors needs updates of one storage kind, got {sorted(kinds) or 'none'}; "
                               f"convert them first (to_dense(), svd(rank) or SparseDelta.from_dense)")
         config = config_class(kinds.pop()).for_tensors(tensors, biases)
-        types = {p: (module_types or {}).get(p, "Linear") for p in tensors}
-        state = {}
+        whole = dict(whole or {})
+        if whole:
+            config = config.replace(modules_to_save=tuple(modules_to_save))
+            outside = [p for p in whole if not config.saves_whole(p)]
+            if outside or set(whole) & set(tensors):
+                raise ConfigError(f"modules kept whole must match modules_to_save={modules_to_save!r} and have no ΔW; "
+                                  f"got {sorted(outside or set(whole) & set(tensors))[:3]}")
+        types = {p: (module_types or {}).get(p, "Linear") for p in [*tensors, *whole]}
+        state = {p: dict(st) for p, st in whole.items()}
         for path, dw in tensors.items():
             local = config.for_module(path)
             state[path] = local.piece_class().tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
         shapes = {p: list(layout_by_name(types[p]).to_native(torch.empty(t.shape, device="meta")).shape)
                   for p, t in tensors.items() if p in (module_types or {})}  # only where the layout is known
+        shapes.update({p: list(st["weight"].shape) for p, st in whole.items() if "weight" in st})
         return cls(name, config, state, types, dict(base or {"weight_shapes": shapes}))
 
     def for_model(self, model: nn.Module) -> "Delta":

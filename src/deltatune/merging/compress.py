@@ -237,8 +237,9 @@ def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progres
     tensors: dict[str, DeltaTensor] = {}
     biases: dict[str, Tensor] = {}
     rows: dict[str, ModuleReport] = {}
+    whole = {p: st for p, st in delta.state.items() if delta.config.saves_whole(p)}  # e.g. a new head: kept as is
     with Progress(len(delta.state), enabled=progress, description=title.split(":")[0]) as bar:
-        for i, path in enumerate(delta.state):
+        for i, path in enumerate(p for p in delta.state if p not in whole):
             dw, db = delta.update(path, lookup)
             new, ideal = fn(path, dw)
             norm, error = distance(dw, new)
@@ -251,7 +252,8 @@ def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progres
             bar.update(i + 1)
     if not tensors:
         raise ConfigError(f"delta {delta.name!r} holds no module; nothing to compress")
-    out = Delta.from_tensors(delta.name, tensors, biases, module_types=delta.module_types, base=delta.base)
+    out = Delta.from_tensors(delta.name, tensors, biases, module_types=delta.module_types, base=delta.base,
+                             whole=whole, modules_to_save=delta.config.modules_to_save)
     check_supported(out)
     for path, row in rows.items():
         row.bytes = state_bytes(out.state[path])
