@@ -36,6 +36,7 @@ test-slow: $(ZOO_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py --write docs/benchmarks.md
+	$(BIN)/python bench/sparse.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
 	$(BIN)/python bench/results.py --write docs/results.md

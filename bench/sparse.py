@@ -44,7 +44,7 @@ ATOL = 1e-5
 class Shape:
     hidden: int = 576
     intermediate: int = 1536
-    layers: int = 6  # of SmolLM2-135M's 30: the whole run must stay under 3 minutes on 2 CPU cores
+    layers: int = 2  # of SmolLM2-135M's 30: the whole run must stay under 3 minutes on 2 CPU cores
     heads: int = 9
     kv_heads: int = 3
     vocab: int = 49152
@@ -72,7 +72,7 @@ class Results:
     rounds: int
     rows: dict[str, Row]
     steady: dict[str, Timing]
-    window: dict[str, Timing]  # SpIEL window step (statistics gathered), regrow excluded, with LoRA as reference
+    window: dict[str, list[float]]  # seconds of SpIEL window steps (statistics gathered), regrow excluded
     regrow_ms: dict[str, float]  # the regrow itself (all weights), median
     replaced: dict[str, int]  # entries replaced by the first regrow, over the whole model
     densities: dict[str, float]
@@ -170,7 +170,7 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
             replaced.setdefault(name, sum(int((p.index != b).sum()) for p, b in zip(spiel_pieces(m), before)))
         return f
 
-    n_steps = 3 * (rounds + 1) + 3 * (rounds + 1) + 2 * 5
+    n_steps = 3 * (rounds + 1) + 2 * (rounds + 1) + 2 * 5
     with Progress(n_steps, enabled=progress, description="bench/sparse") as bar:
         done = [0]
 
@@ -184,13 +184,13 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
         log(f"steady steps: {rounds} rounds of LoRA, SpIEL, full (B={s.batch}, T={s.seq}, {s.layers} layers)")
         steady = interleaved({"LoRA": tick(step("LoRA")), "SpIEL": tick(step("SpIEL-AG")), "full": tick(step("full"))},
                              reference="LoRA", rounds=rounds, warmup=1)
-        log(f"window steps + regrow: {rounds} rounds of LoRA, SpIEL-AG, SpIEL-MA")
-        window = interleaved({"LoRA": tick(step("LoRA")), "SpIEL-AG": tick(window_step("SpIEL-AG")),
-                              "SpIEL-MA": tick(window_step("SpIEL-MA"))}, reference="LoRA", rounds=rounds, warmup=1)
+        log(f"window steps + regrow: {rounds} rounds of SpIEL-AG, SpIEL-MA")
+        timed = interleaved({"SpIEL-AG": tick(window_step("SpIEL-AG")), "SpIEL-MA": tick(window_step("SpIEL-MA"))},
+                            reference="SpIEL-AG", rounds=rounds, warmup=1)
+        window = {}
         for name in regrow_seconds:
             regrow_seconds[name] = regrow_seconds[name][1:]  # the warmup round's
-            window[name].seconds = [a - b for a, b in zip(window[name].seconds, regrow_seconds[name])]
-            window[name].ratios = [a / b for a, b in zip(window[name].seconds, window["LoRA"].seconds)]
+            window[name] = [a - b for a, b in zip(timed[name].seconds, regrow_seconds[name])]
         k_total = counts["SpIEL-AG"]
         n_expect = int(0.2 * (1 - s.every / total) * k_total)
         for name in ("SpIEL-AG", "SpIEL-MA"):
@@ -227,15 +227,49 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
                    time.perf_counter() - t_start, (load0, os.getloadavg()[0]))
 
 
+def paths(s: Shape, densities: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08), threads: int = 2,
+          reps: int = 15) -> dict[tuple[int, int], dict[float, tuple[float, float]]]:
+    """Milliseconds (minimum over `reps`) of one forward + backward of SpIEL's autograd function alone, dense path
+    against CSR path, for each projection shape and density, at N = B·T rows: what CSR_MAX_DENSITY is set from."""
+    from deltatune.methods.sparse_autograd import SparseLinearFunction
+
+    torch.set_num_threads(threads)
+    n = s.batch * s.seq
+    out: dict[tuple[int, int], dict[float, tuple[float, float]]] = {}
+    for o, i in sorted(set(module_shapes(s).values())):
+        out[(o, i)] = {}
+        for d in densities:
+            k = max(1, int(d * o * i))
+            index = torch.randperm(o * i)[:k]
+            values = torch.randn(k, requires_grad=True)
+            x = torch.randn(n, i, requires_grad=True)
+            acc = torch.randn(n, o, requires_grad=True)
+            g = torch.randn(n, o)
+            best = []
+            for csr in (False, True):
+                times = []
+                for _ in range(reps + 1):
+                    t0 = time.perf_counter()
+                    SparseLinearFunction.apply(x, acc, index, values, (o, i), None, csr).backward(g)
+                    times.append(time.perf_counter() - t0)
+                best.append(1e3 * min(times[1:]))
+            out[(o, i)][d] = (best[0], best[1])
+    return out
+
+
 # --- report -----------------------------------------------------------------------------------------------
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def window_ms(res: Results, name: str) -> float:
+    return 1e3 * statistics.median(res.window[name])
+
+
 def interval_ms(res: Results, name: str) -> float:
     """Average step time of SpIEL over one regrow interval: N - W plain steps, W window steps, one regrow."""
     s = res.shape
-    plain, win = res.steady["SpIEL"].median_ms, res.window[name].median_ms
+    plain, win = res.steady["SpIEL"].median_ms, window_ms(res, name)
     return ((s.every - s.window) * plain + s.window * win + res.regrow_ms[name]) / s.every
 
 
@@ -252,11 +286,15 @@ def render(res: Results) -> str:
           f"| SpIEL peak training memory ≤ {TARGET_PEAK:.1f}× LoRA's (equal trainable parameters) | {ratio:.3f}× "
           f"| {'met' if ratio <= TARGET_PEAK else '**missed**'} |", ""]
     ag, ma = rows["SpIEL-AG window"].peak / lora, rows["SpIEL-MA window"].peak / lora
+    per_layer = sum(o * i for o, i in module_shapes(s).values())
     L.append(f"That is a step between regrow windows ({s.every - s.window} of every {s.every} steps). The steps that "
              f"gather regrowth statistics and end in a regrow peak at {ag:.3f}× LoRA with accumulated gradients "
-             f"(SpIEL-AG: one fp32 accumulator per adapted weight, for the whole model the size of a full gradient of "
-             f"those weights) and at {ma:.3f}× with the momentum approximation (SpIEL-MA: a row and a column vector per "
-             f"weight); the peak of a whole run is the larger of the two numbers for the variant in use.")
+             f"(SpIEL-AG) and at {ma:.3f}× with the momentum approximation (SpIEL-MA). SpIEL-AG's accumulator is one "
+             f"fp32 [out, in] tensor per adapted weight while a window lasts: {_mib(4 * per_layer * s.layers)} MiB here, "
+             f"{_mib(4 * per_layer * s.full_layers)} MiB for all {s.full_layers} layers of SmolLM2-135M (computed, not "
+             f"measured) — it is allocated during the layers' backward, after the loss's B·T·vocabulary temporaries "
+             f"that set the peak here are freed, so at this depth it stays under the peak, at full depth it would not. "
+             f"SpIEL-MA keeps a row and a column vector per weight ({_mib(4 * s.layers * sum(o + i for o, i in module_shapes(s).values()))} MiB here).")
     L.append("")
     L += ["### Setup", ""]
     L.append(f"- Machine: {os.cpu_count()} CPU cores, `torch.set_num_threads({res.threads})`, {platform.system()} "
@@ -281,17 +319,22 @@ def render(res: Results) -> str:
     L += ["### Training step (forward + backward + AdamW step)", "",
           "| variant | trainable parameters | peak MiB | peak × LoRA | of which before the step MiB | ms per step "
           "| time × LoRA |", "|---|---:|---:|---:|---:|---:|---:|"]
-    timing = {"LoRA": res.steady["LoRA"], "SpIEL": res.steady["SpIEL"], "SpIEL-AG window": res.window["SpIEL-AG"],
-              "SpIEL-MA window": res.window["SpIEL-MA"], "full": res.steady["full"]}
+    lora_ms = res.steady["LoRA"].median_ms
+    timing = {"LoRA": (lora_ms, res.steady["LoRA"].ratio), "SpIEL": (res.steady["SpIEL"].median_ms, res.steady["SpIEL"].ratio),
+              "SpIEL-AG window": (window_ms(res, "SpIEL-AG"), window_ms(res, "SpIEL-AG") / lora_ms),
+              "SpIEL-MA window": (window_ms(res, "SpIEL-MA"), window_ms(res, "SpIEL-MA") / lora_ms),
+              "full": (res.steady["full"].median_ms, res.steady["full"].ratio)}
     labels = {"LoRA": f"LoRA r={s.r}", "SpIEL": "SpIEL, between windows",
               "SpIEL-AG window": "SpIEL-AG, window step + regrow", "SpIEL-MA window": "SpIEL-MA, window step + regrow",
               "full": "full fine-tuning"}
     for key, row in rows.items():
-        t = timing[key]
+        ms, ratio = timing[key]
         L.append(f"| {labels[key]} | {row.trainable:,} | {_mib(row.peak)} | {row.peak / lora:.3f} | {_mib(row.state)} "
-                 f"| {t.median_ms:.0f} | {t.ratio:.3f} |")
+                 f"| {ms:.0f} | {ratio:.3f} |")
     L.append("")
-    L.append(f"Window rows: the time column is the step alone (statistics gathered in backward), the regrow is timed "
+    L.append(f"Time × LoRA is the median of per-round ratios for the steady rows; the window steps were timed in "
+             f"rounds of their own and are divided by LoRA's median. "
+             f"Window rows: the time column is the step alone (statistics gathered in backward), the regrow is timed "
              f"apart: {res.regrow_ms['SpIEL-AG']:.0f} ms (AG) and {res.regrow_ms['SpIEL-MA']:.0f} ms (MA) for all "
              f"{7 * s.layers} weights (the first replaced {res.replaced['SpIEL-AG']:,} and {res.replaced['SpIEL-MA']:,} entries). "
              f"The memory columns include the regrow. Averaged over one {s.every}-step interval "
@@ -325,7 +368,7 @@ WHY = """### How it is measured, and why the numbers look like this
   forward and again in backward, and the values' gradient is gathered from the dense gᵀx): about the extra
   arithmetic of training those weights in full, without the weights' gradient or optimizer state. LoRA's
   rank-r products are much cheaper; full fine-tuning adds the weights' gradients and an AdamW step over every
-  parameter. At low densities (≤ 3 %) SpIEL switches to sparse CSR products (docs/sparse.md).
+  parameter. At low densities SpIEL switches to sparse CSR products (docs/sparse.md).
 - Full fine-tuning's peak also holds a gradient and two AdamW moments for every parameter, embeddings included.
 - This model has {layers} of SmolLM2-135M's 30 layers: with all of them the activations and the adapted layers'
   inputs grow with the layer count for all three variants (the embedding and the loss's temporaries do not), and
@@ -339,7 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layers", type=int, default=Shape.layers)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paths", action="store_true", help="only time SpIEL's dense and CSR autograd paths per shape "
+                                                          "and density (what CSR_MAX_DENSITY is chosen from)")
     args = ap.parse_args(argv)
+    if args.paths:
+        print("| [out, in] | " + " | ".join(f"{100 * d:g} %: dense / CSR ms" for d in (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)) + " |")
+        for shape, row in paths(Shape(), threads=args.threads).items():
+            print(f"| {list(shape)} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in row.values()) + " |", flush=True)
+        return 0
     res = run(Shape(layers=args.layers), rounds=args.rounds, threads=args.threads, progress=sys.stderr.isatty(),
               log=lambda m: print(m, file=sys.stderr, flush=True))
     text = render(res)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import CorruptFileError, DeltaNotFoundError
+from deltatune.errors import ConfigError, CorruptFileError, DeltaNotFoundError
 from deltatune.io.checkpoints import CheckpointReader, CheckpointWriter, INDEX, SINGLE
 
 
@@ -80,3 +80,17 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "index" / INDEX).write_text(json.dumps({"weight_map": {"w": "nope.safetensors"}}))
     with pytest.raises(CorruptFileError, match="missing"):
         CheckpointReader(tmp_path / "index")
+
+
+def test_output_directory_with_other_files_or_an_input_is_refused(tmp_path):
+    work = tmp_path / "work"
+    (work / "base").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        CheckpointWriter(work)
+    with pytest.raises(ConfigError, match="holds\) the input"):
+        CheckpointWriter(tmp_path, protect=[work / "base"])
+    with pytest.raises(ConfigError, match="is \\(or holds\\) the input"):
+        CheckpointWriter(work / "base", copy_from=work / "base")
+    assert (work / "notes.txt").read_text() == "keep me" and (work / "base").is_dir()
+    assert sorted(p.name for p in work.iterdir()) == ["base", "notes.txt"]  # nothing written, no temp dirs

@@ -101,7 +101,7 @@ def test_compeft_on_delta_w_matches_formula_and_counts_bytes():
     delta = dense_delta(shapes)
     density, alpha = 0.3, 0.5
     out, report = compress(delta, "compeft", density=density, alpha=alpha)
-    assert out.config.kind == "sparse"
+    assert out.config.kind == "ternary"
     rows = {m.path: m for m in report.modules}
     err2 = norm2 = 0.0
     for path, (o, i) in shapes.items():
@@ -113,8 +113,8 @@ def test_compeft_on_delta_w_matches_formula_and_counts_bytes():
         k = round(density * o * i)
         assert rows[path].nnz == k
         assert rows[path].original_bytes == o * i * 4                # float32 dense ΔW
-        assert rows[path].bytes == k * (8 + 4) + 2 * 8                # int64 index + float32 value + shape
-        assert rows[path].ternary_bytes == math.ceil(o * i / 8) + math.ceil(k / 8) + 4
+        assert rows[path].bytes == math.ceil(o * i / 8) + math.ceil(k / 8) + 4 + 2 * 8  # mask, sign bits, scale, shape
+        assert rows[path].ternary_bytes is None                       # the ternary encoding is what is stored
         rel = float(torch.linalg.vector_norm(x.double() - expect) / torch.linalg.vector_norm(x.double()))
         assert rows[path].rel_error == pytest.approx(rel, rel=1e-6)
         err2 += float(torch.linalg.vector_norm(x.double() - expect)) ** 2
@@ -161,7 +161,7 @@ def test_compressed_delta_loads_and_runs(kind, tmp_path):
 
 def test_compressing_an_embedding_to_sparse_is_refused():
     tiny, _ = lora_model("llama", targets=("embed_tokens",))
-    with pytest.raises(UnsupportedError, match="method='svd'"):
+    with pytest.raises(UnsupportedError, match="adapt only Linear, Conv1D modules — store it low-rank"):
         compress(dt.Delta.from_model(tiny.model, "a"), "compeft")
 
 

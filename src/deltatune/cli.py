@@ -108,7 +108,7 @@ def compress_cmd(
     method: str = typer.Option("compeft", help="compeft (top-k, ternary values) or svd (low rank)"),
     density: float = typer.Option(0.1, help="compeft: fraction of each tensor's entries kept"),
     alpha: float = typer.Option(1.0, help="compeft: kept entries become ±alpha·std of the original tensor"),
-    on: str = typer.Option("delta_w", help="compeft: delta_w (sparse result) or factors (A and B of a LoRA delta)"),
+    on: str = typer.Option("delta_w", help="compeft: delta_w (ternary result: bit mask, sign bits, one scale) or factors (A and B of a LoRA delta)"),
     rank: Optional[int] = typer.Option(None, help="svd: rank cap per module"),
     energy: Optional[float] = typer.Option(None, help="svd: fraction of each module's squared norm to keep"),
     base: Optional[Path] = typer.Option(None, help="base model directory, for updates that depend on it (DoRA, full copies)"),

@@ -33,6 +33,14 @@ def config_class(kind: str) -> type["DeltaConfig"]:
     return _REGISTRY[kind]
 
 
+def storage_kind(tensor_type: type) -> str:
+    """The registered kind whose files store updates of `tensor_type` (a DeltaTensor class) exactly."""
+    kinds = [k for k, c in _REGISTRY.items() if c.stores is tensor_type]
+    if len(kinds) != 1:
+        raise ConfigError(f"no single delta kind stores {tensor_type.__name__} updates (found {kinds}); pass kind=")
+    return kinds[0]
+
+
 def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -72,6 +80,9 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     """Fields every method shares: where it goes. Subclasses add what it is."""
 
     kind: ClassVar[str] = "abstract"
+    #: the DeltaTensor class this method stores any update of exactly (dense, sparse, low-rank), if any:
+    #: `Delta.from_tensors` picks the kind by it
+    stores: ClassVar[type | None] = None
 
     targets: Targets = "all-linear"
     exclude: Targets | None = None

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .config import DeltaConfig, config_class
+from .config import DeltaConfig, config_class, storage_kind
 from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, TargetError, UnsupportedError
 from .host import slot_of, state_of
 from .layouts import layout_by_name, layout_of
@@ -73,16 +73,17 @@ class Delta:
     def from_tensors(cls, name: str, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor] | None = None, *,
                      module_types: dict[str, str] | None = None, base: dict[str, Any] | None = None,
                      whole: dict[str, dict[str, Tensor]] | None = None,
-                     modules_to_save: tuple[str, ...] = ()) -> "Delta":
+                     modules_to_save: tuple[str, ...] = (), kind: str | None = None) -> "Delta":
         """A delta holding exactly these updates, stored by the kind that keeps their storage (dense ΔW, sparse
         index/values, or LoRA factors). All tensors must be of one storage kind. `whole` carries the saved state of
-        modules kept whole (`modules_to_save`, e.g. a classification head) unchanged."""
+        modules kept whole (`modules_to_save`, e.g. a classification head) unchanged. `kind` names the storing
+        method instead (e.g. "ternary" for sparse updates of one magnitude); it refuses updates it cannot hold."""
         biases = dict(biases or {})
-        kinds = {t.storage_kind for t in tensors.values()}
-        if len(kinds) != 1:
-            raise ConfigError(f"from_tensors needs updates of one storage kind, got {sorted(kinds) or 'none'}; "
+        types_of = {type(t) for t in tensors.values()}
+        if kind is None and len(types_of) != 1:
+            raise ConfigError(f"from_tensors needs updates of one storage kind, got {sorted(t.__name__ for t in types_of) or 'none'}; "
                               f"convert them first (to_dense(), svd(rank) or SparseDelta.from_dense)")
-        config = config_class(kinds.pop()).for_tensors(tensors, biases)
+        config = config_class(kind or storage_kind(types_of.pop())).for_tensors(tensors, biases)
         whole = dict(whole or {})
         if whole:
             config = config.replace(modules_to_save=tuple(modules_to_save))
@@ -93,8 +94,11 @@ class Delta:
         types = {p: (module_types or {}).get(p, "Linear") for p in [*tensors, *whole]}
         state = {p: dict(st) for p, st in whole.items()}
         for path, dw in tensors.items():
-            local = config.for_module(path)
-            state[path] = local.piece_class().tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
+            piece = config.for_module(path).piece_class()
+            if types[path] not in piece.supported:
+                raise UnsupportedError(f"{path!r} is a {types[path]}; a {config.kind!r} delta's pieces adapt only "
+                                       f"{', '.join(piece.supported)} modules — store it low-rank or dense, or leave it out")
+            state[path] = piece.tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
         shapes = {p: list(layout_by_name(types[p]).to_native(torch.empty(t.shape, device="meta")).shape)
                   for p, t in tensors.items() if p in (module_types or {})}  # only where the layout is known
         shapes.update({p: list(st["weight"].shape) for p, st in whole.items() if "weight" in st})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,8 +19,6 @@ class DeltaTensor(ABC):
     """Abstract: DenseDelta, LowRankDelta and SparseDelta implement the storage-specific operations."""
 
     shape: tuple[int, ...]
-    #: the delta kind whose files store this tensor kind exactly (see Delta.from_tensors)
-    storage_kind: ClassVar[str] = "dense"
 
     @abstractmethod
     def to_dense(self) -> Tensor:
@@ -94,7 +91,6 @@ class LowRankDelta(DeltaTensor):
     A: Tensor
     B: Tensor
     scale: float = 1.0
-    storage_kind: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
@@ -109,7 +105,10 @@ class LowRankDelta(DeltaTensor):
         return int(self.A.shape[0])
 
     def to_dense(self) -> Tensor:
-        return (self.B @ self.A) * self.scale
+        a, b = self.A, self.B
+        if a.dtype in (torch.float16, torch.bfloat16) or b.dtype in (torch.float16, torch.bfloat16):
+            a, b = a.float(), b.float()  # the product of half-precision factors is formed in float32
+        return (b @ a) * self.scale
 
     @property
     def nnz(self) -> int:
@@ -143,7 +142,6 @@ class SparseDelta(DeltaTensor):
     index: Tensor
     values: Tensor
     shape: tuple[int, ...]  # type: ignore[assignment]
-    storage_kind: ClassVar[str] = "sparse"
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)

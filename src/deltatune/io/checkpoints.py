@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
+from ..errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..layouts import layout_by_name
 
 SINGLE = "model.safetensors"
@@ -134,10 +135,11 @@ class CheckpointWriter:
     """
 
     def __init__(self, path: str | Path, *, max_shard_bytes: int = 2 << 30, copy_from: str | Path | None = None,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, protect: Sequence[str | Path] = ()) -> None:
         if max_shard_bytes < 1:
             raise ValueError("max_shard_bytes must be positive")
         self.path = Path(path)
+        check_output_dir(self.path, [*protect, *([copy_from] if copy_from is not None else [])])
         self.max_shard_bytes = max_shard_bytes
         self.copy_from = Path(copy_from) if copy_from is not None else None
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -160,6 +162,13 @@ class CheckpointWriter:
         self.total += size
 
     def close(self) -> Path:
+        try:
+            return self._close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self) -> Path:
         if not self.shards:
             self.shards.append(_Shard(self.tmp / "shard-00000.data"))
         n = len(self.shards)
@@ -262,8 +271,31 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+_OURS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def check_output_dir(target: Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output directory that would replace anything but an earlier checkpoint (its weights, index,
+    config and tokenizer files), or that is one of the inputs: writing it must never delete other files."""
+    resolved = target.resolve()
+    for p in inputs:
+        if Path(p).resolve() == resolved or resolved in Path(p).resolve().parents:
+            raise ConfigError(f"the output directory {str(target)!r} is (or holds) the input {str(p)!r}; write the "
+                              f"result somewhere else")
+    if target.exists():
+        if not target.is_dir():
+            raise ConfigError(f"the output {str(target)!r} exists and is not a directory")
+        other = sorted(e.name for e in target.iterdir()
+                       if not (e.is_file() and (_OURS.fullmatch(e.name) or e.name in (INDEX, *SIDE_FILES))))
+        if other:
+            raise ConfigError(f"the output directory {str(target)!r} holds files that are not a checkpoint's "
+                              f"({other[:4]}); replacing it would delete them — choose a new or empty directory")
+
+
 def _publish(tmp: Path, target: Path) -> Path:
-    """Move a finished temporary directory to `target`, replacing what was there only once it is complete."""
+    """Move a finished temporary directory to `target`, replacing what was there only once it is complete.
+    Between the two renames of a replacement the target briefly does not exist (the old copy is `.NAME.*.old`
+    beside it until the new one is in place)."""
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
@@ -277,6 +309,11 @@ def _publish(tmp: Path, target: Path) -> Path:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves are durable
+    finally:
+        os.close(fd)
     return target
 
 

@@ -2,7 +2,8 @@
 
 `compress(delta, "compeft")` keeps, per tensor, the k = density·numel entries of largest |·| and replaces each by
 α·σ·sign, σ the standard deviation of the original tensor (Yadav et al. 2023, "ComPEFT"). On ΔW the result is a
-sparse delta; on the factors of a low-rank delta (A and B separately) it stays a low-rank delta.
+ternary delta (a 1-bit mask, one sign bit per kept entry and one scale: methods/ternary.py); on the factors of a
+low-rank delta (A and B separately) it stays a low-rank delta.
 `compress(delta, "svd")` and `to_lora(delta)` factor every update into a low-rank one (Eckart–Young optimal).
 Both return the new Delta and a `Report`: bytes the files hold before and after, and ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import storage_kind
 from ..delta import Delta, base_lookup
 from ..errors import ConfigError, UnsupportedError
 from ..tensors import DeltaTensor, LowRankDelta, SparseDelta
@@ -33,14 +35,14 @@ class ModuleReport:
     """One module: what its files hold before/after and how far the new update is from the old one."""
 
     path: str
-    kind: str                       # storage kind of the result: "sparse", "lora" or "dense"
+    kind: str                       # storage kind of the result, e.g. "ternary", "lora" or "dense"
     original_bytes: int
     bytes: int
     norm: float                     # ‖ΔW‖_F
     error: float                    # ‖ΔW − ΔŴ‖_F
     rank: int | None = None
     nnz: int | None = None
-    ternary_bytes: int | None = None  # an ideal ternary encoding (ComPEFT only), see docs/merging.md
+    ternary_bytes: int | None = None  # a ternary encoding not written (ComPEFT on factors), see docs/merging.md
 
     @property
     def rel_error(self) -> float:
@@ -98,7 +100,7 @@ class Report:
         lines.append(f"total: {self.original_bytes:,} -> {self.bytes:,} bytes (size ratio {self.ratio:.2f}x), "
                      f"relative error {self.rel_error:.3e}")
         if self.ternary_bytes is not None:
-            lines.append(f"an ideal ternary encoding would hold {self.ternary_bytes:,} bytes "
+            lines.append(f"a ternary encoding of these tensors would hold {self.ternary_bytes:,} bytes "
                          f"(ratio {self.original_bytes / self.ternary_bytes:.2f}x)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -172,11 +174,10 @@ def _dense_ternary(x: Tensor, density: float, alpha: float) -> Tensor:
     return out.reshape(x.shape)
 
 
-def compeft_delta_w(dw: DeltaTensor, density: float, alpha: float) -> tuple[SparseDelta, int]:
-    """ComPEFT on the whole update ΔW: a SparseDelta, and its ideal ternary size in bytes."""
+def compeft_delta_w(dw: DeltaTensor, density: float, alpha: float) -> tuple[SparseDelta, None]:
+    """ComPEFT on the whole update ΔW: a SparseDelta of values ±α·σ (stored as kind "ternary"; nothing left unwritten)."""
     index, values = ternary(dw.to_dense(), density, alpha)
-    numel = math.prod(dw.shape)
-    return SparseDelta(index, values, dw.shape), ternary_bytes(numel, index.numel())
+    return SparseDelta(index, values, dw.shape), None
 
 
 def compeft_factors(dw: DeltaTensor, density: float, alpha: float, path: str = "?") -> tuple[LowRankDelta, int]:
@@ -228,9 +229,11 @@ def _lookup(base: BaseArg, delta: Delta) -> Callable[[str], tuple[Tensor, Tensor
     return base_lookup(base)
 
 
-def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progress: bool = False) -> tuple[Delta, Report]:
+def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progress: bool = False,
+            kind: str | None = None) -> tuple[Delta, Report]:
     """Apply `fn(path, ΔW) -> (ΔŴ, ideal bytes or None)` to every module; the result keeps the biases and the base
-    identity and is stored by the kind of ΔŴ. Nothing is written; errors leave `delta` as it was."""
+    identity and is stored by the kind of ΔŴ, or by `kind` (see `Delta.from_tensors`). Nothing is written; errors
+    leave `delta` as it was."""
     from ..train.progress import Progress
 
     lookup = _lookup(base, delta)
@@ -246,29 +249,17 @@ def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progres
             tensors[path] = new
             if db is not None:
                 biases[path] = db
-            rows[path] = ModuleReport(path, new.storage_kind, state_bytes(delta.state[path]), 0, norm, error,
+            rows[path] = ModuleReport(path, kind or storage_kind(type(new)), state_bytes(delta.state[path]), 0, norm, error,
                                       rank=new.rank if isinstance(new, LowRankDelta) else None,
                                       nnz=new.nnz if isinstance(new, SparseDelta) else None, ternary_bytes=ideal)
             bar.update(i + 1)
     if not tensors:
         raise ConfigError(f"delta {delta.name!r} holds no module; nothing to compress")
     out = Delta.from_tensors(delta.name, tensors, biases, module_types=delta.module_types, base=delta.base,
-                             whole=whole, modules_to_save=delta.config.modules_to_save)
-    check_supported(out)
+                             whole=whole, modules_to_save=delta.config.modules_to_save, kind=kind)
     for path, row in rows.items():
         row.bytes = state_bytes(out.state[path])
     return out, Report(title, list(rows.values()))
-
-
-def check_supported(delta: Delta) -> None:
-    """Every module's piece class can adapt that module's type (e.g. sparse pieces do not adapt embeddings)."""
-    for path in delta.state:
-        cls = delta.config.for_module(path).piece_class()
-        mtype = delta.module_types.get(path, "Linear")
-        if mtype not in cls.supported:
-            raise UnsupportedError(f"the result would store {path!r} ({mtype}) in a {delta.config.kind!r} delta, whose "
-                                   f"pieces adapt only {', '.join(cls.supported)} modules; use method='svd' (low-rank), "
-                                   f"or drop that module from the delta first")
 
 
 def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alpha: float = 1.0,
@@ -277,7 +268,7 @@ def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alp
     """Compress every module of a linear delta.
 
     method="compeft": per tensor keep the top `density` fraction by |·| as α·σ·sign (σ = std of the original
-    tensor); on="delta_w" stores a sparse delta, on="factors" compresses A and B of a low-rank delta and stays
+    tensor); on="delta_w" stores a ternary delta, on="factors" compresses A and B of a low-rank delta and stays
     low-rank. method="svd": a low-rank delta of rank ≤ `rank`, or of the smallest rank keeping `energy` of each
     ‖ΔW‖². `base` (a model, a model directory or path -> (W, b)) is needed for updates that depend on the base
     weights (DoRA, full copies)."""
@@ -293,7 +284,7 @@ def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alp
     title = f"compeft: density {density}, alpha {alpha}, on {on}"
     if on == "factors":
         return convert(delta, lambda path, dw: compeft_factors(dw, density, alpha, path), title, base, progress)
-    return convert(delta, lambda path, dw: compeft_delta_w(dw, density, alpha), title, base, progress)
+    return convert(delta, lambda path, dw: compeft_delta_w(dw, density, alpha), title, base, progress, kind="ternary")
 
 
 def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, base: BaseArg = None,

@@ -227,7 +227,8 @@ def write_model(plan: CheckpointMerge, out_dir: str | Path, *, max_shard_bytes: 
         plan.changed += 1
         return (as_float(w) + tau).to(w.dtype)
 
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, copy_from=plan.base.path) as writer:
+    inputs = [src.path for src in plan.sources if isinstance(src, CheckpointReader)]
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, copy_from=plan.base.path, protect=inputs) as writer:
         with Progress(len(plan.slots), enabled=progress, description="merge") as bar:
             for i, slot in enumerate(plan.slots):
                 writer.add(slot.key, one(slot))

@@ -20,6 +20,7 @@ class Dense(DeltaConfig):
     """A trainable dense ΔW per targeted module (starts at zero); `bias` adds a Δb where the module has a bias."""
 
     bias: bool = False
+    stores: ClassVar[type] = DenseDelta
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return DensePiece

@@ -42,6 +42,7 @@ class LoRA(DeltaConfig):
     init: str = "default"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    stores: ClassVar[type] = LowRankDelta
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -272,7 +273,8 @@ class LoRAPiece(Piece):
 
 def dora_update(low: LowRankDelta, magnitude: Tensor, w: Tensor) -> DenseDelta:
     """DoRA's exact ΔW against base weight w: m ⊙ (W + sBA)/‖W + sBA‖_row − W."""
-    w = w.to(low.A.dtype)
-    merged = w + low.to_dense()
-    mag = magnitude / torch.linalg.vector_norm(merged, dim=1)
+    dtype = torch.promote_types(low.A.dtype, torch.float32)  # half-precision files: cancel in float32, not bf16
+    w = w.to(dtype)
+    merged = w + low.to_dense().to(dtype)
+    mag = magnitude.to(dtype) / torch.linalg.vector_norm(merged, dim=1)
     return DenseDelta(mag[:, None] * merged - w)

@@ -47,6 +47,7 @@ class Sparse(DeltaConfig):
     seed: int = 0
     bias: bool = False
     k_pattern: dict[str, int] = field(default_factory=dict)
+    stores: ClassVar[type] = SparseDelta
     regrow_every: int | None = None
     regrow: str = "accumulated"
     regrow_fraction: float = 0.2

@@ -21,8 +21,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-#: densities k / (out·in) up to which the CSR path is used (measured by bench/sparse.py on a 2-core CPU: at
-#: ~1 % density CSR is 2-4x faster than dense for the delta's part of a layer, above ~5 % it is slower)
+#: densities k / (out·in) up to which the CSR path is used. `bench/sparse.py --paths` times both paths (forward +
+#: backward of this function alone, N = 1024 rows, SmolLM2-135M's projection shapes). With 1 thread CSR took
+#: 0.3-0.8x dense's time up to 1 % density, 0.5-0.8x at 2-4 % and 0.6-1.5x at 8 %; with 2 threads dense gains
+#: more from the second core and the crossover moved to 2-4 % ([576, 576]: 25 ms dense, 16-19 ms CSR up to 2 %,
+#: equal at 4 %, 40 ms CSR at 8 %). 2 % keeps CSR where it wins on both.
 CSR_MAX_DENSITY = 0.02
 
 

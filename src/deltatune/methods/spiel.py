@@ -144,7 +144,7 @@ def plan(index: Tensor, values: Tensor, scores: Tensor, n: int) -> tuple[Tensor,
 def reset_optimizer_slots(optimizer: torch.optim.Optimizer | None, param: nn.Parameter, slots: Tensor) -> None:
     """Zero the per-element optimizer state of `param` at `slots` (exp_avg, exp_avg_sq, momentum buffers, ...);
     scalar state such as AdamW's `step` is left alone."""
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
     if optimizer is None:
         return
