@@ -475,23 +475,29 @@ def test_estimate_fisher_matches_hand_computed_gradients():
     w2 = model[2].weight.detach() + model[2].deltatune["d"].delta.detach()
     b0, b2 = model[0].bias.detach(), model[2].bias.detach()
     expect0, expect2 = torch.zeros_like(w0), torch.zeros_like(w2)
+    expect_b0, expect_b2 = torch.zeros_like(b0), torch.zeros_like(b2)
     for b in batches:  # loss = 0.5/B Σ ||tanh(x W0ᵀ + b0) W2ᵀ + b2 − t||²
         x, t = b["x"], b["t"]
         h = torch.tanh(x @ w0.t() + b0)
         r = (h @ w2.t() + b2 - t) / x.shape[0]
         expect2 += (r.t() @ h) ** 2
-        expect0 += (((r @ w2) * (1 - h ** 2)).t() @ x) ** 2
+        expect_b2 += r.sum(0) ** 2
+        g0 = (r @ w2) * (1 - h ** 2)
+        expect0 += (g0.t() @ x) ** 2
+        expect_b0 += g0.sum(0) ** 2
     fisher = estimate_fisher(model, "d", batches, loss_fn=_mse, progress=False)
-    assert set(fisher) == {"0", "2"}
+    assert set(fisher) == {"0", "2", "0.bias", "2.bias"}
     torch.testing.assert_close(fisher["0"], expect0 / 3, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(fisher["2"], expect2 / 3, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fisher["0.bias"], expect_b0 / 3, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fisher["2.bias"], expect_b2 / 3, atol=1e-6, rtol=1e-5)
     # the model is exactly as it was
     assert dt.active_names(model) == ("other",)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     only = estimate_fisher(model, "d", batches, loss_fn=_mse, modules=["2"], progress=False)
-    assert set(only) == {"2"} and torch.equal(only["2"], fisher["2"])
+    assert set(only) == {"2", "2.bias"} and torch.equal(only["2"], fisher["2"])
 
 
 def test_estimate_fisher_conv1d_layout_and_default_loss(tiny_gpt2):

@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect."""
+"""The `deltatune` command line: train, eval, inspect, merge, compress, extract."""
 from __future__ import annotations
 
 import json

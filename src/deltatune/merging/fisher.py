@@ -39,7 +39,8 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 def estimate_fisher(model: nn.Module, delta_name: str, batches: Iterable[Any], loss_fn: LossFn | None = None,
                     modules: Sequence[str] | None = None, progress: bool = True) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher per targeted module of delta `delta_name` ({path: float32 [out, in]}).
+    """Diagonal empirical Fisher per targeted module of delta `delta_name`: {path: float32 [out, in]} for each
+    weight and {"<path>.bias": float32 [out]} for each bias (what merging asks for when deltas change biases).
 
     `loss_fn(model, batch)` returns a scalar loss (default `model(**batch).loss`); `modules` restricts the paths
     (default: every module the delta targets). The model is left exactly as it was: active deltas, merged state,
@@ -62,17 +63,23 @@ def estimate_fisher(model: nn.Module, delta_name: str, batches: Iterable[Any], l
         paths = [p for p in paths if p in set(modules)]
     named = dict(model.named_modules())
     layouts = {p: layout_of(named[p], p) for p in paths}
-    weights = [named[p].weight for p in paths]
+    # one entry per tensor: the weight ([out, in] view) under the module's path, its bias under "<path>.bias"
+    entries: list[tuple[str, Tensor, Callable[[Tensor], Tensor]]] = []
+    for p in paths:
+        entries.append((p, named[p].weight, layouts[p].from_native))
+        bias = layouts[p].bias(named[p])
+        if bias is not None:
+            entries.append((f"{p}.bias", bias, lambda g: g))
+    params = [t for _, t, _ in entries]
     loss_fn = _default_loss if loss_fn is None else loss_fn
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
 
-    flags = {id(w): w.requires_grad for w in weights}
-    sums: list[Tensor] = [torch.zeros(tuple(layouts[p].weight(named[p]).shape), dtype=torch.float32, device=w.device)
-                          for p, w in zip(paths, weights)]
+    flags = {id(t): t.requires_grad for t in params}
+    sums = [torch.zeros(tuple(view(t.detach()).shape), dtype=torch.float32, device=t.device) for _, t, view in entries]
     count = 0
     try:
-        for w in weights:
-            w.requires_grad_(True)
+        for t in params:
+            t.requires_grad_(True)
         with active(model, delta_name), torch.enable_grad(), \
                 Progress(total, enabled=progress, description="fisher") as bar:  # type: ignore[arg-type]
             for batch in batches:
@@ -81,18 +88,18 @@ def estimate_fisher(model: nn.Module, delta_name: str, batches: Iterable[Any], l
                     raise ConfigError(f"estimate_fisher: loss_fn must return a scalar tensor that depends on the "
                                       f"model's weights, got {type(loss).__name__}"
                                       f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
-                grads = torch.autograd.grad(loss.reshape(()), weights, allow_unused=True)
-                for i, (p, g) in enumerate(zip(paths, grads)):
+                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+                for i, ((_, _, view), g) in enumerate(zip(entries, grads)):
                     if g is not None:
-                        sums[i].add_(layouts[p].from_native(g.detach()).float().square())
+                        sums[i].add_(view(g.detach()).float().square())
                 count += 1
                 bar.update(count, loss=float(loss.detach()))
     finally:
-        for w in weights:
-            w.requires_grad_(flags[id(w)])
+        for t in params:
+            t.requires_grad_(flags[id(t)])
     if count == 0:
         raise ConfigError("estimate_fisher: `batches` yielded no batch; pass at least one")
-    return {p: s / count for p, s in zip(paths, sums)}
+    return {key: s / count for (key, _, _), s in zip(entries, sums)}
 
 
 def save_fisher(fisher: dict[str, Tensor], path: str | Path) -> Path:
