@@ -522,3 +522,21 @@ def test_models_to_delta_equals_merged_model(tmp_path: Path) -> None:
     low = merge_models_to_delta(tmp_path / "base", dirs, "ties", {"density": 0.4}, output="lowrank", rank=2,
                                 exclude="lm_head|transformer.w.e", progress=False)
     assert low.config.kind == "lora" and all(low.update(p)[0].rank <= 2 for p in low.state)
+
+
+def test_dora_update_from_bfloat16_files_is_computed_in_float32() -> None:
+    """Half-precision adapter files: ΔW = m ⊙ (W + sBA)/‖·‖ − W must not cancel in bfloat16."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    a, b = torch.randn(4, 48, generator=g, dtype=torch.float64), torch.randn(32, 4, generator=g, dtype=torch.float64)
+    mag = torch.linalg.vector_norm(w, dim=1) * (1 + 0.05 * torch.rand(32, generator=g, dtype=torch.float64))
+    cfg = dt.LoRA(r=4, alpha=1.0, dora=True, targets=("x",))
+    state = {"lora_A": a.bfloat16(), "lora_B": b.bfloat16(), "magnitude": mag.bfloat16()}
+    delta = dt.Delta("d", cfg, {"x": state}, {"x": "Linear"})
+    got, _ = delta.update("x", lambda path: (w.float(), None))
+    # reference in float64 from the same (bf16-rounded) stored numbers
+    a64, b64, m64 = (state[k].double() for k in ("lora_A", "lora_B", "magnitude"))
+    merged = w + cfg.scale * (b64 @ a64)
+    want = (m64 / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
+    rel = float(torch.linalg.vector_norm(got.to_dense().double() - want) / torch.linalg.vector_norm(want))
+    assert got.to_dense().dtype == torch.float32 and rel < 1e-5, rel
