@@ -37,9 +37,11 @@ test-slow: $(ZOO_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py --write docs/benchmarks.md
 	$(BIN)/python bench/sparse.py --write docs/benchmarks.md
+	$(BIN)/python bench/merge.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
-	$(BIN)/python bench/results.py --write docs/results.md
+	$(BIN)/python bench/results.py --resume --write docs/results.md
+	$(BIN)/python bench/multitask.py --write docs/results.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

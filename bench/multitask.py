@@ -33,22 +33,24 @@ EVAL_EXAMPLES = 500  # the first examples of each fixed test split (20NG's has 7
 LORA = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear", "modules_to_save": ["classifier"]}
 
 
+def lora_entries(model: torch.nn.Module) -> dict[str, int]:
+    """Per linear layer of the encoder (the head excluded), the parameters LoRA r trains there: r·(in + out)."""
+    return {path: LORA["r"] * (m.in_features + m.out_features) for path, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not is_head(path)}
+
+
 def delta_config(kind: str, model: torch.nn.Module) -> dict:
     if kind == "lora":
         return dict(LORA)
-    # sparse: in every linear layer as many entries as LoRA r=8 trains there, r·(in + out)
-    import deltatune as dt
-
-    pattern = {}
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and path != "classifier" and not path.startswith("classifier"):
-            pattern[path.replace(".", r"\.")] = LORA["r"] * (module.in_features + module.out_features)
+    # sparse: in every linear layer as many entries as LoRA trains there
+    pattern = {path.replace(".", r"\."): k for path, k in lora_entries(model).items()}
     k = max(pattern.values())
     return {"kind": "sparse", "k": k, "k_pattern": {p: v for p, v in pattern.items() if v != k},
             "targets": "all-linear", "modules_to_save": ["classifier"], **SPARSE_OPTIONS}
 
 
-SPARSE_OPTIONS: dict = {}  # SpIEL regrowth options are added here once the method exposes them
+SPARSE_OPTIONS = {"regrow_every": 20, "regrow": "accumulated", "regrow_fraction": 0.2, "regrow_window": 5}  # SpIEL
+LRS = {"lora": LR, "sparse": 2e-4}  # sparse values are weight entries: a smaller step than LoRA's factors
 
 
 def test_subset(splits):
@@ -65,7 +67,7 @@ def train_one(task: str, kind: str) -> dict:
     torch.manual_seed(0)
     model, tok = zoo.load_model("minilm-l6", num_labels=len(splits.labels))
     out = RUNS / f"{kind}-{task}"
-    cfg = {"output_dir": str(out), "max_steps": STEPS, "batch_size": BATCH, "lr": LR, "warmup_ratio": 0.06,
+    cfg = {"output_dir": str(out), "max_steps": STEPS, "batch_size": BATCH, "lr": LRS[kind], "warmup_ratio": 0.06,
            "max_length": MAX_LEN, "eval_every": 10**9, "max_eval_examples": 200, "seed": 0, "progress": False,
            "plot": False, "delta": delta_config(kind, model), "name": task}
     t0 = time.perf_counter()
@@ -212,7 +214,50 @@ def main() -> None:
         return
     res = evaluate_all(kinds)
     (RUNS / "results.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    text = render(res)
+    if args.write:
+        from _report import write_section
+
+        write_section(args.write, "multitask", text)
+    print(text)
+
+
+def render(res: dict) -> str:
+    own, together, merged, trained = res["own"], res["together"], res["merged"], res["trained"]
+    lines = ["## Several tasks on one encoder: interference and merging (bench/multitask.py)", "",
+             "Regenerate: `.venv/bin/python bench/multitask.py --write docs/results.md` (trains what runs/multitask "
+             "lacks). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
+             f"{STEPS} steps × batch {BATCH}, max {MAX_LEN} tokens, AdamW with 6% warmup and linear decay, seed 0. "
+             f"LoRA r=8, alpha 16, dropout 0.05, all linear layers, lr {LRS['lora']}; sparse = SpIEL with, in every "
+             f"linear layer, as many entries as LoRA r=8 trains there (r·(in+out)), regrowth every "
+             f"{SPARSE_OPTIONS['regrow_every']} steps ({SPARSE_OPTIONS['regrow']} gradients), lr {LRS['sparse']}. "
+             f"Accuracy on the first {EVAL_EXAMPLES} examples of each fixed test split (BBC has 213).", "",
+             "### Interference: two deltas active together", "",
+             "The BBC and R8 encoder deltas active at once (their updates add); each task is read with its own head. "
+             "Relative = accuracy together / accuracy of the task's delta alone.", "",
+             "| deltas | task | alone | together | relative |", "|---|---|---|---|---|"]
+    for kind in ("lora", "sparse"):
+        for task in ("bbc", "r8"):
+            key = f"{kind}:{task}"
+            if key in together:
+                name = "LoRA r=8" if kind == "lora" else "sparse (SpIEL)"
+                params = trained[kind][task]["trainable"]
+                lines.append(f"| {name} ({params:,} trainable incl. head) | {task} | {own[key]:.4f} | "
+                             f"{together[key]:.4f} | {together[key] / own[key]:.3f} |")
+    lines += ["", "### Merging four task deltas into one encoder", "",
+              "The four LoRA encoder deltas (BBC, R8, 20NG, SpamAssassin) merged into one dense ΔW per module with "
+              "`deltatune.merging.merge_deltas`; each task is then evaluated with the merged encoder and its own "
+              "head. Cells: accuracy (relative to the task's own delta). Parameters: " + "; ".join(
+                  f"{m} {p} per input {q}" for m, (p, q) in MERGES.items()) + ". Fisher: diagonal, from 16 training "
+              "batches of each task with its own delta.", "",
+              "| method | " + " | ".join(TASKS) + " | mean relative | merge time (s) |",
+              "|---|" + "---|" * (len(TASKS) + 2)]
+    lines.append("| each task's own delta | " + " | ".join(f"{own[f'lora:{t}']:.4f}" for t in TASKS) + " | 1.000 | — |")
+    for method in MERGES:
+        rel = [merged[f"{method}:{t}"] / own[f"lora:{t}"] for t in TASKS]
+        cells = " | ".join(f"{merged[f'{method}:{t}']:.4f} ({r:.3f})" for t, r in zip(TASKS, rel))
+        lines.append(f"| {method} | {cells} | {sum(rel) / len(rel):.3f} | {merged[f'{method}:seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from _report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = int(os.environ.get("RESULTS_THREADS", "2"))
 CLS_METHODS = {
@@ -29,6 +31,8 @@ CLS_METHODS = {
     "dora": ("DoRA r=8", 2e-3),
     "pissa": ("LoRA r=8, PiSSA init", 2e-3),
     "peft-lora": ("peft LoRA r=8", 2e-3),
+    "spiel": ("SpIEL (sparse, LoRA r=8's count per layer)", 2e-4),
+    "lt-sft": ("LT-SFT (sparse, LoRA r=8's total count)", 2e-4),
 }
 CLS_DATA = {"bbc": 1.0, "r8": 0.5}  # epochs (R8 has 2.9x more training examples than BBC)
 GSM_TRAIN, GSM_TEST, GSM_STEPS = 240, 60, 30
@@ -46,6 +50,17 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
     lora = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear",
             "modules_to_save": ["classifier"]}
     delta = {**lora, "dora": method == "dora", "init": "pissa" if method == "pissa" else "default"}
+    extra = {}
+    if method == "spiel":
+        from multitask import delta_config
+
+        delta = delta_config("sparse", model)
+    elif method == "lt-sft":  # phase 1: half an epoch of dense ΔW at full fine-tuning's lr; phase 2 as the others
+        from multitask import lora_entries
+
+        delta = {"kind": "dense", "targets": "all-linear", "modules_to_save": ["classifier"]}
+        extra = {"lt_sft": {"k": sum(lora_entries(model).values()), "selection": "global", "dense_epochs": 0.5,
+                            "dense_lr": 5e-5}}
     prepare = None
     if method == "full":
         def prepare(m):
@@ -58,7 +73,8 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
             get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                                          modules_to_save=["classifier"]))
     cfg = {"output_dir": str(out), "epochs": CLS_DATA[data], "batch_size": 16, "lr": lr, "warmup_ratio": 0.06,
-           "max_length": 128, "eval_every": 10**9, "seed": 0, "progress": False, "plot": False, "delta": delta}
+           "max_length": 128, "eval_every": 10**9, "seed": 0, "progress": False, "plot": False, "delta": delta,
+           **extra}
     t0 = time.perf_counter()
     result = train(cfg, model=model, tokenizer=tok, splits=splits, prepare=prepare)
     wall = time.perf_counter() - t0
@@ -107,8 +123,7 @@ def _cpu(row: dict) -> str:
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    lines = ["# Results on real data", "",
-             f"Regenerate: `{command}` (each row in its own process; about an hour on 2 CPU cores).", "",
+    lines = [f"Regenerate: `{command}` (each row in its own process; about an hour on 2 CPU cores).", "",
              f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
              "torch thread count. "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
@@ -158,12 +173,15 @@ def main() -> None:
     if args.one:
         print("ROW " + json.dumps(run_row(args.one)))
         return
-    rows = args.rows.split(",") if args.rows else (
-        [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full",
-                                              "r8:dora", "r8:pissa"])
+    every = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full",
+                                                  "r8:dora", "r8:pissa"]
+    rows = args.rows.split(",") if args.rows else every
     store = ROOT / "runs" / "results" / "rows.json"
     done = json.loads(store.read_text()) if args.resume and store.exists() else {}
-    results = [done[r] for r in rows if r in done]
+
+    def table() -> str:  # every row measured so far, in the table's order
+        return render([done[r] for r in every if r in done], "make results", [r for r in every if r not in done])
+
     for row in (r for r in rows if r not in done):
         print(f"== {row}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", row], capture_output=True, text=True)
@@ -171,15 +189,12 @@ def main() -> None:
             sys.exit(f"row {row} failed:\n{proc.stderr[-4000:]}")
         res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
         print(json.dumps(res), flush=True)
-        results.append(res)
         done[row] = res
         store.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(done, indent=1))
         if args.write:  # after every row, so a long run that stops early keeps what it measured
-            todo = [r for r in rows if r not in done]
-            args.write.write_text(render(results, "make results", todo))
-    print(render(results, "make results"))
-
+            write_section(args.write, "results", table())
+    print(table())
 
 if __name__ == "__main__":
     main()

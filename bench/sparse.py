@@ -109,8 +109,9 @@ def spiel_pieces(model: nn.Module) -> list[nn.Module]:
     return [slot_of(m)["default"] for m in model.modules() if slot_of(m) is not None]
 
 
-def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: int = 0, progress: bool = True,
-        log: Callable[[str], None] = print) -> Results:
+def run(shape: Shape | None = None, *, rounds: int = 2, threads: int = 2, seed: int = 0, progress: bool = True,
+        timing: bool = True, log: Callable[[str], None] = print) -> Results:
+    """The whole benchmark; with timing=False only the peak memory of LoRA and SpIEL (no full fine-tuning)."""
     s = shape or Shape()
     torch.set_num_threads(threads)
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -125,10 +126,11 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
         "LoRA": dt.attach(copy.deepcopy(base), dt.LoRA(r=s.r, alpha=2.0 * s.r, targets=TARGETS)),
         "SpIEL-AG": dt.attach(copy.deepcopy(base), spiel_config(s, "accumulated")),
         "SpIEL-MA": dt.attach(copy.deepcopy(base), spiel_config(s, "momentum")),
-        "full": copy.deepcopy(base),
     }
-    for p in models["full"].parameters():
-        p.requires_grad_(True)
+    if timing:
+        models["full"] = copy.deepcopy(base)
+        for p in models["full"].parameters():
+            p.requires_grad_(True)
     del base
     counts = {name: trainable(m) for name, m in models.items()}
     _check(checks, "trainable parameters: SpIEL - LoRA", counts["SpIEL-AG"] - counts["LoRA"],
@@ -170,7 +172,7 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
             replaced.setdefault(name, sum(int((p.index != b).sum()) for p, b in zip(spiel_pieces(m), before)))
         return f
 
-    n_steps = 3 * (rounds + 1) + 2 * (rounds + 1) + 2 * 5
+    n_steps = (5 * (rounds + 1) + 2 * 5) if timing else 2 * 4
     with Progress(n_steps, enabled=progress, description="bench/sparse") as bar:
         done = [0]
 
@@ -181,29 +183,27 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
                 bar.update(done[0])
             return g
 
-        log(f"steady steps: {rounds} rounds of LoRA, SpIEL, full (B={s.batch}, T={s.seq}, {s.layers} layers)")
-        steady = interleaved({"LoRA": tick(step("LoRA")), "SpIEL": tick(step("SpIEL-AG")), "full": tick(step("full"))},
-                             reference="LoRA", rounds=rounds, warmup=1)
-        log(f"window steps + regrow: {rounds} rounds of SpIEL-AG, SpIEL-MA")
-        timed = interleaved({"SpIEL-AG": tick(window_step("SpIEL-AG")), "SpIEL-MA": tick(window_step("SpIEL-MA"))},
-                            reference="SpIEL-AG", rounds=rounds, warmup=1)
-        window = {}
-        for name in regrow_seconds:
-            regrow_seconds[name] = regrow_seconds[name][1:]  # the warmup round's
-            window[name] = [a - b for a, b in zip(timed[name].seconds, regrow_seconds[name])]
-        k_total = counts["SpIEL-AG"]
-        n_expect = int(0.2 * (1 - s.every / total) * k_total)
-        for name in ("SpIEL-AG", "SpIEL-MA"):
-            _check(checks, f"{name}: entries replaced by one regrow / ⌊k·p⌋ summed over weights",
-                   replaced[name] / max(n_expect, 1), 0.9 * n_expect <= replaced[name] <= n_expect + len(TARGETS) * s.layers,
-                   "must be in [0.9, 1]: drop/regrow ran (a dropped entry chosen again stays)")
+        steady: dict[str, Timing] = {}
+        window: dict[str, list[float]] = {}
+        if timing:
+            log(f"steady steps: {rounds} rounds of LoRA, SpIEL, full (B={s.batch}, T={s.seq}, {s.layers} layers)")
+            steady = interleaved({"LoRA": tick(step("LoRA")), "SpIEL": tick(step("SpIEL-AG")), "full": tick(step("full"))},
+                                 reference="LoRA", rounds=rounds, warmup=1)
+            log(f"window steps + regrow: {rounds} rounds of SpIEL-AG, SpIEL-MA")
+            timed = interleaved({"SpIEL-AG": tick(window_step("SpIEL-AG")), "SpIEL-MA": tick(window_step("SpIEL-MA"))},
+                                reference="SpIEL-AG", rounds=rounds, warmup=1)
+            for name in regrow_seconds:
+                regrow_seconds[name] = regrow_seconds[name][1:]  # the warmup round's
+                window[name] = [a - b for a, b in zip(timed[name].seconds, regrow_seconds[name])]
 
         rows = {"LoRA": Row("LoRA", counts["LoRA"]), "SpIEL": Row("SpIEL", counts["SpIEL-AG"]),
                 "SpIEL-AG window": Row("SpIEL-AG window", counts["SpIEL-AG"]),
-                "SpIEL-MA window": Row("SpIEL-MA window", counts["SpIEL-MA"]), "full": Row("full", counts["full"])}
+                "SpIEL-MA window": Row("SpIEL-MA window", counts["SpIEL-MA"])}
         measured = {"LoRA": ("LoRA", step("LoRA")), "SpIEL": ("SpIEL-AG", step("SpIEL-AG")),
                     "SpIEL-AG window": ("SpIEL-AG", window_step("SpIEL-AG", False)),
-                    "SpIEL-MA window": ("SpIEL-MA", window_step("SpIEL-MA", False)), "full": ("full", step("full"))}
+                    "SpIEL-MA window": ("SpIEL-MA", window_step("SpIEL-MA", False))}
+        if timing:
+            rows["full"], measured["full"] = Row("full", counts["full"]), ("full", step("full"))
         for row_name, (model_name, fn) in measured.items():
             log(f"peak memory: {row_name}")
             m, opt = models[model_name], opts[model_name]
@@ -221,9 +221,14 @@ def run(shape: Shape | None = None, *, rounds: int = 3, threads: int = 2, seed: 
             done[0] += 2
             bar.update(done[0])
 
+    n_expect = int(0.2 * (1 - s.every / total) * counts["SpIEL-AG"])
+    for name in ("SpIEL-AG", "SpIEL-MA"):
+        _check(checks, f"{name}: entries replaced by one regrow / ⌊k·p⌋ summed over weights",
+               replaced[name] / max(n_expect, 1), 0.9 * n_expect <= replaced[name] <= n_expect + len(TARGETS) * s.layers,
+               "must be in [0.9, 1]: drop/regrow ran (a dropped entry chosen again stays)")
     densities = {name: s.r * (o + i) / (o * i) for name, (o, i) in module_shapes(s).items()}
     return Results(s, threads, rounds, rows, steady, window,
-                   {n: 1e3 * statistics.median(v) for n, v in regrow_seconds.items()}, replaced, densities, checks,
+                   {n: 1e3 * statistics.median(v) for n, v in regrow_seconds.items() if v}, replaced, densities, checks,
                    time.perf_counter() - t_start, (load0, os.getloadavg()[0]))
 
 
@@ -318,22 +323,30 @@ def render(res: Results) -> str:
     L.append("")
     L += ["### Training step (forward + backward + AdamW step)", "",
           "| variant | trainable parameters | peak MiB | peak × LoRA | of which before the step MiB | ms per step "
-          "| time × LoRA |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "| time × LoRA | range over rounds |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     lora_ms = res.steady["LoRA"].median_ms
-    timing = {"LoRA": (lora_ms, res.steady["LoRA"].ratio), "SpIEL": (res.steady["SpIEL"].median_ms, res.steady["SpIEL"].ratio),
-              "SpIEL-AG window": (window_ms(res, "SpIEL-AG"), window_ms(res, "SpIEL-AG") / lora_ms),
-              "SpIEL-MA window": (window_ms(res, "SpIEL-MA"), window_ms(res, "SpIEL-MA") / lora_ms),
-              "full": (res.steady["full"].median_ms, res.steady["full"].ratio)}
+
+    def steady(name: str) -> tuple[float, float, tuple[float, float]]:
+        t = res.steady[name]
+        return t.median_ms, t.ratio, (min(t.ratios), max(t.ratios))
+
+    def windowed(name: str) -> tuple[float, float, tuple[float, float]]:
+        r = [1e3 * v / lora_ms for v in res.window[name]]
+        return window_ms(res, name), window_ms(res, name) / lora_ms, (min(r), max(r))
+
+    timing = {"LoRA": steady("LoRA"), "SpIEL": steady("SpIEL"), "SpIEL-AG window": windowed("SpIEL-AG"),
+              "SpIEL-MA window": windowed("SpIEL-MA"), "full": steady("full")}
     labels = {"LoRA": f"LoRA r={s.r}", "SpIEL": "SpIEL, between windows",
               "SpIEL-AG window": "SpIEL-AG, window step + regrow", "SpIEL-MA window": "SpIEL-MA, window step + regrow",
               "full": "full fine-tuning"}
     for key, row in rows.items():
-        ms, ratio = timing[key]
+        ms, ratio, (lo, hi) = timing[key]
         L.append(f"| {labels[key]} | {row.trainable:,} | {_mib(row.peak)} | {row.peak / lora:.3f} | {_mib(row.state)} "
-                 f"| {ms:.0f} | {ratio:.3f} |")
+                 f"| {ms:.0f} | {ratio:.3f} | {lo:.2f}–{hi:.2f} |")
     L.append("")
     L.append(f"Time × LoRA is the median of per-round ratios for the steady rows; the window steps were timed in "
-             f"rounds of their own and are divided by LoRA's median. "
+             f"rounds of their own and are divided by LoRA's median. On a loaded machine the range over rounds is the "
+             f"noise: time differences inside it mean nothing (memory is allocator-level and does not vary). "
              f"Window rows: the time column is the step alone (statistics gathered in backward), the regrow is timed "
              f"apart: {res.regrow_ms['SpIEL-AG']:.0f} ms (AG) and {res.regrow_ms['SpIEL-MA']:.0f} ms (MA) for all "
              f"{7 * s.layers} weights (the first replaced {res.replaced['SpIEL-AG']:,} and {res.replaced['SpIEL-MA']:,} entries). "
@@ -379,9 +392,11 @@ WHY = """### How it is measured, and why the numbers look like this
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", metavar="PATH", help="write this benchmark's section into this markdown file")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--layers", type=int, default=Shape.layers)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-only", action="store_true", help="only the peak memory of LoRA and SpIEL, printed "
+                                                                "(e.g. with --layers 30: all of SmolLM2-135M)")
     ap.add_argument("--paths", action="store_true", help="only time SpIEL's dense and CSR autograd paths per shape "
                                                           "and density (what CSR_MAX_DENSITY is chosen from)")
     args = ap.parse_args(argv)
@@ -391,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {list(shape)} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in row.values()) + " |", flush=True)
         return 0
     res = run(Shape(layers=args.layers), rounds=args.rounds, threads=args.threads, progress=sys.stderr.isatty(),
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              timing=not args.memory_only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.memory_only:
+        lora = res.rows["LoRA"].peak
+        print(f"| {args.layers} layers, B={res.shape.batch}, T={res.shape.seq} | peak MiB | × LoRA | before the step MiB | peak in |")
+        print("|---|---:|---:|---:|---|")
+        for key, row in res.rows.items():
+            print(f"| {key} | {_mib(row.peak)} | {row.peak / lora:.3f} | {_mib(row.state)} | `{row.peak_op}` |")
+        return 0
     text = render(res)
     if args.write:
         from _report import write_section

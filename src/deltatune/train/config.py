@@ -86,6 +86,15 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
+    def coerce(cls, cfg: "TrainConfig | dict | str | Path | None", **overrides: Any) -> "TrainConfig":
+        """A TrainConfig from a TrainConfig, a dict of options or a YAML path; keyword options override it."""
+        if cfg is None or isinstance(cfg, dict):
+            return cls.from_dict({**(cfg or {}), **overrides})
+        if isinstance(cfg, (str, Path)):
+            return cls.from_yaml(cfg, **overrides)
+        return cls.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
+
+    @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         import yaml
 

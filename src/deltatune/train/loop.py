@@ -123,12 +123,7 @@ def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | Non
     Pass `model`/`tokenizer`/`splits` to use objects already in memory instead of loading by name.
     `prepare(model)` replaces attaching the configured delta (for baselines such as full fine-tuning or
     another library's adapters: it must leave exactly the parameters to train with requires_grad=True)."""
-    if cfg is None or isinstance(cfg, dict):
-        cfg = TrainConfig.from_dict({**(cfg or {}), **overrides})
-    elif isinstance(cfg, (str, Path)):
-        cfg = TrainConfig.from_yaml(cfg, **overrides)
-    elif overrides:
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    cfg = TrainConfig.coerce(cfg, **overrides)
     if cfg.lt_sft is not None:  # a two-phase procedure made of runs of this loop
         from .lt_sft import train_lt_sft
 

@@ -110,12 +110,7 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
                  splits: Any = None, prepare: Any = None, **overrides: Any) -> TrainResult:
     """Run LT-SFT as configured by `cfg.lt_sft` (see the module docstring); returns phase 2's TrainResult, whose
     metrics also hold phase 1's (`dense`) and the number of selected entries."""
-    if cfg is None or isinstance(cfg, dict):
-        cfg = TrainConfig.from_dict({**(cfg or {}), **overrides})
-    elif isinstance(cfg, (str, Path)):
-        cfg = TrainConfig.from_yaml(cfg, **overrides)
-    elif overrides:
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    cfg = TrainConfig.coerce(cfg, **overrides)
     if cfg.lt_sft is None:
         raise ConfigError("train_lt_sft needs lt_sft options, e.g. lt_sft={'density': 0.01}")
     if prepare is not None:
