@@ -296,9 +296,10 @@ def render(res: Results) -> str:
              f"gather regrowth statistics and end in a regrow peak at {ag:.3f}× LoRA with accumulated gradients "
              f"(SpIEL-AG) and at {ma:.3f}× with the momentum approximation (SpIEL-MA). SpIEL-AG's accumulator is one "
              f"fp32 [out, in] tensor per adapted weight while a window lasts: {_mib(4 * per_layer * s.layers)} MiB here, "
-             f"{_mib(4 * per_layer * s.full_layers)} MiB for all {s.full_layers} layers of SmolLM2-135M (computed, not "
-             f"measured) — it is allocated during the layers' backward, after the loss's B·T·vocabulary temporaries "
-             f"that set the peak here are freed, so at this depth it stays under the peak, at full depth it would not. "
+             f"{_mib(4 * per_layer * s.full_layers)} MiB for all {s.full_layers} layers of SmolLM2-135M. It fills up during the "
+             f"layers' backward, while their activations are freed and after the loss's B·T·vocabulary temporaries that "
+             f"set the peak are gone, so it does not raise the peak here (`bench/sparse.py --memory-only --layers "
+             f"{s.full_layers}` measures the whole model's depth; see docs/sparse.md). "
              f"SpIEL-MA keeps a row and a column vector per weight ({_mib(4 * s.layers * sum(o + i for o, i in module_shapes(s).values()))} MiB here).")
     L.append("")
     L += ["### Setup", ""]

@@ -146,20 +146,17 @@ def test_function_alone_against_formula(csr: bool) -> None:
     assert torch.allclose(values.grad, dense_grad.reshape(-1)[index], atol=1e-5)
 
 
-def test_nothing_of_size_out_by_in_is_saved_for_backward() -> None:
+def test_nothing_of_size_out_by_in_is_saved_for_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between forward and backward the function keeps x, index and values only (checked on what autograd saves)."""
     out_, in_, n, k = 40, 48, 3, 30
     model = nn.Sequential(nn.Linear(in_, out_, bias=False))
     dt.attach(model, dt.Sparse(k=k), "s")
     x = torch.randn(n, in_)
-    for csr in (0.0, 1.0):
-        sparse_autograd.CSR_MAX_DENSITY, old = csr, sparse_autograd.CSR_MAX_DENSITY
-        try:
-            saved: list[Tensor] = []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                model(x).sum()
-        finally:
-            sparse_autograd.CSR_MAX_DENSITY = old
+    for csr in (0.0, 1.0):  # the dense and the CSR path
+        monkeypatch.setattr(sparse_autograd, "CSR_MAX_DENSITY", csr)
+        saved: list[Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(x).sum()
         assert sorted(t.numel() for t in saved) == sorted([k, k, n * in_])
         assert max(t.numel() for t in saved) < out_ * in_
 
@@ -168,8 +165,7 @@ def test_nothing_of_size_out_by_in_is_saved_for_backward() -> None:
 def hand_layer(kind: str, every: int = 2, window: int = 2, fraction: float = 0.5) -> tuple[nn.Module, nn.Module]:
     """Linear(4 -> 3) with a sparse delta at known entries and values; a regrow replaces n = 4 · 0.5 = 2 of them
     (constant fraction)."""
-    model = mlp(4)
-    model[0] = nn.Linear(4, 3, bias=False)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
     dt.attach(model, dt.Sparse(k=4, regrow_every=every, regrow_window=window, regrow_fraction=fraction,
                                regrow=kind, regrow_decay="constant"), "s")
     piece = pieces(model, "s")["0"][1]
