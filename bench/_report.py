@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 
@@ -16,3 +17,14 @@ def write_section(path: str | Path, key: str, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def publish(text: str, path: str | Path | None, key: str, seconds: float | None = None) -> None:
+    """Write `text` as section `key` of the markdown file `path`, or print it when no path is given."""
+    if not path:
+        print(text)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_section(path, key, text)
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    print(f"wrote section {key!r} of {path}{took}", file=sys.stderr)

@@ -499,15 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = run(infer_rounds=args.infer_rounds, train_rounds=args.train_rounds, threads=args.threads,
               log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = render(res)
-    if args.write:
-        from _report import write_section
+    from _report import publish
 
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        write_section(args.write, "forward", text)  # the file is shared: rewrite only this script's section
-        print(f"wrote {args.write} ({res.seconds:.0f} s)", file=sys.stderr)
-    else:
-        print(text)
+    publish(render(res), args.write, "forward", res.seconds)  # the file is shared: only this script's section
     return 0
 
 

@@ -208,13 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         _run_step(args.step, args.work, shape)
         return 0
     res = run(args.work, args.shape, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = render(res, args.shape, args.threads)
-    if args.write:
-        from _report import write_section
+    from _report import publish
 
-        write_section(args.write, "merge", text)
-    else:
-        print(text)
+    publish(render(res, args.shape, args.threads), args.write, "merge")
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
 

@@ -214,12 +214,9 @@ def main() -> None:
         return
     res = evaluate_all(kinds)
     (RUNS / "results.json").write_text(json.dumps(res, indent=1))
-    text = render(res)
-    if args.write:
-        from _report import write_section
+    from _report import publish
 
-        write_section(args.write, "multitask", text)
-    print(text)
+    publish(render(res), args.write, "multitask")
 
 
 def render(res: dict) -> str:

@@ -415,15 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, row in res.rows.items():
             print(f"| {key} | {_mib(row.peak)} | {row.peak / lora:.3f} | {_mib(row.state)} | `{row.peak_op}` |")
         return 0
-    text = render(res)
-    if args.write:
-        from _report import write_section
+    from _report import publish
 
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        write_section(args.write, "sparse", text)
-        print(f"wrote {args.write} ({res.seconds:.0f} s)", file=sys.stderr)
-    else:
-        print(text)
+    publish(render(res), args.write, "sparse", res.seconds)  # the file is shared: only this script's section
     return 0
 
 

@@ -143,3 +143,14 @@ def tiny_mlp() -> Tiny:
 @pytest.fixture(params=sorted(BUILDERS))
 def tiny_model(request: pytest.FixtureRequest) -> Tiny:
     return build_tiny(request.param)
+
+
+def module_pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """{path: (module, piece)} of delta `name`, read from the modules directly (not through deltatune's API)."""
+    out = {}
+    for path, module in model.named_modules():
+        slot = module._modules.get("deltatune")
+        if slot is not None and name in slot:
+            out[path] = (module, slot[name])
+    assert out, f"delta {name!r} sits on no module"
+    return out

@@ -24,7 +24,7 @@ from deltatune.train import train
 from deltatune.train.data import local_splits
 from deltatune.train.lt_sft import add_l1_pull
 
-from conftest import Tiny, build_tiny
+from conftest import Tiny, build_tiny, module_pieces as pieces
 from train_fixtures import sentiment, tiny_bert, word_tokenizer, write_jsonl
 
 try:
@@ -36,14 +36,6 @@ QUIET = {"progress": False, "plot": False}
 
 
 # --- helpers that do not trust the code under test ------------------------------------------------------
-def pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.Module]]:
-    out = {}
-    for path, module in model.named_modules():
-        slot = module._modules.get("deltatune")
-        if slot is not None and name in slot:
-            out[path] = (module, slot[name])
-    assert out, f"delta {name!r} sits on no module"
-    return out
 
 
 def weight_view(module: nn.Module) -> Tensor:

@@ -23,7 +23,7 @@ from deltatune.methods import sparse_autograd, spiel
 from deltatune.methods.sparse_autograd import SparseLinearFunction
 from deltatune.train.step_hooks import after_optimizer_step, before_step
 
-from conftest import Tiny, build_tiny
+from conftest import Tiny, build_tiny, module_pieces as pieces
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -35,14 +35,6 @@ QUIET = {"progress": False, "plot": False}
 
 
 # --- helpers that do not trust the code under test ------------------------------------------------------
-def pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.Module]]:
-    out = {}
-    for path, module in model.named_modules():
-        slot = module._modules.get("deltatune")
-        if slot is not None and name in slot:
-            out[path] = (module, slot[name])
-    assert out, f"delta {name!r} sits on no module"
-    return out
 
 
 def scatter(index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

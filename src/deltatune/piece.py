@@ -90,3 +90,14 @@ class Piece(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"
+
+
+def add_product(acc: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """acc + x wᵀ (+ bias) for an [out, in] weight w: in place into `acc` when grad is off and dtypes allow
+    (inference, the piece running alone or on the host's copy), else out of place."""
+    x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+    if not torch.is_grad_enabled() and acc.dtype == w.dtype and acc.is_contiguous():
+        acc.view(-1, acc.shape[-1]).addmm_(x2, w.t())
+        return acc.add_(bias) if bias is not None else acc
+    out = acc + (x2 @ w.t()).view(acc.shape).to(acc.dtype)
+    return out + bias if bias is not None else out

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece
+from ..piece import Piece, add_product
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, SparseDelta
 from . import spiel
@@ -149,19 +149,11 @@ class SparsePiece(Piece):
         return int(self.index.numel())
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        if torch.is_grad_enabled():
-            out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims, self._stats)
-        else:
-            w = scatter_dense(self.index, self.values, self.dims)
-            x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
-            if acc.dtype == w.dtype and acc.is_contiguous():
-                acc.view(-1, acc.shape[-1]).addmm_(x2, w.t())
-                out = acc
-            else:
-                out = acc + (x2 @ w.t()).view(acc.shape).to(acc.dtype)
-        if hasattr(self, "bias"):
-            out = out.add_(self.bias) if not torch.is_grad_enabled() else out + self.bias
-        return out
+        bias = getattr(self, "bias", None)
+        if not torch.is_grad_enabled():
+            return add_product(acc, x, scatter_dense(self.index, self.values, self.dims), bias)
+        out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims, self._stats)
+        return out + bias if bias is not None else out
 
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         return SparseDelta(self.index.clone(), self.values.detach().clone(), self.dims)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece
+from ..piece import Piece, add_product
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, SparseDelta
 
@@ -206,16 +206,7 @@ class TernaryPiece(Piece):
         return w
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        w = self.dense_weight()
-        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
-        if not torch.is_grad_enabled() and acc.dtype == w.dtype and acc.is_contiguous():
-            acc.view(-1, acc.shape[-1]).addmm_(x2, w.t())
-            out = acc
-        else:
-            out = acc + (x2 @ w.t()).view(acc.shape).to(acc.dtype)
-        if hasattr(self, "bias"):
-            out = out.add_(self.bias) if not torch.is_grad_enabled() else out + self.bias
-        return out
+        return add_product(acc, x, self.dense_weight(), getattr(self, "bias", None))
 
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         self._dense = None  # asked for ΔW (merge, export): drop the forward's decoded copy; rebuilt when needed
