@@ -97,7 +97,11 @@ class CheckpointMerge:
             raise ConfigError("merging needs at least one input")
         self.method, self.checked = method, checked
         self.keep = module_filter(include, exclude)
-        self.types, self.tied = module_types_of(self.base)
+        # the model's skeleton (layouts of every key, tied weights) costs a transformers import: only model
+        # directories (whose every key is merged) and deltas on embeddings (tied to output heads) need it
+        needs_layouts = any(isinstance(src, CheckpointReader) or "Embedding" in src.module_types.values()
+                            for src in self.sources)
+        self.types, self.tied = module_types_of(self.base) if needs_layouts else ({}, [])
         self.slots = self._plan(self.tied)
         self.changed = 0  # keys written with a merged update (see write_model)
 

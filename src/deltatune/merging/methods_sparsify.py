@@ -78,23 +78,30 @@ def combine(tensors: list[Tensor], weight: list[float], *, elect_sign: bool, nor
     elect_sign: per entry, the elected sign is that of Σ_i w_i τ_i (+ when the sum is 0); an input counts where
     w_i τ_i has that sign (zeros never count). normalize divides by Σ w_i over the counted inputs (by 1 where
     none counts)."""
+    if elect_sign:  # input by input with a few buffers of one tensor's size (no n-fold stacked copies)
+        total = torch.zeros_like(tensors[0])
+        for t, c in zip(tensors, weight):
+            total.add_(t, alpha=c)
+        positive = total >= 0
+        out, divisor = torch.zeros_like(total), torch.zeros_like(total)
+        for t, c in zip(tensors, weight):
+            wt = t * c
+            agree = torch.where(positive, wt > 0, wt < 0)  # zeros never count
+            out.add_(wt.mul_(agree))
+            if normalize:
+                divisor.add_(agree, alpha=c)
+        if normalize:
+            out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        return out.mul_(lam)
     w = torch.tensor(weight, dtype=torch.float32, device=tensors[0].device).view(-1, *([1] * tensors[0].dim()))
     wd = torch.stack(tensors) * w
-    if elect_sign:
-        elected = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
-        agree = wd.sign() == elected
-        out = (wd * agree).sum(0)
-        if normalize:
-            divisor = (w * agree).sum(0)
-            out = out / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        out = wd.sum(0)
-        if normalize:
-            total = float(sum(weight))
-            if abs(total) < 1e-8:
-                raise ConfigError(f"merge method {method!r}: the weights {weight} sum to 0, so they cannot be "
-                                  f"normalized; set normalize=false or change the weights")
-            out = out / total
+    out = wd.sum(0)
+    if normalize:
+        total = float(sum(weight))
+        if abs(total) < 1e-8:
+            raise ConfigError(f"merge method {method!r}: the weights {weight} sum to 0, so they cannot be "
+                              f"normalized; set normalize=false or change the weights")
+        out = out / total
     return out * lam
 
 
