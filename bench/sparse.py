@@ -297,9 +297,9 @@ def render(res: Results) -> str:
              f"(SpIEL-AG) and at {ma:.3f}× with the momentum approximation (SpIEL-MA). SpIEL-AG's accumulator is one "
              f"fp32 [out, in] tensor per adapted weight while a window lasts: {_mib(4 * per_layer * s.layers)} MiB here, "
              f"{_mib(4 * per_layer * s.full_layers)} MiB for all {s.full_layers} layers of SmolLM2-135M. It fills up during the "
-             f"layers' backward, while their activations are freed and after the loss's B·T·vocabulary temporaries that "
-             f"set the peak are gone, so it does not raise the peak here (`bench/sparse.py --memory-only --layers "
-             f"{s.full_layers}` measures the whole model's depth; see docs/sparse.md). "
+             f"layers' backward, after the loss's B·T·vocabulary temporaries that set the peak are gone, so in the measured "
+             f"(first) window step it does not raise the peak; in the window's later steps it is alive through the loss "
+             f"peak, which adds its size to SpIEL-AG's peak (an estimate, not measured here; see docs/sparse.md). "
              f"SpIEL-MA keeps a row and a column vector per weight ({_mib(4 * s.layers * sum(o + i for o, i in module_shapes(s).values()))} MiB here).")
     L.append("")
     L += ["### Setup", ""]

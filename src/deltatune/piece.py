@@ -99,5 +99,7 @@ def add_product(acc: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = None) -
     if not torch.is_grad_enabled() and acc.dtype == w.dtype and acc.is_contiguous():
         acc.view(-1, acc.shape[-1]).addmm_(x2, w.t())
         return acc.add_(bias) if bias is not None else acc
-    out = acc + (x2 @ w.t()).view(acc.shape).to(acc.dtype)
-    return out + bias if bias is not None else out
+    y = x2 @ w.t()
+    if bias is not None:
+        y = y + bias  # in the piece's precision, then cast once: a half-precision model stays in its dtype
+    return acc + y.view(acc.shape).to(acc.dtype)

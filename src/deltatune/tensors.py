@@ -149,6 +149,9 @@ class SparseDelta(DeltaTensor):
             raise ShapeMismatchError("SparseDelta needs 1-D int64 index and values of equal length")
         if self.index.numel() and (int(self.index.min()) < 0 or int(self.index.max()) >= math.prod(self.shape)):
             raise ShapeMismatchError(f"SparseDelta index out of range for shape {self.shape}")
+        if torch.unique(self.index).numel() != self.index.numel():
+            raise ShapeMismatchError("SparseDelta indices repeat; each entry of ΔW may be stored once (the file is "
+                                     "damaged or was not written by a sparse delta)")
 
     @staticmethod
     def from_dense(weight: Tensor) -> "SparseDelta":

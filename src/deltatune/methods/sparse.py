@@ -153,7 +153,7 @@ class SparsePiece(Piece):
         if not torch.is_grad_enabled():
             return add_product(acc, x, scatter_dense(self.index, self.values, self.dims), bias)
         out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims, self._stats)
-        return out + bias if bias is not None else out
+        return out + bias.to(out.dtype) if bias is not None else out
 
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         return SparseDelta(self.index.clone(), self.values.detach().clone(), self.dims)

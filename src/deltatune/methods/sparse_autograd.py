@@ -1,7 +1,7 @@
 """acc + x ΔWᵀ for a sparse ΔW given as (flat index, values), without keeping anything of size out × in alive.
 
-Between forward and backward the function keeps x (which the rest of the graph keeps anyway), index and values:
-k numbers and k indices, nothing of size out × in. Two ways to compute, chosen per call:
+Between forward and backward the function keeps x (one [N, in] activation per adapted module, as LoRA keeps;
+a frozen base layer alone would not), index and values: k numbers and k indices, nothing of size out × in. Two ways to compute, chosen per call:
 
 * dense: ΔW is scattered into a transient dense [out, in] tensor in forward and again in backward (for x's
   gradient); the values' gradient is gathered at the k indices from the transient dense gᵀx. At most one
