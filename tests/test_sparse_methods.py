@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
+from deltatune.files import apply
 from deltatune.init import attach_sparse, gradient_mask, select_entries
 from deltatune.layouts import layout_by_name
 from deltatune.methods.paca import PaCAPiece
@@ -514,3 +515,18 @@ def test_lt_sft_config_errors_before_any_training(cls_splits, tmp_path) -> None:
         train({**BASE, "delta": {"kind": "dense", "targets": ["word_embeddings"]}, "lt_sft": {"density": 0.1},
                "output_dir": str(tmp_path / "e")}, model=model, tokenizer=word_tokenizer(), splits=cls_splits)
     assert not (tmp_path / "e").exists() and not any("deltatune" in n for n, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("cols", [[1, 99], [2, 2]])
+def test_paca_file_with_bad_columns_is_refused_and_model_untouched(tmp_path, cols):
+    tiny = build_tiny("llama")
+    dt.attach(tiny.model, dt.PaCA(r=2, targets=("q_proj",)), "p")
+    dt.save(tiny.model, tmp_path / "p", name="p")
+    delta = dt.Delta.read(tmp_path / "p")
+    path = next(iter(delta.state))
+    delta.state[path]["cols"] = torch.tensor(cols, dtype=torch.int64)
+    fresh = build_tiny("llama").model
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ShapeMismatchError, match="PaCA delta"):
+        apply(fresh, delta)
+    assert dt.active_names(fresh) == () and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

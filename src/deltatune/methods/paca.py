@@ -18,7 +18,7 @@ from ..errors import ConfigError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
 from ..piece import Piece
 from ..tensors import DeltaTensor, SparseDelta
-from .sparse import path_seed
+from .sparse import check_index, path_seed
 
 
 DEFAULT_R = 8
@@ -109,6 +109,13 @@ class PaCAPiece(Piece):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.r}, shape={self.dims}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Refuse saved columns that do not fit this weight, before anything is copied."""
+        cols = state_dict.get(prefix + "cols")
+        if cols is not None:
+            check_index(cols, self.dims[1], f"the PaCA delta at {self.path!r}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,

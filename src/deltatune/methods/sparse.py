@@ -111,6 +111,17 @@ class Sparse(DeltaConfig):
                    k_pattern={re.escape(p): n for p, n in ks.items() if n != k})
 
 
+def check_index(index: Tensor, size: int, where: str) -> None:
+    """Saved positions must be integers in [0, size), each at most once; else the file is damaged."""
+    if not index.numel():
+        return
+    if index.is_floating_point() or int(index.min()) < 0 or int(index.max()) >= size:
+        raise ShapeMismatchError(f"{where} holds positions outside [0, {size}); the file is damaged or belongs to "
+                                 f"another model")
+    if torch.unique(index).numel() != index.numel():
+        raise ShapeMismatchError(f"{where} holds repeated positions; each may appear once — the file is damaged")
+
+
 def path_seed(seed: int, path: str) -> int:
     """A per-module seed that does not depend on Python's hash randomisation."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:7], "little")
@@ -194,14 +205,8 @@ class SparsePiece(Piece):
             raise ShapeMismatchError(f"the sparse delta at {self.path!r} was saved for a weight of shape "
                                      f"{tuple(shape.tolist())}, this module's is {self.dims}; load it into the model "
                                      f"it was trained on")
-        if index is not None and index.numel():
-            numel = self.dims[0] * self.dims[1]
-            if index.is_floating_point() or int(index.min()) < 0 or int(index.max()) >= numel:
-                raise ShapeMismatchError(f"the sparse delta at {self.path!r} holds indices outside [0, {numel}) of its "
-                                         f"{self.dims} weight; the file is damaged or belongs to another model")
-            if torch.unique(index).numel() != index.numel():
-                raise ShapeMismatchError(f"the sparse delta at {self.path!r} holds repeated indices; each entry of the "
-                                         f"weight may appear once — the file is damaged")
+        if index is not None:
+            check_index(index, self.dims[0] * self.dims[1], f"the sparse delta at {self.path!r}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
