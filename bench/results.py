@@ -59,7 +59,7 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
         from multitask import lora_entries
 
         delta = {"kind": "dense", "targets": "all-linear", "modules_to_save": ["classifier"]}
-        extra = {"lt_sft": {"k": sum(lora_entries(model).values()), "selection": "global", "dense_epochs": 0.5,
+        extra = {"procedure": {"kind": "lt_sft", "k": sum(lora_entries(model).values()), "selection": "global", "dense_epochs": 0.5,
                             "dense_lr": 5e-5}}
     prepare = None
     if method == "full":

@@ -457,7 +457,7 @@ def phase1_dw(cls_splits, tmp_path_factory) -> dict[str, Tensor]:
                          ids=["global-count", "global-density", "per-tensor-count", "per-tensor-density"])
 def test_lt_sft_selects_top_dense_updates_and_trains_only_them(lt, phase1_dw, cls_splits, tmp_path) -> None:
     base = tiny_bert()
-    r = train({**BASE, "output_dir": str(tmp_path), "lt_sft": lt}, model=copy.deepcopy(base),
+    r = train({**BASE, "output_dir": str(tmp_path), "procedure": {"kind": "lt_sft", **lt}}, model=copy.deepcopy(base),
               tokenizer=word_tokenizer(), splits=cls_splits)
     delta = dt.Delta.read(r.delta_path)
     assert delta.config.kind == "sparse"
@@ -492,7 +492,7 @@ def test_lt_sft_selects_top_dense_updates_and_trains_only_them(lt, phase1_dw, cl
 def test_lt_sft_l1_pull_shrinks_values(cls_splits, tmp_path) -> None:
     def values(l1: float) -> Tensor:
         r = train({**BASE, "output_dir": str(tmp_path / str(l1)), "lr": 1e-3, "max_steps": 6,
-                   "lt_sft": {"density": 0.05, "l1": l1}}, model=tiny_bert(), tokenizer=word_tokenizer(),
+                   "procedure": {"kind": "lt_sft", "density": 0.05, "l1": l1}}, model=tiny_bert(), tokenizer=word_tokenizer(),
                   splits=cls_splits)
         return torch.cat([st["values"] for st in dt.Delta.read(r.delta_path).state.values() if "values" in st])
 
@@ -503,16 +503,16 @@ def test_lt_sft_l1_pull_shrinks_values(cls_splits, tmp_path) -> None:
 
 def test_lt_sft_config_errors_before_any_training(cls_splits, tmp_path) -> None:
     with pytest.raises(ConfigError, match="kind: dense"):
-        train({**BASE, "delta": {"kind": "lora"}, "lt_sft": {"density": 0.1}, "output_dir": str(tmp_path)})
+        train({**BASE, "delta": {"kind": "lora"}, "procedure": {"kind": "lt_sft", "density": 0.1}, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="unknown lt_sft"):
-        train({**BASE, "lt_sft": {"density": 0.1, "dense_steps": 3}, "output_dir": str(tmp_path)})
+        train({**BASE, "procedure": {"kind": "lt_sft", "density": 0.1, "dense_steps": 3}, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="exactly one"):
-        train({**BASE, "lt_sft": {"density": 0.1, "k": 5}, "output_dir": str(tmp_path)})
+        train({**BASE, "procedure": {"kind": "lt_sft", "density": 0.1, "k": 5}, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="checkpoint"):
-        train({**BASE, "lt_sft": {"density": 0.1}, "checkpoint_every": 2, "output_dir": str(tmp_path)})
+        train({**BASE, "procedure": {"kind": "lt_sft", "density": 0.1}, "checkpoint_every": 2, "output_dir": str(tmp_path)})
     model = tiny_bert()
     with pytest.raises(TargetError, match="Embedding"):  # phase 2 could not hold it: refused before phase 1
-        train({**BASE, "delta": {"kind": "dense", "targets": ["word_embeddings"]}, "lt_sft": {"density": 0.1},
+        train({**BASE, "delta": {"kind": "dense", "targets": ["word_embeddings"]}, "procedure": {"kind": "lt_sft", "density": 0.1},
                "output_dir": str(tmp_path / "e")}, model=model, tokenizer=word_tokenizer(), splits=cls_splits)
     assert not (tmp_path / "e").exists() and not any("deltatune" in n for n, _ in model.named_modules())
 
@@ -530,3 +530,13 @@ def test_paca_file_with_bad_columns_is_refused_and_model_untouched(tmp_path, col
     with pytest.raises(ShapeMismatchError, match="PaCA delta"):
         apply(fresh, delta)
     assert dt.active_names(fresh) == () and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("bad, match", [({"kind": "nope"}, "unknown training procedure 'nope'"),
+                                        ("lt_sft", "procedure must be a mapping"),
+                                        ({"density": 0.1}, "procedure must be a mapping with a 'kind'")])
+def test_unknown_or_malformed_procedure_is_refused(bad, match) -> None:
+    from deltatune.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict({"procedure": bad, "delta": {"kind": "dense"}})

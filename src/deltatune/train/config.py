@@ -46,7 +46,7 @@ class TrainConfig:
     resume: bool = False
     lisa_layers: int | None = None
     lisa_interval: int = 20
-    lt_sft: dict[str, Any] | None = None     # LT-SFT: dense phase, select, sparse phase (train/lt_sft.py)
+    procedure: dict[str, Any] | None = None  # e.g. {kind: lt_sft, ...}: a procedure made of runs (train/procedures.py)
     train_examples: int | None = None        # cap the training set (first N of the fixed split)
     max_new_tokens: int = 256
     seed: int = 0
@@ -69,10 +69,10 @@ class TrainConfig:
         if isinstance(self.delta, DeltaConfig):
             self.delta = self.delta.to_dict()
         self.delta_config()  # validate now, not after the model is loaded
-        if self.lt_sft is not None:
-            from .lt_sft import check_train_config
+        if self.procedure is not None:
+            from .procedures import get_procedure
 
-            check_train_config(self)
+            get_procedure(self.procedure).check(self)
 
     def delta_config(self) -> DeltaConfig:
         return DeltaConfig.from_dict(dict(self.delta))

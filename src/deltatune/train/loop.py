@@ -124,10 +124,10 @@ def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | Non
     `prepare(model)` replaces attaching the configured delta (for baselines such as full fine-tuning or
     another library's adapters: it must leave exactly the parameters to train with requires_grad=True)."""
     cfg = TrainConfig.coerce(cfg, **overrides)
-    if cfg.lt_sft is not None:  # a two-phase procedure made of runs of this loop
-        from .lt_sft import train_lt_sft
+    if cfg.procedure is not None:  # e.g. LT-SFT: several runs of this loop
+        from .procedures import get_procedure
 
-        return train_lt_sft(cfg, model=model, tokenizer=tokenizer, splits=splits, prepare=prepare)
+        return get_procedure(cfg.procedure).run(cfg, model=model, tokenizer=tokenizer, splits=splits, prepare=prepare)
     return _Run(cfg, model, tokenizer, splits, prepare).run()
 
 

@@ -7,7 +7,8 @@
 3. Phase 2 trains a `sparse` delta at exactly those entries, values starting at 0 (the pretrained weights),
    optionally pulled toward 0 by an L1 penalty λ·Σ|values|, into `output_dir` (the delta is saved there).
 
-Options (`lt_sft:` in a training YAML, `dt.train(..., lt_sft={...})`, or `train_lt_sft`): see `LtSft`.
+Options (`procedure: {kind: lt_sft, ...}` in a training YAML, `dt.train(..., procedure={"kind": "lt_sft", ...})`,
+or `train_lt_sft`): see `LtSft`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..targeting import resolve_targets
 from .config import TrainConfig
 from .distributed import Dist
 from .loop import TrainResult, load_model, load_splits, train, with_head
+from .procedures import options, register_procedure
 
 DENSE_SUFFIX = "-dense"
 
@@ -74,7 +76,7 @@ class LtSft:
         if isinstance(data, LtSft):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"lt_sft must be a mapping such as {{density: 0.01, selection: global}}, got {data!r}")
+            raise ConfigError(f"lt_sft options must be a mapping such as {{density: 0.01, selection: global}}, got {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -84,7 +86,7 @@ class LtSft:
 
 def check_train_config(cfg: TrainConfig) -> LtSft:
     """The LtSft options of a TrainConfig, after checking the run can do LT-SFT (ConfigError otherwise)."""
-    lt = LtSft.from_dict(cfg.lt_sft)
+    lt = LtSft.from_dict(options(cfg.procedure))
     delta = cfg.delta_config()
     if not isinstance(delta, Dense):
         raise ConfigError(f"with lt_sft, `delta` is phase 1's dense delta: set delta: {{kind: dense, targets: ...}} "
@@ -108,11 +110,12 @@ def _pieces(model: nn.Module, name: str, kind: type) -> dict[str, nn.Module]:
 
 def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
                  splits: Any = None, prepare: Any = None, **overrides: Any) -> TrainResult:
-    """Run LT-SFT as configured by `cfg.lt_sft` (see the module docstring); returns phase 2's TrainResult, whose
+    """Run LT-SFT as configured by `cfg.procedure` (see the module docstring); returns phase 2's TrainResult, whose
     metrics also hold phase 1's (`dense`) and the number of selected entries."""
     cfg = TrainConfig.coerce(cfg, **overrides)
-    if cfg.lt_sft is None:
-        raise ConfigError("train_lt_sft needs lt_sft options, e.g. lt_sft={'density': 0.01}")
+    if cfg.procedure is None or cfg.procedure.get("kind") != "lt_sft":
+        raise ConfigError("train_lt_sft needs procedure={'kind': 'lt_sft', ...options}, e.g. {'kind': 'lt_sft', "
+                          "'density': 0.01}")
     if prepare is not None:
         raise ConfigError("lt_sft attaches its own deltas; prepare= cannot be combined with it")
     lt = check_train_config(cfg)
@@ -126,7 +129,7 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
     for path, module in resolve_targets(model, dense_cfg):  # phase 2 must be able to hold them: fail before training
         layout_of(module, path, SparsePiece.supported)
     out = Path(cfg.output_dir)
-    common = {**cfg.to_dict(), "lt_sft": None, "checkpoint_every": None, "resume": False}
+    common = {**cfg.to_dict(), "procedure": None, "checkpoint_every": None, "resume": False}
 
     # phase 1: dense ΔW, attached under a name of its own so the loop does not save it
     dense_name = cfg.name + DENSE_SUFFIX
@@ -182,3 +185,6 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
         write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))  # the run as asked, not phase 2's
     return result
 
+
+
+register_procedure("lt_sft", check_train_config, train_lt_sft)
