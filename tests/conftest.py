@@ -154,3 +154,13 @@ def module_pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.
             out[path] = (module, slot[name])
     assert out, f"delta {name!r} sits on no module"
     return out
+
+
+def compeft_oracle(x: Tensor, density: float, alpha: float) -> Tensor:
+    """ComPEFT written out: the round(density·n) entries of largest |x| become α·std(x)·sign(x), the rest 0."""
+    flat = x.detach().double().flatten()
+    k = max(1, round(density * flat.numel()))
+    keep = torch.sort(flat.abs(), descending=True).indices[:k]
+    out = torch.zeros_like(flat)
+    out[keep] = alpha * flat.std() * torch.sign(flat[keep])
+    return out.reshape(x.shape)

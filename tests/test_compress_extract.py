@@ -23,7 +23,7 @@ from deltatune.merging.compress import compress, to_lora
 from deltatune.merging.extract import extract
 from deltatune.tensors import DenseDelta, LowRankDelta, SparseDelta
 
-from conftest import Tiny, build_tiny
+from conftest import Tiny, build_tiny, compeft_oracle
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -32,14 +32,6 @@ except ImportError:  # pragma: no cover
 
 
 # --- oracles and helpers that do not use the code under test ---------------------------------------------
-def compeft_oracle(x: Tensor, density: float, alpha: float) -> Tensor:
-    """ComPEFT written out: the round(density·n) entries of largest |x| become α·std(x)·sign(x), the rest 0."""
-    flat = x.detach().double().flatten()
-    k = max(1, round(density * flat.numel()))
-    keep = torch.sort(flat.abs(), descending=True).indices[:k]
-    out = torch.zeros_like(flat)
-    out[keep] = alpha * flat.std() * torch.sign(flat[keep])
-    return out.reshape(x.shape)
 
 
 def tail_error(dw: Tensor, k: int) -> float:

@@ -21,18 +21,10 @@ from deltatune.merging.compress import compress
 from deltatune.methods.ternary import decode, pack_bits, unpack_bits
 from deltatune.tensors import DenseDelta, SparseDelta
 
-from conftest import build_tiny
+from conftest import build_tiny, compeft_oracle as compeft
 
 
 # --- oracles -----------------------------------------------------------------------------------------------
-def compeft(x: Tensor, density: float, alpha: float) -> Tensor:
-    """ΔŴ = α·std(ΔW)·sign(ΔW) on the round(density·n) entries of largest |ΔW|, 0 elsewhere (float64)."""
-    flat = x.detach().double().flatten()
-    k = max(1, round(density * flat.numel()))
-    keep = torch.sort(flat.abs(), descending=True).indices[:k]
-    out = torch.zeros_like(flat)
-    out[keep] = alpha * flat.std() * torch.sign(flat[keep])
-    return out.reshape(x.shape)
 
 
 def np_pack(bits: Tensor) -> bytes:
