@@ -188,8 +188,9 @@ def render(res: dict, shape_name: str, threads: int) -> str:
               f"{res['ours-delta'][1] / res['peft'][1]:.2f}× peak RSS.",
               f"- Not the same numbers, and why: mergekit's merged update differs from ours by "
               f"{res['update_diff_vs_mergekit']:.2f} (relative Frobenius norm). Its inputs are the 8 full models in "
-              "bfloat16, where W + ΔW_i is rounded to bfloat16 and most of each small LoRA update is lost before "
-              "TIES ranks entries; ours reads ΔW_i exactly from the adapters. On float32 checkpoints the two "
+              "bfloat16, where W + ΔW_i is rounded to bfloat16 (up to half a bfloat16 step of W in every entry) and "
+              "the merge is computed in bfloat16, which moves entries across TIES' top-density cut; ours reads ΔW_i "
+              "exactly from the adapters and computes in float32. On float32 checkpoints the two "
               "implementations agree to 2e-6 (tests/test_merge_vs_mergekit.py: TIES, task arithmetic, "
               "Breadcrumbs-TIES)."]
     return "\n".join(lines) + "\n"
