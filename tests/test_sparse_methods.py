@@ -540,3 +540,12 @@ def test_unknown_or_malformed_procedure_is_refused(bad, match) -> None:
 
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict({"procedure": bad, "delta": {"kind": "dense"}})
+
+
+def test_lt_sft_budget_larger_than_the_weights_fails_before_phase_one(cls_splits, tmp_path) -> None:
+    model = tiny_bert()
+    with pytest.raises(ConfigError, match="exceeds"):
+        train({**BASE, "procedure": {"kind": "lt_sft", "k": 10**9}, "output_dir": str(tmp_path)}, model=model,
+              tokenizer=word_tokenizer(), splits=cls_splits)
+    assert not (tmp_path / "dense").exists()  # phase 1 never ran
+    assert dt.active_names(model) == ()

@@ -104,6 +104,8 @@ def gradient_mask(model: nn.Module, cfg: Sparse, batches: Iterable[Any], loss_fn
 
     if not isinstance(cfg, Sparse):
         raise ConfigError(f"gradient_mask needs a dt.Sparse config (targets and k), got {type(cfg).__name__}")
+    if selection not in SELECTIONS:
+        raise ConfigError(f"gradient_mask: selection must be one of {SELECTIONS}, got {selection!r}")
     loss_fn = loss_fn or _default_loss
     targets = [(p, m, layout_of(m, p, SparsePiece.supported)) for p, m in resolve_targets(model, cfg)]
     weights = [m.weight for _, m, _ in targets]

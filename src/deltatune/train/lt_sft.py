@@ -23,7 +23,7 @@ from torch import nn
 from ..api import attach, detach
 from ..errors import ConfigError
 from ..host import slot_of, state_of
-from ..init.sparse_masks import attach_sparse, check_budget, select_entries, sparse_config_for
+from ..init.sparse_masks import attach_sparse, check_budget, entry_budget, select_entries, sparse_config_for
 from ..io.atomic import write_text
 from ..layouts import layout_of
 from ..methods.dense import Dense, DensePiece
@@ -126,8 +126,10 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
         model, tokenizer = load_model(cfg, task, len(splits.labels) if splits.labels else None)
     if tokenizer is None:
         raise ConfigError("pass tokenizer= together with model=")
+    numels = {}
     for path, module in resolve_targets(model, dense_cfg):  # phase 2 must be able to hold them: fail before training
-        layout_of(module, path, SparsePiece.supported)
+        numels[path] = layout_of(module, path, SparsePiece.supported).weight(module).numel()
+    entry_budget(numels, lt.k, lt.density, lt.selection)  # a k the weights cannot hold fails now, not after phase 1
     out = Path(cfg.output_dir)
     common = {**cfg.to_dict(), "procedure": None, "checkpoint_every": None, "resume": False}
 
@@ -137,8 +139,8 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
 
     def dense_phase(m: nn.Module) -> None:
         attach(m, with_head(dense_cfg, m, task), dense_name)
-        hooks.extend(add_l1_pull([p for piece in _pieces(m, dense_name, DensePiece).values() for p in piece.parameters()],
-                                 lt.dense_l1 / cfg.grad_accum))
+        hooks.extend(add_l1_pull([piece.delta for piece in _pieces(m, dense_name, DensePiece).values()],
+                                 lt.dense_l1 / cfg.grad_accum))  # the ΔW entries (the docs' λ·Σ|Δ|), not Δb
 
     phase1 = TrainConfig.from_dict({**common, "output_dir": str(out / "dense"), "epochs": lt.dense_epochs,
                                     "max_steps": lt.dense_max_steps or cfg.max_steps, "lr": lt.dense_lr or cfg.lr})
@@ -165,7 +167,7 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
 
     def sparse_phase(m: nn.Module) -> None:
         attach_sparse(m, sparse_base, indices, cfg.name)  # type: ignore[arg-type]
-        hooks.extend(add_l1_pull([p for piece in _pieces(m, cfg.name, SparsePiece).values() for p in piece.parameters()],
+        hooks.extend(add_l1_pull([piece.values for piece in _pieces(m, cfg.name, SparsePiece).values()],
                                  lt.l1 / cfg.grad_accum))
 
     phase2 = TrainConfig.from_dict({**common, "delta": sparse_config_for(sparse_base, indices).to_dict()})  # type: ignore[arg-type]
