@@ -540,3 +540,22 @@ def test_dora_update_from_bfloat16_files_is_computed_in_float32() -> None:
     want = (m64 / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
     rel = float(torch.linalg.vector_norm(got.to_dense().double() - want) / torch.linalg.vector_norm(want))
     assert got.to_dense().dtype == torch.float32 and rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_merged_file_with_bias_updates_on_some_modules_loads(storage: str, tmp_path: Path) -> None:
+    """A result holding Δb only where an input changed the bias loads: the other modules' Δb are zero."""
+    tiny = build_tiny("gpt2")
+    paths = [p for p, m in tiny.model.named_modules() if type(m).__name__ == "Conv1D"]
+    g = torch.Generator().manual_seed(5)
+    updates = {p: torch.randn(weight_view(m).shape, generator=g) * 0.01
+               for p, m in tiny.model.named_modules() if p in paths}
+    bias_path = paths[0]
+    db = torch.randn(dict(tiny.model.named_modules())[bias_path].bias.shape, generator=g) * 0.01
+    tensors = {p: DenseDelta(u) if storage == "dense" else SparseDelta.from_dense(u) for p, u in updates.items()}
+    delta = dt.Delta.from_tensors("m", tensors, {bias_path: db}, module_types={p: "Conv1D" for p in paths})
+    delta.write(tmp_path / "m")
+    got = loaded(tiny, dt.Delta.read(tmp_path / "m"))
+    want = with_updates(tiny, updates, {bias_path: db})
+    with torch.no_grad():
+        torch.testing.assert_close(got(**tiny.inputs).logits, want(**tiny.inputs).logits, atol=1e-5, rtol=1e-5)

@@ -55,8 +55,9 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
     delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))
     for path, module, piece in built:
-        saved = delta.state[path]
         own = piece.state_dict()
+        # entries a piece may go without mean zero (e.g. no Δb in the file for a module whose base has a bias)
+        saved = {**{k: torch.zeros_like(own[k]) for k in piece.zero_if_missing if k in own}, **delta.state[path]}
         if set(own) != set(saved):
             raise ShapeMismatchError(f"delta {name!r} at {path!r}: file holds {sorted(saved)}, the config implies "
                                      f"{sorted(own)}")

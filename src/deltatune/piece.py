@@ -24,6 +24,8 @@ class Piece(nn.Module, ABC):
 
     #: module types (layout names) this method can adapt
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    #: saved entries that may be absent from a file and then mean zero (a Δb where the file has none)
+    zero_if_missing: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__()

@@ -32,6 +32,7 @@ class Dense(DeltaConfig):
 
 class DensePiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Dense) -> None:
         super().__init__(base, path, cfg)

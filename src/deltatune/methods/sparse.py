@@ -139,6 +139,7 @@ def initial_index(w: Tensor, k: int, mask: str, seed: int, path: str) -> Tensor:
 
 class SparsePiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Sparse) -> None:
         super().__init__(base, path, cfg)

@@ -164,6 +164,7 @@ class Ternary(DeltaConfig):
 
 class TernaryPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Ternary) -> None:
         super().__init__(base, path, cfg)
