@@ -46,11 +46,12 @@ class Delta:
         with_bias=False, Δb may be left out (None) where computing it would need the base."""
         local = self.config.for_module(path)
         layout = layout_by_name(self.module_types.get(path, "Linear"))
-        weight = bias = None
+        piece = local.piece_class()
+        dw, db = piece.state_to_delta(self.state[path], local, layout)
         lookup = base_lookup(base)
-        if lookup is not None:
+        if dw is None and lookup is not None:  # the base is read only for updates that depend on it
             weight, bias = lookup(path)
-        dw, db = local.piece_class().state_to_delta(self.state[path], local, layout, weight, bias)
+            dw, db = piece.state_to_delta(self.state[path], local, layout, weight, bias)
         if dw is None:
             raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights to "
                                    f"express its update (e.g. DoRA, full copies); pass base= (a model or a model "
@@ -59,12 +60,14 @@ class Delta:
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
-        return {path: self.update(path, base, with_bias=False)[0] for path in self.state}
+        lookup = base_lookup(base)
+        return {path: self.update(path, lookup, with_bias=False)[0] for path in self.state}
 
     def biases(self, base: BaseWeights = None) -> dict[str, Tensor]:
         out = {}
+        lookup = base_lookup(base)
         for path in self.state:
-            _, db = self.update(path, base)
+            _, db = self.update(path, lookup)
             if db is not None:
                 out[path] = db
         return out
