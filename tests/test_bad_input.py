@@ -17,7 +17,7 @@ import deltatune as dt
 import deltatune.api
 import deltatune.host
 from deltatune.errors import (ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, DeltaTuneError,
-                              NonFiniteError, ShapeMismatchError, TargetError, UnsupportedError)
+                              NonFiniteError, ShapeMismatchError, StateError, TargetError, UnsupportedError)
 from deltatune.host import slot_of, state_of
 from deltatune.io import atomic
 
@@ -667,3 +667,20 @@ def test_write_files_all_or_nothing(tmp_path, monkeypatch, existed):
     atomic.write_files({a: b"new a", b: b"new b"})
     assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
     assert _listing(tmp_path) == ["a.bin", "b.json"]
+
+
+def test_merging_an_inactive_delta_is_refused_and_weights_untouched():
+    from conftest import build_tiny
+
+    m = build_tiny("llama").model
+    dt.attach(m, dt.LoRA(r=2, targets=("q_proj",)), "a")
+    dt.attach(m, dt.LoRA(r=2, targets=("q_proj",)), "b", activate=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(StateError, match="not active"):
+        dt.merge(m, "b")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert dt.active_names(m) == ("a",)

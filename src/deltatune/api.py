@@ -212,7 +212,7 @@ def active(model: nn.Module, names: Names) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module, names: Names = None) -> nn.Module:
-    """Add the weight updates of `names` (default: the active deltas) into the base weights."""
+    """Add the weight updates of `names` (default: the active deltas; named ones must be active) into the base weights."""
     st = _state(model)
     names = _names(model, names, [n for n in st.active if n not in st.merged])
     if not names:
@@ -220,6 +220,10 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     again = [n for n in names if n in st.merged]
     if again:
         raise StateError(f"delta(s) {again} are already merged; unmerge first")
+    inactive = [n for n in names if n not in st.active]
+    if inactive:
+        raise StateError(f"delta(s) {inactive} are not active (active: {list(st.active)}); a merged delta acts on every "
+                         f"forward, so activate it first, e.g. dt.activate(model, {[*st.active, *inactive]!r})")
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
