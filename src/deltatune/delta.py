@@ -48,7 +48,7 @@ class Delta:
         layout = layout_by_name(self.module_types.get(path, "Linear"))
         piece = local.piece_class()
         dw, db = piece.state_to_delta(self.state[path], local, layout)
-        lookup = base_lookup(base)
+        lookup = base_lookup(base, self.module_types)
         if dw is None and lookup is not None:  # the base is read only for updates that depend on it
             weight, bias = lookup(path)
             dw, db = piece.state_to_delta(self.state[path], local, layout, weight, bias)
@@ -60,12 +60,12 @@ class Delta:
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
-        lookup = base_lookup(base)
+        lookup = base_lookup(base, self.module_types)
         return {path: self.update(path, lookup, with_bias=False)[0] for path in self.state}
 
     def biases(self, base: BaseWeights = None) -> dict[str, Tensor]:
         out = {}
-        lookup = base_lookup(base)
+        lookup = base_lookup(base, self.module_types)
         for path in self.state:
             _, db = self.update(path, lookup)
             if db is not None:
@@ -183,10 +183,18 @@ class Delta:
         raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
 
 
-BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | None
+BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | Any | None
 
 
-def base_lookup(base: BaseWeights) -> Callable[[str], tuple[Tensor, Tensor | None]] | None:
+def base_lookup(base: BaseWeights, module_types: dict[str, str] | None = None) -> Callable[[str], tuple[Tensor, Tensor | None]] | None:
+    """path -> (W [out, in], bias) from a model, a model directory or a CheckpointReader (module_types give the
+    checkpoint's layouts); a callable or None is returned as is."""
+    if isinstance(base, (str, Path)):
+        from .io.checkpoints import CheckpointReader
+
+        base = CheckpointReader(base)
+    if hasattr(base, "module_weights"):  # a CheckpointReader
+        return base.module_weights(module_types or {})
     if base is None or not isinstance(base, nn.Module):
         return base
     modules = dict(base.named_modules())

@@ -121,7 +121,7 @@ class PeftDelta(Delta):
             if base is None:
                 raise UnsupportedError(f"PEFT adapter {self.name!r} stores trained biases (bias='lora_only') that replace "
                                        f"the base model's; their change needs the base: pass base= (or dt.load it)")
-            base_bias = base_lookup(base)(path)[1]
+            base_bias = base_lookup(base, self.module_types)(path)[1]
             db = db.float() - base_bias.float().to(db.device) if base_bias is not None else db
         return dw, db
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..delta import BaseWeights, Delta, base_lookup
+from ..delta import Delta, base_lookup
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..tensors import DeltaTensor, DenseDelta, LowRankDelta, SparseDelta
 from ..train.progress import Progress
@@ -137,19 +137,6 @@ def read_inputs(inputs: Sequence[Delta | str | Path]) -> list[Delta]:
     return [d if isinstance(d, Delta) else Delta.read(d) for d in inputs]
 
 
-def base_weights(base: Any, delta: Delta) -> BaseWeights:
-    """The `base=` lookup of `delta.update` for a model, a model directory, a CheckpointReader or a callable."""
-    if base is None or (callable(base) and not isinstance(base, nn.Module)):
-        return base
-    if isinstance(base, nn.Module):
-        return base_lookup(base)
-    if isinstance(base, (str, Path)):
-        from ..io.checkpoints import CheckpointReader
-
-        base = CheckpointReader(base)
-    return base.module_weights(delta.module_types)
-
-
 def needs_base(deltas: list[Delta], paths: list[str]) -> tuple[int, str] | None:
     """(input index, module path) of the first update that needs the base weights (DoRA, full copies, PEFT's
     absolute biases), or None. Cheap: no dense ΔW is formed for LoRA."""
@@ -201,7 +188,7 @@ def merge_deltas(inputs: Sequence[Delta | str | Path], method: Any, params: dict
         i, path = missing
         raise UnsupportedError(f"input {i} ({deltas[i].name!r}) {BASE_NEEDED.format(path=path)}; pass base= (a model "
                                f"or a model directory)")
-    lookups = [base_weights(base, d) for d in deltas]
+    lookups = [base_lookup(base, d.module_types) for d in deltas]
     coefficients = linear_coefficients(method, checked, n) if is_linear(method) else None
 
     def merge_module(path: str) -> tuple[DeltaTensor, Tensor | None]:
@@ -239,7 +226,7 @@ def merge_deltas(inputs: Sequence[Delta | str | Path], method: Any, params: dict
                 biases[path] = db
             bar.update(i + 1, module=path)
     if biases and base is not None:  # pieces storing biases hold one wherever the base module has a bias
-        lookup = base_weights(base, Delta(name, deltas[0].config, {}, types))
+        lookup = base_lookup(base, types)
         for path in paths:
             if path not in biases and types[path] != "Embedding":
                 b = lookup(path)[1]

@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import storage_kind
-from ..delta import Delta, base_lookup
+from ..delta import BaseWeights, Delta, base_lookup
 from ..errors import ConfigError, UnsupportedError
 from ..tensors import DeltaTensor, LowRankDelta, SparseDelta
 
@@ -218,25 +217,16 @@ def low_rank(dw: DeltaTensor, rank: int | None = None, energy: float | None = No
 
 # --- the generic driver ----------------------------------------------------------------------------
 Convert = Callable[[str, DeltaTensor], tuple[DeltaTensor, int | None]]
-BaseArg = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | None
 
 
-def _lookup(base: BaseArg, delta: Delta) -> Callable[[str], tuple[Tensor, Tensor | None]] | None:
-    if isinstance(base, (str, Path)):
-        from ..io.checkpoints import CheckpointReader
-
-        return CheckpointReader(base).module_weights(delta.module_types)
-    return base_lookup(base)
-
-
-def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progress: bool = False,
+def convert(delta: Delta, fn: Convert, title: str, base: BaseWeights = None, progress: bool = False,
             kind: str | None = None) -> tuple[Delta, Report]:
     """Apply `fn(path, ΔW) -> (ΔŴ, ideal bytes or None)` to every module; the result keeps the biases and the base
     identity and is stored by the kind of ΔŴ, or by `kind` (see `Delta.from_tensors`). Nothing is written; errors
     leave `delta` as it was."""
     from ..train.progress import Progress
 
-    lookup = _lookup(base, delta)
+    lookup = base_lookup(base, delta.module_types)
     tensors: dict[str, DeltaTensor] = {}
     biases: dict[str, Tensor] = {}
     rows: dict[str, ModuleReport] = {}
@@ -263,7 +253,7 @@ def convert(delta: Delta, fn: Convert, title: str, base: BaseArg = None, progres
 
 
 def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alpha: float = 1.0,
-             on: str = "delta_w", rank: int | None = None, energy: float | None = None, base: BaseArg = None,
+             on: str = "delta_w", rank: int | None = None, energy: float | None = None, base: BaseWeights = None,
              progress: bool = False) -> tuple[Delta, Report]:
     """Compress every module of a linear delta.
 
@@ -287,7 +277,7 @@ def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alp
     return convert(delta, lambda path, dw: compeft_delta_w(dw, density, alpha), title, base, progress, kind="ternary")
 
 
-def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, base: BaseArg = None,
+def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, base: BaseWeights = None,
             progress: bool = False) -> tuple[Delta, Report]:
     """Any linear delta (dense, sparse, low-rank with a weight-derived init, DoRA or full copies given `base`) as a
     plain low-rank delta: rank cap, energy fraction, or neither for the lossless numerical rank."""

@@ -104,6 +104,7 @@ class CheckpointMerge:
         self.types, self.tied = module_types_of(self.base) if needs_layouts else ({}, [])
         self.slots = self._plan(self.tied)
         self.changed = 0  # keys written with a merged update (see write_model)
+        self._last: dict[int, tuple[str, Any]] = {}  # input -> (module path, its update), see _update
 
     def _plan(self, tied: list[set[str]]) -> list[_Slot]:
         base = self.base
@@ -157,6 +158,15 @@ class CheckpointMerge:
                                          f"module (e.g. a resized vocabulary) to keep the base's")
 
     # --- per key ------------------------------------------------------------------------------------------
+    def _update(self, i: int, src: Delta, path: str) -> tuple[Any, Tensor | None]:
+        """Input i's (ΔW, Δb) at `path`, computed once for the module's weight and bias keys (kept for the last
+        module only, so memory stays at one module per input)."""
+        last = self._last.get(i)
+        if last is None or last[0] != path:
+            last = (path, src.update(path, self.base.module_weights(src.module_types)))
+            self._last[i] = last
+        return last[1]
+
     def merged(self, slot: _Slot) -> tuple[Tensor, Tensor | None]:
         """(base tensor, merged task vector in the native layout, or None when nothing changes this key)."""
         w = self.base.get(slot.key)
@@ -179,7 +189,7 @@ class CheckpointMerge:
         path = slot.deltas.get(i)
         if path is None:
             return None
-        dw, db = src.update(path, self.base.module_weights(src.module_types))
+        dw, db = self._update(i, src, path)
         if slot.param == "weight":
             if db is not None and self.base.key_for(path, "bias") is None:
                 raise ShapeMismatchError(f"input {i} (delta {src.name!r}) changes the bias of {path!r}, which has no bias "

@@ -26,7 +26,7 @@ def weighted_sum(tensors: list[Tensor], weight: list[float]) -> Tensor:
     return out
 
 
-def _normalizer(weight: list[float], method: str) -> float:
+def normalizer(weight: list[float], method: str) -> float:
     total = float(sum(weight))
     if abs(total) < 1e-8:
         raise ConfigError(f"merge method {method!r}: the weights {weight} sum to 0, so they cannot be normalized; "
@@ -38,7 +38,7 @@ def _normalizer(weight: list[float], method: str) -> float:
 def linear(tensors: list[Tensor], *, weight: PerInput[float] = 1.0, normalize: bool = True) -> Tensor:
     """Weighted average Σ w_i τ_i / Σ w_i (with normalize=false: the weighted sum Σ w_i τ_i)."""
     out = weighted_sum(tensors, weight)
-    return out / _normalizer(weight, "linear") if normalize else out
+    return out / normalizer(weight, "linear") if normalize else out
 
 
 @merge_method("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", linear=True)
@@ -47,7 +47,7 @@ def task_arithmetic(tensors: list[Tensor], *, weight: PerInput[float] = 1.0, nor
     """λ · Σ w_i τ_i (divided by Σ w_i with normalize=true); a negative weight negates (forgets) a task."""
     out = weighted_sum(tensors, weight)
     if normalize:
-        out = out / _normalizer(weight, "task_arithmetic")
+        out = out / normalizer(weight, "task_arithmetic")
     return out * lambda_
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .methods_basic import normalizer, weighted_sum
 from .registry import Fraction, NonNegative, NonNegativeInt, PerInput, Unit, generator, merge_method
 
 _ROUND = 1e-9  # counts are ⌊fraction · n⌋, robust to 0.29 * 100 = 28.999999999999996
@@ -93,15 +94,9 @@ def combine(tensors: list[Tensor], weight: list[float], *, elect_sign: bool, nor
         if normalize:
             out.div_(divisor.masked_fill_(divisor == 0, 1.0))
         return out.mul_(lam)
-    w = torch.tensor(weight, dtype=torch.float32, device=tensors[0].device).view(-1, *([1] * tensors[0].dim()))
-    wd = torch.stack(tensors) * w
-    out = wd.sum(0)
+    out = weighted_sum(tensors, weight)
     if normalize:
-        total = float(sum(weight))
-        if abs(total) < 1e-8:
-            raise ConfigError(f"merge method {method!r}: the weights {weight} sum to 0, so they cannot be "
-                              f"normalized; set normalize=false or change the weights")
-        out = out / total
+        out = out / normalizer(weight, method)
     return out * lam
 
 
