@@ -58,8 +58,15 @@ class Piece(nn.Module, ABC):
                                f"merged or expressed as ΔW")
 
     def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        """Δb, computed against `bias` (default: the module's current bias); None when the piece has none."""
-        return None
+        """Δb, computed against `bias` (default: the module's current bias); None when the piece has none.
+        Default: the piece's own `bias` tensor (see `add_bias_delta`), which is a Δb."""
+        b = getattr(self, "bias", None)
+        return None if b is None else b.detach()
+
+    def add_bias_delta(self, base_bias: Tensor | None, wanted: bool, dtype: torch.dtype) -> None:
+        """A trainable Δb (zeros) as `self.bias`, when `wanted` and the module has a bias to change."""
+        if wanted and base_bias is not None:
+            self.bias = nn.Parameter(torch.zeros_like(base_bias, dtype=dtype))
 
     # --- training helpers -------------------------------------------------------------------------
     def fast_params(self) -> Iterable[nn.Parameter]:
@@ -92,6 +99,11 @@ class Piece(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a piece trains in on a module of `dtype`: float32 for half-precision modules, else the same."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def add_product(acc: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece
+from ..piece import Piece, master_dtype
 from ..tensors import DeltaTensor, DenseDelta
 
 
@@ -38,11 +38,9 @@ class DensePiece(Piece):
         super().__init__(base, path, cfg)
         self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w.dtype)
         self.delta = nn.Parameter(torch.zeros(w.shape, dtype=dtype, device=w.device))  # [out, in] view
-        bias = self.layout.bias(base)
-        if cfg.bias and bias is not None:
-            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+        self.add_bias_delta(self.layout.bias(base), cfg.bias, dtype)
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         out = self.layout.matmul(base, x.to(self.delta.dtype) if x.is_floating_point() else x, self.delta)
@@ -53,8 +51,6 @@ class DensePiece(Piece):
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         return DenseDelta(self.delta.detach())
 
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        return self.bias.detach() if hasattr(self, "bias") else None
 
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece
+from ..piece import Piece, master_dtype
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
 from .lora_autograd import LoRAFunction
@@ -108,7 +108,7 @@ class LoRAPiece(Piece):
             raise TargetError(f"LoRA rank r={cfg.r} exceeds min(out={d_out}, in={d_in}) of module {path!r}; lower r or use rank_pattern")
         self.scale = cfg.scale
         self.p = cfg.dropout
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w.dtype)
         a, b = self._initial_factors(w, cfg, dtype)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
@@ -119,9 +119,7 @@ class LoRAPiece(Piece):
             self.magnitude = nn.Parameter(self._row_norm(w.to(dtype)))
             self._norm_key: tuple | None = None
             self._norm_cache: Tensor | None = None
-        bias = self.layout.bias(base)
-        if cfg.bias == "lora_only" and bias is not None:
-            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+        self.add_bias_delta(self.layout.bias(base), cfg.bias == "lora_only", dtype)
 
     def _initial_factors(self, w: Tensor, cfg: LoRA, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         d_out, d_in = w.shape
@@ -245,8 +243,6 @@ class LoRAPiece(Piece):
         w = (self.layout.weight(base) if weight is None else weight).detach()
         return dora_update(low, self.magnitude.detach(), w)
 
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        return self.bias.detach() if hasattr(self, "bias") else None
 
     @classmethod
     def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA, layout: Layout, weight: Tensor | None = None,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece
+from ..piece import Piece, master_dtype
 from ..tensors import DeltaTensor, SparseDelta
 from .sparse import check_index, path_seed
 
@@ -79,13 +79,11 @@ class PaCAPiece(Piece):
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         r = cfg.columns(path, self.dims[1])
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w.dtype)
         self.register_buffer("shape", torch.tensor(self.dims, dtype=torch.int64))  # saved, so files need no model
         self.register_buffer("cols", initial_columns(self.dims[1], r, cfg.seed, path).to(w.device))
         self.block = nn.Parameter(torch.zeros(self.dims[0], r, dtype=dtype, device=w.device))  # ΔW[:, cols]
-        bias = self.layout.bias(base)
-        if cfg.bias and bias is not None:
-            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+        self.add_bias_delta(self.layout.bias(base), cfg.bias, dtype)
 
     @property
     def r(self) -> int:
@@ -104,8 +102,6 @@ class PaCAPiece(Piece):
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         return grid_delta(self.cols, self.block.detach(), self.dims)
 
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        return self.bias.detach() if hasattr(self, "bias") else None
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.r}, shape={self.dims}"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
-from ..piece import Piece, add_product
+from ..piece import Piece, add_product, master_dtype
 from ..targeting import pattern_value
 from ..tensors import DeltaTensor, SparseDelta
 from . import spiel
@@ -148,12 +148,10 @@ class SparsePiece(Piece):
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         self.register_buffer("shape", torch.tensor(self.dims, dtype=torch.int64))  # saved, so files need no model
         k = cfg.entries(path, w.numel())
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w.dtype)
         self.register_buffer("index", initial_index(w, k, cfg.mask, cfg.seed, path))
         self.values = nn.Parameter(torch.zeros(k, dtype=dtype, device=w.device))
-        bias = self.layout.bias(base)
-        if cfg.bias and bias is not None:
-            self.bias = nn.Parameter(torch.zeros_like(bias, dtype=dtype))
+        self.add_bias_delta(self.layout.bias(base), cfg.bias, dtype)
         self._stats: spiel.GradientSum | spiel.RowColSquares | None = None  # only within a regrow window
 
     @property
@@ -170,8 +168,6 @@ class SparsePiece(Piece):
     def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
         return SparseDelta(self.index.clone(), self.values.detach().clone(), self.dims)
 
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        return self.bias.detach() if hasattr(self, "bias") else None
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, k={self.k}, shape={self.dims}"

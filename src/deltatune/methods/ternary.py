@@ -213,8 +213,6 @@ class TernaryPiece(Piece):
         self._dense = None  # asked for ΔW (merge, export): drop the forward's decoded copy; rebuilt when needed
         return to_sparse({"mask": self.mask, "signs": self.signs, "scale": self.scale, "shape": self.shape}, self.path)
 
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        return self.bias if hasattr(self, "bias") else None
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, shape={self.dims}, signs={self.signs.numel()} bytes"
