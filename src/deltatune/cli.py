@@ -23,6 +23,15 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
     return out
 
 
+def _print_report(report: Any, as_json: bool, done: str) -> None:
+    """A compression/extraction report as JSON, or as a table followed by what was written."""
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(report.render())
+        typer.echo(done)
+
+
 def _fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -125,9 +134,7 @@ def compress_cmd(
         result.write(out)
     except DeltaTuneError as e:
         _fail(e)
-    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
-    if not as_json:
-        typer.echo(f"compressed delta ({result.config.kind}) written to {out}")
+    _print_report(report, as_json, f"compressed delta ({result.config.kind}) written to {out}")
 
 
 @app.command("extract")
@@ -151,9 +158,7 @@ def extract_cmd(
         delta.write(output)
     except DeltaTuneError as e:
         _fail(e)
-    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
-    if not as_json:
-        typer.echo(f"delta {name!r} written to {output}")
+    _print_report(report, as_json, f"delta {name!r} written to {output}")
 
 
 @app.command("merge")

@@ -41,6 +41,19 @@ def storage_kind(tensor_type: type) -> str:
     return kinds[0]
 
 
+def check_count_or_fraction(owner: str, count: tuple[str, Any, str], fraction: tuple[str, Any, str]) -> None:
+    """ConfigError unless exactly one of (name, value, meaning) `count` (a positive integer) and `fraction` (a number
+    in (0, 1]) is given — the "k or density" choice several methods share."""
+    (cname, c, cmeaning), (fname, f, fmeaning) = count, fraction
+    if (c is None) == (f is None):
+        raise ConfigError(f"{owner} needs exactly one of {cname} ({cmeaning}) or {fname} ({fmeaning}), got "
+                          f"{cname}={c!r}, {fname}={f!r}")
+    if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+        raise ConfigError(f"{owner}.{cname} must be a positive integer, got {c!r}")
+    if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f <= 1.0):
+        raise ConfigError(f"{owner}.{fname} must be a number in (0, 1], got {f!r}")
+
+
 def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_count_or_fraction, register
 from ..errors import ConfigError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
@@ -40,14 +40,7 @@ class PaCA(DeltaConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        if (self.r is None) == (self.fraction is None):
-            raise ConfigError(f"PaCA needs exactly one of r (columns per weight) or fraction (of the columns), got "
-                              f"r={self.r!r}, fraction={self.fraction!r}")
-        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1):
-            raise ConfigError(f"PaCA.r must be a positive integer, got {self.r!r}")
-        if self.fraction is not None and (not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool)
-                                          or not 0.0 < self.fraction <= 1.0):
-            raise ConfigError(f"PaCA.fraction must be a number in (0, 1], got {self.fraction!r}")
+        check_count_or_fraction("PaCA", ("r", self.r, "columns per weight"), ("fraction", self.fraction, "of the columns"))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"PaCA.seed must be an integer, got {self.seed!r}")
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_count_or_fraction, register
 from ..errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, add_product, master_dtype
@@ -55,14 +55,7 @@ class Sparse(DeltaConfig):
     regrow_window: int = 5
 
     def validate(self) -> None:
-        if (self.k is None) == (self.density is None):
-            raise ConfigError(f"Sparse needs exactly one of k (entries per weight) or density (fraction), got "
-                              f"k={self.k!r}, density={self.density!r}")
-        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
-            raise ConfigError(f"Sparse.k must be a positive integer, got {self.k!r}")
-        if self.density is not None and (not isinstance(self.density, (int, float)) or isinstance(self.density, bool)
-                                         or not 0.0 < self.density <= 1.0):
-            raise ConfigError(f"Sparse.density must be a number in (0, 1], got {self.density!r}")
+        check_count_or_fraction("Sparse", ("k", self.k, "entries per weight"), ("density", self.density, "fraction"))
         if self.mask not in MASKS:
             raise ConfigError(f"Sparse.mask must be one of {MASKS}, got {self.mask!r}")
         if not isinstance(self.k_pattern, dict) or not all(
