@@ -13,7 +13,6 @@ never densified (unless dense or sparse storage is asked for).
 """
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,13 +35,8 @@ ModuleParams = Callable[[str], dict[str, Any]]
 def resolve_method(method: Any) -> Any:
     """A merge method by registered name, or the method object itself (anything with validate and __call__)."""
     if isinstance(method, str):
-        from .registry import get_method
+        from .registry import get_method  # the built-in methods registered when deltatune.merging was imported
 
-        try:  # the built-in methods register themselves on import
-            importlib.import_module(f"{__package__}.methods")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.methods":
-                raise
         return get_method(method)
     if not callable(method) or not callable(getattr(method, "validate", None)):
         raise ConfigError(f"method must be a registered merge method name or a MergeMethod, got {type(method).__name__}")
