@@ -24,6 +24,12 @@ class Piece(nn.Module, ABC):
 
     #: module types (layout names) this method can adapt
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    #: where the piece acts (DESIGN.md "positions"): "weight" — adds f(x) to the module's output, f linear in x for
+    #: mergeable pieces (LoRA, sparse, ...); "output" — transforms the module's output h -> g(h) ((IA)3 on keys,
+    #: series adapters); "input" — transforms the module's input x -> s(x) before it runs ((IA)3 on the FFN input)
+    #: or adds a parallel branch; "attention" — extra keys/values or virtual tokens, applied by the method's own
+    #: mechanism (the host's hooks skip such pieces). Composition blocks (compose.py) have one formula per position.
+    position: ClassVar[str] = "weight"
     #: saved entries that may be absent from a file and then mean zero (a Δb where the file has none)
     zero_if_missing: ClassVar[tuple[str, ...]] = ()
 
@@ -80,6 +86,11 @@ class Piece(nn.Module, ABC):
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None, step: int, total: int | None = None) -> None:
         """Training loops call this after each optimizer step; `step` counts the steps done, this one included.
         Optional capability (e.g. SpIEL drops and regrows entries and resets their optimizer state)."""
+
+    def regularizer(self) -> Tensor | None:
+        """A term training adds to the loss (already weighted by the method's own coefficient), or None.
+        Optional capability (orthogonality penalties of SORSA and AdaLoRA)."""
+        return None
 
     # --- files without a model ------------------------------------------------------------------
     @classmethod

@@ -28,7 +28,7 @@ from .distributed import Dist
 from .evaluate import evaluate_classification, evaluate_generation
 from .lisa import Lisa
 from .progress import Progress
-from .step_hooks import after_optimizer_step, before_step
+from .step_hooks import after_optimizer_step, before_step, regularization
 
 
 @dataclass
@@ -279,7 +279,7 @@ class _Run:
         for micro in range(cfg.grad_accum):
             idx = self.order.indices(self.step * cfg.grad_accum + micro)
             batch = self.collate([self.train_set[i] for i in idx])
-            loss = self.wrapped(**batch).loss / cfg.grad_accum
+            loss = (self.wrapped(**batch).loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
             loss.backward()
             total_loss += float(loss.detach())
             tokens += count_tokens(batch)

@@ -2,7 +2,8 @@
 
 dt.train calls these around every optimizer step; `DeltaCallback` (callback.py) does the same inside an HF
 Trainer. A custom loop calls `before_step(model, step, total)` before each step's forward passes and
-`after_optimizer_step(model, optimizer, step + 1, total)` after `optimizer.step()`.
+`after_optimizer_step(model, optimizer, step + 1, total)` after `optimizer.step()`, and adds
+`regularization(model)` to each loss it backpropagates (methods with penalty terms, e.g. SORSA).
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def before_step(model: nn.Module, step: int, total: int | None = None, names: It
     """Before training step number step + 1 (`step` optimizer steps are done)."""
     for piece in trained_pieces(model, names):
         piece.before_step(step, total)
+
+
+def regularization(model: nn.Module, names: Iterable[str] | None = None) -> torch.Tensor | float:
+    """The sum of the trained pieces' `regularizer()` terms (0.0 when none has one): add it to the loss."""
+    total: torch.Tensor | float = 0.0
+    for piece in trained_pieces(model, names):
+        term = piece.regularizer()
+        if term is not None:
+            total = total + term
+    return total
 
 
 def after_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
