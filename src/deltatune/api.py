@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compose import Arrow, Block, Fuse, Node, additive_names, as_node, leaves, placements, without
 from .config import DeltaConfig
 from .errors import ConfigError, DeltaNameError, StateError, TargetError, UnsupportedError
 from .host import (DeltaRecord, DeltaSlot, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
@@ -24,7 +25,7 @@ Names = str | Sequence[str] | None
 def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise DeltaNameError(f"delta name must be a non-empty string without '.' or '/', got {name!r}")
-    if hasattr(DeltaSlot, name) or name in ("layout", "active", "merged", "saved_updates", "handle"):
+    if hasattr(DeltaSlot, name) or name in ("layout", "active", "plans", "merged", "saved_updates", "handle"):
         raise DeltaNameError(f"delta name {name!r} is reserved (an attribute of deltatune's per-module slot); "
                              f"choose another name")
     st = state_of(model)
@@ -71,7 +72,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
     _check_new_name(model, name)
     fresh_state = state_of(model) is None
     st = ensure_state(model)
-    previous_active = st.active
+    previous_active, previous_block = st.active, st.block
     created, added = [], []
     try:
         if fresh_state:
@@ -89,9 +90,9 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
             added.append(module)
         st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable)
         if activate:
-            _set_active(model, (name,))
+            _set_active(model, name)
         else:
-            _set_active(model, st.active)
+            _set_active(model, st.block)
     except BaseException:
         for module in added:
             slot = slot_of(module)
@@ -100,11 +101,12 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
         for module in created:
             remove_slot(module)
         st.deltas.pop(name, None)
-        st.active = previous_active
+        st.active, st.block = previous_active, previous_block
         for module in model.modules():
             slot = slot_of(module)
             if slot is not None:
                 slot.active = tuple(n for n in previous_active if n in slot)
+                slot.set_plan(previous_block if slot.active else None)
         if fresh_state:
             _restore_grads(model, st.base_requires_grad)
             drop_state(model)
@@ -167,31 +169,76 @@ def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[s
     return None
 
 
-def _set_active(model: nn.Module, names: Sequence[str]) -> None:
+def _set_active(model: nn.Module, node: Node | Sequence[str] | None) -> None:
     st = _state(model)
-    if any(n not in names for n in st.merged) or _weight_conflict(model, names, st.merged):
-        # a merged delta that stops being active must leave the weights too; unmerging all of them, newest
-        # first, is exact even for weight-dependent updates (DoRA); those still active keep acting unmerged
+    if node is not None and not isinstance(node, (str, Block)):
+        node = as_node(node) if len(node) else None
+    names = tuple(leaves(node)) if node is not None else ()
+    mergeable_here = additive_names(node) if node is not None else set()
+    if any(n not in mergeable_here for n in st.merged) or _weight_conflict(model, names, st.merged):
+        # a merged delta that stops being active (or now sits under a block that scales or selects it) must leave
+        # the weights too; unmerging all of them, newest first, is exact even for weight-dependent updates (DoRA);
+        # those still active keep acting unmerged
         unmerge(model)
-    st.active = tuple(names)
+    _apply(model, node)
+
+
+def _apply(model: nn.Module, node: Node | None) -> None:
+    """Record `node` as the active composition and give every slot its local plan (no checks, no unmerging)."""
+    st = _state(model)
+    names = tuple(leaves(node)) if node is not None else ()
+    st.active = names
+    st.block = node
     for module in model.modules():
         slot = slot_of(module)
         if slot is not None:
             slot.active = tuple(n for n in names if n in slot)
+            slot.set_plan(node if slot.active else None)
 
 
-def activate(model: nn.Module, names: Names) -> nn.Module:
-    """Make `names` (one name, several — their sum — or None for the bare model) the active deltas.
+def _check_block(model: nn.Module, node: Node) -> None:
+    """Everything about a composition that can be checked before it runs (names, nesting, positions)."""
+    if isinstance(node, Block):
+        node.check()
+    names = leaves(node)
+    _names(model, [n for n in names], ())
+    if len(set(names)) != len(names):
+        raise ConfigError(f"delta names repeat in {node!r}; each delta may appear once in a composition")
+    for name, block in placements(node):
+        for module, slot in _slots(model, name):
+            piece = slot[name]
+            if piece.position not in block.positions:
+                raise ConfigError(f"{type(block).__name__} is not defined for {piece.position}-position deltas such as "
+                                  f"{name!r} at {piece.path!r} ({type(block).__name__} takes {', '.join(block.positions)}); "
+                                  f"see docs/composition.md")
+            if isinstance(block, Arrow) and not piece.mergeable:
+                raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {piece.path!r} is not a weight update")
+    if isinstance(node, Block):
+        for fuse in [b for b in _blocks(node) if isinstance(b, Fuse)]:
+            _names(model, fuse.fusion, ())
+            used = {p for n in fuse.children for p in _state(model).deltas[n].paths}
+            missing = sorted(used - set(_state(model).deltas[fuse.fusion].paths))
+            if missing:
+                raise ConfigError(f"fusion delta {fuse.fusion!r} has no piece at {missing[:3]}, where the fused deltas "
+                                  f"act; attach dt.Fusion(deltas=...) over these deltas")
+
+
+def _blocks(node: Block) -> list[Block]:
+    return [node, *[b for c in node.children if isinstance(c, Block) for b in _blocks(c)]]
+
+
+def activate(model: nn.Module, names: Names | Block) -> nn.Module:
+    """Make `names` the active composition: one name, a list of names (their Sum), a block (dt.Stack,
+    dt.Average, dt.Fuse, dt.Route, dt.Arrow, nested), or None for the bare model.
 
     If a merged delta would become inactive, every merged delta is unmerged first (as PEFT does)."""
     if names is None:
         _state(model)
-        _set_active(model, ())
+        _set_active(model, None)
         return model
-    names = _names(model, names, ())
-    if len(set(names)) != len(names):
-        raise ConfigError(f"delta names repeat in {names}")
-    _set_active(model, names)
+    node = as_node(names)
+    _check_block(model, node)
+    _set_active(model, node)
     return model
 
 
@@ -200,10 +247,16 @@ def active_names(model: nn.Module) -> tuple[str, ...]:
     return st.active if st is not None else ()
 
 
+def active_block(model: nn.Module) -> Node | None:
+    """The active composition (a name or a block), None for the bare model."""
+    st = state_of(model)
+    return st.block if st is not None else None
+
+
 @contextmanager
-def active(model: nn.Module, names: Names) -> Iterator[nn.Module]:
-    """Temporarily activate `names`; the previous active set is restored on exit."""
-    previous = active_names(model)
+def active(model: nn.Module, names: Names | Block) -> Iterator[nn.Module]:
+    """Temporarily activate `names` (anything `activate` takes); the previous composition is restored on exit."""
+    previous = active_block(model)
     activate(model, names)
     try:
         yield model
@@ -220,6 +273,10 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     again = [n for n in names if n in st.merged]
     if again:
         raise StateError(f"delta(s) {again} are already merged; unmerge first")
+    scaled = [n for n in names if n in st.active and n not in additive_names(st.block)]
+    if scaled:
+        raise StateError(f"delta(s) {scaled} sit under {st.block!r}, which scales or selects them per example; only "
+                         f"deltas that act in full (a plain name, Sum or Stack) can be merged")
     inactive = [n for n in names if n not in st.active]
     if inactive:
         raise StateError(f"delta(s) {inactive} are not active (active: {list(st.active)}); a merged delta acts on every "
@@ -237,6 +294,9 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
                 raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} cannot be merged: the weight is shared by "
                                        f"{tied} (tied embeddings), so merging would change those modules too; keep it "
                                        f"unmerged or untie the weights first")
+            if getattr(module, "bias", None) is None and slot[name].delta_bias(module) is not None:
+                raise UnsupportedError(f"delta {name!r} at {slot[name].path!r} changes the bias, but the module has no "
+                                       f"bias parameter to merge it into; keep it unmerged")
     conflict = _weight_conflict(model, st.active, [*st.merged, *names])
     if conflict:
         raise StateError(f"cannot merge {names}: {conflict}; merge those deltas too, or deactivate them")
@@ -279,11 +339,10 @@ def _remove(model: nn.Module, name: str) -> None:
     st = _state(model)
     for module, slot in list(_slots(model, name)):
         del slot[name]
-        slot.active = tuple(n for n in slot.active if n != name)
         if not len(slot):
             remove_slot(module)
     del st.deltas[name]
-    st.active = tuple(n for n in st.active if n != name)
+    _apply(model, without(st.block, name))
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .compose import POSITIONS, Context, Node, Route, run
 from .config import DeltaConfig
 from .layouts import Layout
 from .piece import Piece
@@ -21,13 +22,22 @@ class DeltaSlot(nn.ModuleDict):
         super().__init__()
         self.layout = layout
         self.active: tuple[str, ...] = ()
+        self.plans: dict[str, Node] = {}  # the active composition at this module, per position
         self.merged: list[str] = []
         self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged weight-dependent pieces
         self.handle = None
 
-    def running(self) -> list[Piece]:
-        return [self[n] for n in self.active if n in self and n not in self.merged]
-
+    def set_plan(self, node: Node | None) -> None:
+        """Restrict the model's active composition to the pieces of this module, position by position."""
+        self.plans = {}
+        if node is None:
+            return
+        for pos in POSITIONS:
+            local = node if isinstance(node, str) else node.restrict(lambda n, pos=pos: n in self and self[n].position == pos)
+            if isinstance(local, str) and not (local in self and self[local].position == pos):
+                local = None
+            if local is not None:
+                self.plans[pos] = local
 
     def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
@@ -78,18 +88,39 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
     return next(iter(kwargs.values()))
 
 
+def _with_first_input(args: tuple, kwargs: dict, x: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (x, *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: x}
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    slot: DeltaSlot = getattr(module, SLOT)
+    plan = slot.plans.get("input")
+    if plan is None:
+        return None
+    x = _first_input(args, kwargs)
+    return _with_first_input(args, kwargs, run(plan, x, Context(x, None, module, slot, "input")))
+
+
 def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
     slot: DeltaSlot = getattr(module, SLOT)
-    pieces = slot.running()
-    if not pieces:
+    plans = slot.plans
+    if not plans:
         return output
     x = _first_input(args, kwargs)
-    if len(pieces) == 1:
-        return pieces[0](x, output, output, module)
-    acc = output.clone()
-    for piece in pieces:
-        acc = piece(x, output, acc, module)
-    return acc
+    plan = plans.get("weight")
+    if isinstance(plan, str):  # one weight delta: it may add into the base output directly
+        if plan not in slot.merged:
+            output = slot[plan](x, output, output, module)
+    elif plan is not None:
+        in_place = isinstance(plan, Route) and not torch.is_grad_enabled()
+        output = plan.run(output if in_place else output.clone(), Context(x, output, module, slot, "weight"))
+    plan = plans.get("output")
+    if plan is not None:
+        output = run(plan, output, Context(x, output, module, slot, "output"))
+    return output
 
 
 def is_piece_module(path: str) -> bool:
@@ -106,15 +137,16 @@ def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
     if slot is None:
         slot = DeltaSlot(layout)
         module.add_module(SLOT, slot)
-        slot.handle = module.register_forward_hook(_hook, with_kwargs=True)
+        slot.handle = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                       module.register_forward_hook(_hook, with_kwargs=True))
     return slot
 
 
 def remove_slot(module: nn.Module) -> None:
     slot = slot_of(module)
     if slot is not None:
-        if slot.handle is not None:
-            slot.handle.remove()
+        for handle in slot.handle or ():
+            handle.remove()
         del module._modules[SLOT]
 
 
@@ -132,6 +164,7 @@ class ModelState:
 
     deltas: dict[str, DeltaRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    block: Node | None = None  # the active composition (active = its delta names)
     merged: list[str] = field(default_factory=list)
     base_requires_grad: dict[str, bool] = field(default_factory=dict)
 
