@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compose import Arrow, Block, Fuse, Node, additive_names, as_node, leaves, placements, without
+from .compose import Arrow, Block, Fuse, Route, Node, additive_names, as_node, leaves, placements, without
 from .config import DeltaConfig
 from .errors import ConfigError, DeltaNameError, StateError, TargetError, UnsupportedError
 from .host import (DeltaRecord, DeltaSlot, drop_state, ensure_slot, ensure_state, remove_slot, slot_of, state_of, is_piece_module)
@@ -38,6 +38,14 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
     """Construct (without installing) one piece per target. Touches nothing on the model."""
     if not isinstance(cfg, DeltaConfig):
         raise ConfigError(f"expected a delta config such as dt.LoRA(...), got {type(cfg).__name__}")
+    if paths is None and cfg.follows():
+        st = state_of(model)
+        missing = [n for n in cfg.follows() if st is None or n not in st.deltas]
+        if missing:
+            raise DeltaNameError(f"{type(cfg).__name__} goes on the modules of deltas {list(cfg.follows())}, but {missing} "
+                                 f"are not attached; attach (or load) them first")
+        wanted = {p for n in cfg.follows() for p in st.deltas[n].paths}
+        paths = [p for p, _ in model.named_modules() if p in wanted]
     if paths is None:
         targets = resolve_targets(model, cfg)
         if cfg.modules_to_save:
@@ -63,6 +71,11 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
         if weight is not None:
             piece.to(device=weight.device)
         built.append((path, module, piece))
+    groups: dict[type, list[Piece]] = {}
+    for _, _, piece in built:
+        groups.setdefault(type(piece), []).append(piece)
+    for piece_cls, group in groups.items():  # pieces sharing state across modules connect (Piece.link)
+        piece_cls.link(group)
     return built
 
 
@@ -73,7 +86,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
     fresh_state = state_of(model) is None
     st = ensure_state(model)
     previous_active, previous_block = st.active, st.block
-    created, added = [], []
+    created, added, installed = [], [], []
     try:
         if fresh_state:
             for pname, p in model.named_parameters():
@@ -88,12 +101,16 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
                 p.requires_grad_(trainable)
             slot[name] = piece
             added.append(module)
+            piece.install(model, module)  # mechanisms of their own (attention-position pieces' hooks)
+            installed.append((module, piece))
         st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable)
         if activate:
             _set_active(model, name)
         else:
             _set_active(model, st.block)
     except BaseException:
+        for module, piece in reversed(installed):
+            piece.uninstall(model, module)
         for module in added:
             slot = slot_of(module)
             if slot is not None and name in slot:
@@ -156,7 +173,9 @@ def _slots(model: nn.Module, name: str):
 
 
 def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[str]) -> str | None:
-    """Where an unmerged, active, weight-dependent piece (DoRA) would see other deltas merged into its weight."""
+    """Where merged weights would change what an active delta computes: an unmerged weight-dependent piece (DoRA)
+    seeing other deltas in its weight, or a merged piece of another position ((IA)3 rescaling an input or output)
+    sharing its module with another active delta (merged, it no longer applies before or after that delta)."""
     for module in model.modules():
         slot = slot_of(module)
         if slot is None:
@@ -166,6 +185,11 @@ def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[s
         if here and running:
             return (f"at {slot[running[0]].path!r}, active delta(s) {running} compute their update from the weight, "
                     f"which would then include merged delta(s) {here}")
+        moved = [m for m in here if slot[m].position != "weight"]
+        others = [n for n in active if n in slot and n not in moved[:1]]
+        if moved and others:
+            return (f"at {slot[moved[0]].path!r}, merged delta {moved[0]!r} rescales the module's {slot[moved[0]].position}, "
+                    f"which active delta(s) {others} would then no longer see in the right order")
     return None
 
 
@@ -264,6 +288,14 @@ def active(model: nn.Module, names: Names | Block) -> Iterator[nn.Module]:
         _set_active(model, previous)
 
 
+@contextmanager
+def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Per-example deltas: row b of every batch run inside goes through delta rows[b] (None: the bare model), in
+    forward and in generate (every decode step). The previous composition is restored on exit."""
+    with active(model, Route(rows)):
+        yield model
+
+
 def merge(model: nn.Module, names: Names = None) -> nn.Module:
     """Add the weight updates of `names` (default: the active deltas; named ones must be active) into the base weights."""
     st = _state(model)
@@ -338,6 +370,7 @@ def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
 def _remove(model: nn.Module, name: str) -> None:
     st = _state(model)
     for module, slot in list(_slots(model, name)):
+        slot[name].uninstall(model, module)
         del slot[name]
         if not len(slot):
             remove_slot(module)

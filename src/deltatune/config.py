@@ -141,6 +141,11 @@ class DeltaConfig(metaclass=_CheckedKeywords):
 
         return bool(self.modules_to_save) and matches(tuple(self.modules_to_save), path)
 
+    def follows(self) -> tuple[str, ...]:
+        """Names of attached deltas whose modules this delta goes on instead of `targets` (a fusion layer over them).
+        Default: none — the delta is targeted by `targets`."""
+        return ()
+
     def piece_class(self, module: Any) -> type:
         """The Piece class to build for `module`; every registered method overrides this."""
         raise UnsupportedError(f"{type(self).__name__} (kind {self.kind!r}) names no method; use a registered "
@@ -151,6 +156,11 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         """A config of this kind whose pieces can hold exactly these updates (path -> DeltaTensor); methods that
         store arbitrary updates of one kind (dense, sparse, low-rank) support it (see `Delta.from_tensors`)."""
         return cls(targets=tuple(tensors))
+
+    def for_pieces(self, pieces: dict[str, Any]) -> "DeltaConfig":
+        """The config that rebuilds `pieces` (path -> Piece) with their current shapes, for saving; methods whose
+        pieces change shape in training record it here (AdaLoRA's pruned ranks). Default: self."""
+        return self
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,9 @@ SLOT = "deltatune"
 class DeltaSlot(nn.ModuleDict):
     """Named pieces on one module, which of them are active, and which are merged into its weight."""
 
+    route_bank = None  # routing.Bank: the fast Route path's stacked factors at this module
+    route_plan = None  # routing.Plan: the active Route's row groups at this module
+
     def __init__(self, layout: Layout | None) -> None:
         super().__init__()
         self.layout = layout
@@ -30,6 +33,7 @@ class DeltaSlot(nn.ModuleDict):
     def set_plan(self, node: Node | None) -> None:
         """Restrict the model's active composition to the pieces of this module, position by position."""
         self.plans = {}
+        self.route_plan = None
         if node is None:
             return
         for pos in POSITIONS:

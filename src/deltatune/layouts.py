@@ -2,6 +2,9 @@
 
 nn.Linear stores W as is, transformers' Conv1D stores W^T, nn.Embedding stores a [num, dim] table that acts
 as W = table^T on one-hot inputs. Methods work in the [out, in] view and never ask which module they are on.
+Normalisation modules (LayerNorm, RMSNorm: y = n(x) ⊙ γ + β) are the one 1-D case: their weight γ is a diagonal
+map of n(x), kept as its diagonal, so their ΔW is a 1-D tensor of γ's shape (`NormLayout`; only methods that list
+"Norm" in `supported` receive it).
 """
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TargetError
+from .errors import TargetError, UnsupportedError
 
 
 class Layout:
     """Linear view of a module type."""
 
     module_type: str = ""
+    #: the module multiplies a dense input by W (False for lookup tables): batched matmul fast paths apply
+    dense_input: bool = True
 
     def weight(self, module: nn.Module) -> Tensor:
         """W as [out, in]; a view of the module's parameter."""
@@ -44,6 +49,18 @@ class Layout:
         """x W^T without bias, for any [out, in] weight."""
         return F.linear(x, w)
 
+    def forward_with(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The module's own forward on `x` with `weight` (and `bias`, where given) in place of its parameters, in
+        the module's native layout. Runs `forward` on a shallow stand-in: no hooks, the module itself untouched."""
+        stand_in = object.__new__(type(module))
+        stand_in.__dict__.update(module.__dict__)
+        params = dict(module._parameters)
+        params["weight"] = weight
+        if bias is not None:
+            params["bias"] = bias
+        stand_in.__dict__["_parameters"] = params
+        return stand_in.forward(x)
+
 
 class LinearLayout(Layout):
     module_type = "Linear"
@@ -61,6 +78,7 @@ class Conv1DLayout(Layout):
 
 class EmbeddingLayout(Layout):
     module_type = "Embedding"
+    dense_input = False
 
     def weight(self, module: nn.Module) -> Tensor:
         return module.weight.t()
@@ -78,6 +96,36 @@ class EmbeddingLayout(Layout):
     def matmul(self, module: nn.Module, x: Tensor, w: Tensor) -> Tensor:
         return F.embedding(x, w.t(), module.padding_idx, module.max_norm, module.norm_type,
                            module.scale_grad_by_freq, module.sparse)
+
+
+class NormLayout(Layout):
+    """LayerNorm / RMSNorm-style modules: the weight is the 1-D scale γ (no [out, in] matrix)."""
+
+    module_type = "Norm"
+
+    def shape(self, module: nn.Module) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(int(s) for s in module.weight.shape)
+
+    def project(self, module: nn.Module, x: Tensor, a: Tensor) -> Tensor:
+        raise UnsupportedError("a normalisation module's weight is a 1-D scale, not a matrix: it has no input projection")
+
+    def matmul(self, module: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+        raise UnsupportedError("a normalisation module's weight is a 1-D scale, not a matrix: use forward_with")
+
+
+NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation over the last dimension followed by an elementwise affine map with a 1-D weight (and an
+    optional 1-D bias): nn.LayerNorm, nn.RMSNorm, or a class whose name ends in LayerNorm / RMSNorm (LlamaRMSNorm,
+    T5LayerNorm, ...). BatchNorm, GroupNorm and channel-first norms (LayerNorm2d) are not of this kind; the class is
+    checked by name, not isinstance, so a subclass with another name (and maybe another axis) is not taken either."""
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    bias = module._parameters.get("bias") if weight is not None else None
+    if weight is None or weight.dim() != 1 or (bias is not None and bias.shape != weight.shape):
+        return False
+    return type(module) in (nn.LayerNorm, nn.RMSNorm) or type(module).__name__.endswith(NORM_SUFFIXES)
 
 
 def _conv1d_type() -> type | None:
@@ -98,6 +146,8 @@ def layout_of(module: nn.Module, path: str = "?", allowed: tuple[str, ...] = ("L
         layout = Conv1DLayout()
     elif isinstance(module, nn.Embedding):
         layout = EmbeddingLayout()
+    elif is_norm(module):
+        layout = NormLayout()
     if layout is None or layout.module_type not in allowed:
         raise TargetError(
             f"module {path!r} is a {type(module).__name__}; this method adapts {', '.join(allowed)} modules. "
@@ -107,10 +157,10 @@ def layout_of(module: nn.Module, path: str = "?", allowed: tuple[str, ...] = ("L
 
 
 def layout_by_name(module_type: str) -> Layout:
-    for cls in (LinearLayout, Conv1DLayout, EmbeddingLayout):
+    for cls in (LinearLayout, Conv1DLayout, EmbeddingLayout, NormLayout):
         if cls.module_type == module_type:
             return cls()
-    raise TargetError(f"unknown module type {module_type!r}; known: Linear, Conv1D, Embedding")
+    raise TargetError(f"unknown module type {module_type!r}; known: Linear, Conv1D, Embedding, Norm")
 
 
 def as_2d(t: Tensor) -> Tensor:
