@@ -33,7 +33,104 @@ CLS_METHODS = {
     "peft-lora": ("peft LoRA r=8", 2e-3),
     "spiel": ("SpIEL (sparse, LoRA r=8's count per layer)", 2e-4),
     "lt-sft": ("LT-SFT (sparse, LoRA r=8's total count)", 2e-4),
+    # scaling and bias methods: fixed budgets (no rank to match LoRA r=8's), lr from the papers' ranges
+    "ssf": ("SSF (scale + shift of every linear layer's outputs)", 5e-3),
+    "bitfit": ("BitFit (biases of every linear layer)", 1e-3),
+    "peft-bitfit": ("peft BEFT (biases of every linear layer, as BitFit)", 1e-3),
+    "ln-tuning": ("LayerNorm tuning (γ, β of every LayerNorm)", 1e-3),
+    "peft-ln-tuning": ("peft LN tuning (same LayerNorms)", 1e-3),
 }
+SCALING_DELTAS = {"ssf": {"kind": "ssf", "targets": "all-linear"}, "bitfit": {"kind": "bitfit", "targets": "all-linear"},
+                  "ln-tuning": {"kind": "ln_tuning", "targets": "all-norm"}}
+# LoHa, LoKr, SORSA: LoRA r=8's trainable count on MiniLM-L6 (339,845 with the head; LoKr 340,437, SORSA 340,141)
+CLS_METHODS.update({"loha": ("LoHa r=4", 2e-3), "peft-loha": ("peft LoHa r=4", 2e-3), "lokr": ("LoKr r=32, factor 4", 2e-3),
+                    "peft-lokr": ("peft LoKr r=32, factor 4", 2e-3), "sorsa": ("SORSA r=8, γ=4e-4", 3e-3)})
+CLS_DELTAS = {"loha": {"kind": "loha", "r": 4, "alpha": 4}, "lokr": {"kind": "lokr", "r": 32, "alpha": 32, "factor": 4},
+              "sorsa": {"kind": "sorsa", "r": 8, "gamma": 4e-4}}
+CLS_PEFT = {"peft-loha": ("LoHaConfig", {"r": 4, "alpha": 4}),
+            "peft-lokr": ("LoKrConfig", {"r": 32, "alpha": 32, "decompose_factor": 4})}
+# VeRA (its count is small by design: r + d_out per layer, 30,592 + head), LoRA-XS and RandLoRA (LoRA r=8's count
+# within 1% / 5%: 340,992 / 355,200 + head); dropout 0.05 as LoRA's rows
+CLS_METHODS.update({"vera": ("VeRA r=256", 4e-3), "peft-vera": ("peft VeRA r=256", 4e-3), "lora-xs": ("LoRA-XS r=96", 1e-3),
+                    "randlora": ("RandLoRA r=16", 1e-3), "peft-randlora": ("peft RandLoRA r=16", 1e-3)})
+CLS_DELTAS.update({"vera": {"kind": "vera", "r": 256, "dropout": 0.05},
+                   "lora-xs": {"kind": "lora_xs", "r": 96, "alpha": 96, "dropout": 0.05},
+                   "randlora": {"kind": "randlora", "r": 16, "alpha": 320, "dropout": 0.05}})
+CLS_PEFT.update({"peft-vera": ("VeraConfig", {"r": 256, "vera_dropout": 0.05}),
+                 "peft-randlora": ("RandLoraConfig", {"r": 16, "randlora_alpha": 320, "randlora_dropout": 0.05})})
+# prompt / prefix tuning (attention position): 72 prefix tokens per layer train LoRA r=8's count on MiniLM-L6
+# (6 layers · 2 · 72 · 384 = 331,776); a prompt of that count would be 864 tokens, so the prompt rows use Lester et al.'s
+# 20 tokens. lr 1e-2 (P-tuning v2 / peft examples use 5e-3 to 3e-2 with AdamW), not tuned. peft's prompt learning
+# lives in its wrapper model, so those rows train the wrapper (PEFT_PROMPTS).
+CLS_METHODS.update({"prompt": ("prompt tuning, 20 tokens", 1e-2), "peft-prompt": ("peft prompt tuning, 20 tokens", 1e-2),
+                    "prefix": ("prefix tuning, 72 tokens", 1e-2), "peft-prefix": ("peft prefix tuning, 72 tokens", 1e-2)})
+PROMPT_DELTAS = {"prompt": {"kind": "prompt", "n_tokens": 20}, "prefix": {"kind": "prefix", "n_tokens": 72}}
+PEFT_PROMPTS = {"peft-prompt": ("PromptTuningConfig", 20), "peft-prefix": ("PrefixTuningConfig", 72)}
+# bottleneck adapters (targets "auto": MiniLM-L6 is BERT): 2·d·m + m + d per adapter (d = 384); Houlsby has 12 adapters
+# (m=36: 336,816), Pfeiffer / parallel / AdaptFormer 6 (m=73: 339,126), LoRA r=8 337,920 (all without the head); lr
+# 1e-3, inside Houlsby et al.'s range (3e-5..3e-3) and AdaptFormer's base lr, not tuned; no peft rows (peft has none)
+CLS_METHODS.update({"houlsby": ("Houlsby adapters, m=36", 1e-3), "pfeiffer": ("Pfeiffer adapter, m=73", 1e-3),
+                    "parallel-adapter": ("parallel adapter, m=73, s=4", 1e-3), "adaptformer": ("AdaptFormer, m=73, s=0.1", 1e-3)})
+ADAPTER_DELTAS = {"houlsby": {"kind": "houlsby", "bottleneck": 36}, "pfeiffer": {"kind": "pfeiffer", "bottleneck": 73},
+                  "parallel-adapter": {"kind": "parallel_adapter", "bottleneck": 73},
+                  "adaptformer": {"kind": "adaptformer", "bottleneck": 73}}
+# AdaLoRA: init_r 12 -> target_r 8 per module on average (the final budget is LoRA r=8's count plus one singular value
+# per kept rank; it starts 1.5x larger), alpha 24 (scale 2, as LoRA's 16/8), β1 = β2 = 0.85, γ = 0.1, masking every 5
+# steps, the budget held for the first 10% of the steps and fixed for the last 30%; lr 1e-3, inside the paper's range
+# (5e-4..2.2e-3), not tuned. peft's row: the same settings (its γ weights the mean unsquared norm of PᵀP − I and
+# QQᵀ − I, ours the paper's sum of squared norms; it masks but never removes, so its count stays at init_r's)
+CLS_METHODS.update({"adalora": ("AdaLoRA r=12→8", 1e-3), "peft-adalora": ("peft AdaLoRA r=12→8", 1e-3)})
+ADALORA = {"init_r": 12, "target_r": 8, "deltaT": 5, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1}
+# data-driven LoRA inits (docs/inits.md): the lora row's settings and lr (the papers train at their LoRA baseline's
+# lr), statistics from the first 128 training examples (8 batches of 16; peft's CorDA takes them one per forward);
+# EVA rho 2 keeps Σr = LoRA r=8's ranks (per-module ranks move); CorDA ipm; LoRA-GA ArB2r with the stable scale γ=16
+CLS_METHODS.update({"eva": ("LoRA r=8, EVA init (rho 2)", 2e-3), "peft-eva": ("peft LoRA r=8, EVA init (rho 2)", 2e-3),
+                    "corda": ("LoRA r=8, CorDA init (ipm)", 2e-3), "peft-corda": ("peft LoRA r=8, CorDA init (ipm)", 2e-3),
+                    "lora-ga": ("LoRA r=8, LoRA-GA init", 2e-3), "peft-lora-ga": ("peft LoRA r=8, LoRA-GA init", 2e-3)})
+DATA_INITS = ("eva", "peft-eva", "corda", "peft-corda", "lora-ga", "peft-lora-ga")
+
+
+def _data_init_prepare(method: str, splits, tok):
+    """prepare(model) for the data-driven init rows: LoRA r=8 as in the lora row, its factors set from training batches."""
+    import deltatune as dt
+    from deltatune.train.data import Collator
+
+    collate = Collator(tok, "classification", 128)
+    examples = splits.train[:128]
+    batches = [collate(examples[i:i + 16]) for i in range(0, len(examples), 16)]
+    if not method.startswith("peft-"):
+        cfg = dt.LoRA(r=8, alpha=16, dropout=0.05, targets="all-linear", modules_to_save=("classifier",))
+        init = {"eva": dt.init.eva, "corda": dt.init.corda, "lora-ga": dt.init.lora_ga}[method]
+        return lambda m: init(m, cfg, batches, "default", progress=False)
+
+    def prepare(m):
+        import peft
+
+        kw = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", modules_to_save=["classifier"])
+        if method == "peft-eva":  # labels are per example here, so no label mask
+            pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights="eva", **kw,
+                                                        eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False)))
+            peft.initialize_lora_eva_weights(pm, batches, show_progress_bar=False)
+        elif method == "peft-corda":
+            import dataclasses
+            import types
+
+            # peft 0.21.2's corda.py imports attrs' `dataclass`, which peft does not install; the stdlib one serves there
+            sys.modules.setdefault("attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))
+            from peft.tuners.lora.config import CordaConfig
+            from peft.tuners.lora.corda import preprocess_corda
+
+            config = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"), **kw)
+            singles = [{k: v for k, v in collate([e]).items() if k != "labels"} for e in examples]
+            preprocess_corda(m, config, run_model=lambda: [m(**b) for b in singles])
+            peft.get_peft_model(m, config)
+        else:
+            config = peft.LoraConfig(init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig(), **kw)
+            peft.preprocess_loraga(m, config, lambda: [m(**b).loss.backward() for b in batches])
+            peft.get_peft_model(m, config)
+    return prepare
+
+
 CLS_DATA = {"bbc": 1.0, "r8": 0.5}  # epochs (R8 has 2.9x more training examples than BBC)
 GSM_TRAIN, GSM_TEST, GSM_STEPS = 240, 60, 30
 
@@ -51,6 +148,14 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
             "modules_to_save": ["classifier"]}
     delta = {**lora, "dora": method == "dora", "init": "pissa" if method == "pissa" else "default"}
     extra = {}
+    if method in CLS_DELTAS:
+        delta = {**CLS_DELTAS[method], "targets": "all-linear", "modules_to_save": ["classifier"]}
+    if method in SCALING_DELTAS:
+        delta = {**SCALING_DELTAS[method], "modules_to_save": ["classifier"]}
+    if method in PROMPT_DELTAS:
+        delta = {**PROMPT_DELTAS[method], "modules_to_save": ["classifier"]}
+    if method in ADAPTER_DELTAS:
+        delta = {**ADAPTER_DELTAS[method], "modules_to_save": ["classifier"]}
     if method == "spiel":
         from multitask import delta_config
 
@@ -72,6 +177,46 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
 
             get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                                          modules_to_save=["classifier"]))
+    elif method in ("peft-bitfit", "peft-ln-tuning"):
+        def prepare(m):
+            from peft import BeftConfig, LNTuningConfig, get_peft_model
+
+            peft_cfg = (BeftConfig(target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"])
+                        if method == "peft-bitfit" else LNTuningConfig(target_modules=["LayerNorm"], modules_to_save=["classifier"]))
+            get_peft_model(m, peft_cfg)
+    elif method in CLS_PEFT:
+        def prepare(m):
+            import peft
+
+            name, kw = CLS_PEFT[method]
+            peft.get_peft_model(m, getattr(peft, name)(target_modules="all-linear", modules_to_save=["classifier"], **kw))
+    if method in PEFT_PROMPTS:  # the virtual tokens live in peft's wrapper (SEQ_CLS also trains the classifier)
+        import peft
+
+        name, n = PEFT_PROMPTS[method]
+        model = peft.get_peft_model(model, getattr(peft, name)(task_type="SEQ_CLS", num_virtual_tokens=n))
+
+        def prepare(m):
+            pass
+    if method in ("adalora", "peft-adalora"):  # the schedule is in steps of this run
+        import math
+
+        steps = math.ceil(CLS_DATA[data] * len(splits.train) / 16)
+        sched = {**ADALORA, "tinit": steps // 10, "tfinal": 3 * steps // 10}
+        delta = {"kind": "adalora", "alpha": 24, "targets": "all-linear", "modules_to_save": ["classifier"], **sched}
+    if method == "peft-adalora":  # peft adds its penalty in its wrapper's forward and allocates in update_and_allocate,
+        import peft  # called after every optimizer step (before zero_grad, as peft requires)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        model = peft.get_peft_model(model, peft.AdaLoraConfig(task_type="SEQ_CLS", target_modules="all-linear", lora_alpha=24,
+                                                              total_step=steps, **sched))
+        done: list[int] = []
+        register_optimizer_step_post_hook(lambda opt, args, kw: done.append(1) or model.base_model.update_and_allocate(len(done)))
+
+        def prepare(m):
+            pass
+    if method in DATA_INITS:
+        prepare = _data_init_prepare(method, splits, tok)
     cfg = {"output_dir": str(out), "epochs": CLS_DATA[data], "batch_size": 16, "lr": lr, "warmup_ratio": 0.06,
            "max_length": 128, "eval_every": 10**9, "seed": 0, "progress": False, "plot": False, "delta": delta,
            **extra}
@@ -133,7 +278,28 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "trains there, regrowth every 20 steps (accumulated gradients), lr 2e-4; LT-SFT: a dense ΔW for half an "
              "epoch at lr 5e-5, then the largest |ΔW| entries, as many as LoRA r=8 trains in total (one global "
              "threshold), retrained from the pretrained weights for one epoch at lr 2e-4 (the sparse rows' lr was not "
-             "tuned). Test accuracy on the fixed test split (docs/zoo.md). "
+             "tuned). SSF, BitFit and LayerNorm tuning (and peft's BEFT and LN tuning): their fixed parameter sets on all "
+             "linear layers (all LayerNorms for LN tuning), lr 5e-3 for SSF and 1e-3 for the others, not tuned. "
+             "LoHa r=4 (alpha 4), LoKr r=32 with factor 4 (alpha 32) and SORSA r=8 (γ=4e-4) train LoRA r=8's count "
+             "(within 0.2%); lr 2e-3 as LoRA's for LoHa/LoKr and 3e-3 for SORSA (1.5× LoRA's, the paper's ratio), not "
+             "tuned; peft's LoHa/LoKr rows use the same settings. "
+             "VeRA r=256 (d_initial 0.1; r + d_out per layer, far below LoRA's count by design), LoRA-XS r=96 (alpha 96) "
+             "and RandLoRA r=16 (alpha 320 = 20·r as in the paper) — LoRA r=8's count within 1% and 5% — with dropout "
+             "0.05; lr 4e-3 for VeRA, 1e-3 for LoRA-XS and RandLoRA, from the papers' ranges, not tuned; peft's "
+             "VeRA/RandLoRA rows use the same settings (peft slices one random pair sized for the largest layer, "
+             "deltatune draws one per layer size). "
+             "Prompt tuning (20 virtual tokens in front of [CLS], as peft places them) and prefix tuning (72 keys and values "
+             "per layer: LoRA r=8's count), lr 1e-2, not tuned; peft's rows use the same settings (peft's prefix moves "
+             "the real tokens to positions n.., deltatune's keeps them in place; peft drops token_type_ids). "
+             "Bottleneck adapters (Houlsby: after the attention and FFN output projections, m=36; Pfeiffer: after the FFN "
+             "output projection, m=73; parallel adapter s=4 and AdaptFormer s=0.1 beside the FFN, m=73) train LoRA r=8's "
+             "count within 0.4%, lr 1e-3, not tuned. "
+             "AdaLoRA: init_r 12 pruned to 8 per module on average (a global budget), alpha 24, γ 0.1, β 0.85, "
+             "masking every 5 steps between the first 10% and the last 30% of the steps, lr 1e-3, not tuned; its "
+             "trainable count is the pruned one; peft's row masks the same schedule but keeps init_r's count. "
+             "EVA (rho 2), CorDA (ipm) and LoRA-GA (ArB2r, stable scale γ=16) inits of the LoRA row's LoRA, from the first "
+             "128 training examples, at its lr; peft's rows the same (peft's CorDA sees the examples one per forward). "
+             "Test accuracy on the fixed test split (docs/zoo.md). "
              "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python). "
              "CPU time is the row process's user+system time (includes loading and evaluation); wall time is "
              "the training call (or, for GSM8K, training plus evaluation) and depends on other load on the "

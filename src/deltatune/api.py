@@ -38,6 +38,7 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
     """Construct (without installing) one piece per target. Touches nothing on the model."""
     if not isinstance(cfg, DeltaConfig):
         raise ConfigError(f"expected a delta config such as dt.LoRA(...), got {type(cfg).__name__}")
+    cfg = cfg.for_model(model)
     if paths is None and cfg.follows():
         st = state_of(model)
         missing = [n for n in cfg.follows() if st is None or n not in st.deltas]
@@ -68,6 +69,8 @@ def build_pieces(model: nn.Module, cfg: DeltaConfig, paths: Sequence[str] | None
         local = cfg.for_module(path)
         piece = local.piece_class(module)(module, path, local)
         weight = getattr(module, "weight", None)
+        if weight is None:  # a block without a weight of its own (LlamaMLP): its first parameter's device
+            weight = next(module.parameters(), None)
         if weight is not None:
             piece.to(device=weight.device)
         built.append((path, module, piece))
@@ -138,7 +141,8 @@ def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, activat
     With activate=True (default) the new delta becomes the only active one.
     """
     _check_new_name(model, name)
-    return install(model, name, cfg, build_pieces(model, cfg), trainable=trainable, activate=activate)
+    built = build_pieces(model, cfg)
+    return install(model, name, cfg.for_model(model), built, trainable=trainable, activate=activate)
 
 
 def _restore_grads(model: nn.Module, flags: dict[str, bool]) -> None:

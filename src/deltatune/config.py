@@ -157,6 +157,11 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         store arbitrary updates of one kind (dense, sparse, low-rank) support it (see `Delta.from_tensors`)."""
         return cls(targets=tuple(tensors))
 
+    def for_model(self, model: Any) -> "DeltaConfig":
+        """This config made concrete for `model` before targeting (e.g. targets="auto" resolved from a per-architecture
+        map); attach records and saves the result. Default: self."""
+        return self
+
     def for_pieces(self, pieces: dict[str, Any]) -> "DeltaConfig":
         """The config that rebuilds `pieces` (path -> Piece) with their current shapes, for saving; methods whose
         pieces change shape in training record it here (AdaLoRA's pruned ranks). Default: self."""

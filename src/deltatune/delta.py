@@ -19,6 +19,7 @@ from .config import DeltaConfig, config_class, storage_kind
 from .errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, TargetError, UnsupportedError
 from .host import slot_of, state_of
 from .layouts import layout_by_name, layout_of
+from .piece import Piece
 from .io.atomic import write_files
 from .io.safetensors_io import check_finite, read_tensors
 from .tensors import DeltaTensor
@@ -45,8 +46,11 @@ class Delta:
         them (DoRA, full copies): a model, or a callable path -> (weight [out, in], bias or None). With
         with_bias=False, Δb may be left out (None) where computing it would need the base."""
         local = self.config.for_module(path)
-        layout = layout_by_name(self.module_types.get(path, "Linear"))
         piece = local.piece_class()
+        if piece.delta_weight is Piece.delta_weight:  # not a weight update (bottleneck adapters, prompts)
+            raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} is not a weight update, so it has "
+                                   f"no ΔW for arithmetic, merging, compression or extraction; use it as a delta on a model")
+        layout = layout_by_name(self.module_types.get(path, "Linear"))
         dw, db = piece.state_to_delta(self.state[path], local, layout)
         lookup = base_lookup(base, self.module_types)
         if dw is None and lookup is not None:  # the base is read only for updates that depend on it
@@ -142,7 +146,8 @@ class Delta:
         if model_name is None:
             model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         base = {"model_class": model_class_name(model), "model_name": model_name, "weight_shapes": shapes}
-        return cls(name, rec.config, state, types, base)
+        config = rec.config.for_pieces({p: slot_of(modules[p])[name] for p in rec.paths})  # e.g. pruned ranks
+        return cls(name, config, state, types, base)
 
     # --- files -------------------------------------------------------------------------------------
     def write(self, path: str | Path) -> Path:
@@ -202,7 +207,7 @@ def base_lookup(base: BaseWeights, module_types: dict[str, str] | None = None) -
     def from_model(path: str) -> tuple[Tensor, Tensor | None]:
         if path not in modules:
             raise TargetError(f"the base model has no module {path!r}")
-        layout = layout_of(modules[path], path)
+        layout = layout_of(modules[path], path, ("Linear", "Conv1D", "Embedding", "Norm"))
         b = layout.bias(modules[path])
         return layout.weight(modules[path]).detach(), None if b is None else b.detach()
 

@@ -2,13 +2,15 @@
 `deltatune` ModuleDict on it and a forward hook adds their contributions to the module's output."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .compose import POSITIONS, Context, Node, Route, run
+from .compose import POSITIONS, Context, Node, Route, leaves, run
 from .config import DeltaConfig
+from .errors import TargetError
 from .layouts import Layout
 from .piece import Piece
 
@@ -20,6 +22,7 @@ class DeltaSlot(nn.ModuleDict):
 
     route_bank = None  # routing.Bank: the fast Route path's stacked factors at this module
     route_plan = None  # routing.Plan: the active Route's row groups at this module
+    input_plans: tuple = ()  # (argument, plan) pairs: the input plan split by the argument its pieces transform
 
     def __init__(self, layout: Layout | None) -> None:
         super().__init__()
@@ -42,6 +45,12 @@ class DeltaSlot(nn.ModuleDict):
                 local = None
             if local is not None:
                 self.plans[pos] = local
+        self.input_plans = ()
+        local = self.plans.get("input")
+        if local is not None:
+            where = list(dict.fromkeys(self[n].input_arg for n in leaves(local) if n in self and self[n].position == "input"))
+            self.input_plans = tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
+                lambda n, a=a: n in self and self[n].position == "input" and self[n].input_arg == a)) for a in where)
 
     def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
@@ -92,20 +101,34 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
     return next(iter(kwargs.values()))
 
 
-def _with_first_input(args: tuple, kwargs: dict, x: Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (x, *args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, {**kwargs, key: x}
+def _argument(module: nn.Module, args: tuple, kwargs: dict, where: int | str) -> int | str:
+    """Where argument `where` (an index or a parameter name of module.forward) was passed: an index into args or a
+    key of kwargs. Argument 0 passed by keyword is the first keyword argument."""
+    if isinstance(where, int) and where < len(args):
+        return where
+    if where == 0 and kwargs:
+        return next(iter(kwargs))
+    names = list(inspect.signature(module.forward).parameters)
+    name = where if isinstance(where, str) else names[where] if where < len(names) else None
+    if name in kwargs:
+        return name  # type: ignore[return-value]
+    if name in names and names.index(name) < len(args):
+        return names.index(name)
+    raise TargetError(f"an input-position delta on a {type(module).__name__} transforms its argument {where!r}, which "
+                      f"this call did not pass (forward{inspect.signature(module.forward)}); target modules whose "
+                      f"forward receives that argument, or set the delta's input argument to one it receives")
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     slot: DeltaSlot = getattr(module, SLOT)
-    plan = slot.plans.get("input")
-    if plan is None:
+    if "input" not in slot.plans:
         return None
-    x = _first_input(args, kwargs)
-    return _with_first_input(args, kwargs, run(plan, x, Context(x, None, module, slot, "input")))
+    for where, plan in slot.input_plans:
+        key = _argument(module, args, kwargs, where)
+        x = args[key] if isinstance(key, int) else kwargs[key]
+        x = run(plan, x, Context(x, None, module, slot, "input"))
+        args, kwargs = ((*args[:key], x, *args[key + 1:]), kwargs) if isinstance(key, int) else (args, {**kwargs, key: x})
+    return args, kwargs
 
 
 def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:

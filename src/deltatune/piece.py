@@ -1,7 +1,7 @@
 """The per-module contract every method honours. Generic code (hosts, merge, files, arithmetic) uses only this."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -30,6 +30,9 @@ class Piece(nn.Module, ABC):
     #: or adds a parallel branch; "attention" — extra keys/values or virtual tokens, applied by the method's own
     #: mechanism (the host's hooks skip such pieces). Composition blocks (compose.py) have one formula per position.
     position: ClassVar[str] = "weight"
+    #: for "input" pieces: which argument of the module's forward they transform, an index or a parameter name
+    #: (BertOutput(hidden_states, input_tensor): 1 is the residual input); may be set per instance
+    input_arg: int | str = 0
     #: saved entries that may be absent from a file and then mean zero (a Δb where the file has none)
     zero_if_missing: ClassVar[tuple[str, ...]] = ()
 
@@ -91,6 +94,18 @@ class Piece(nn.Module, ABC):
         """A term training adds to the loss (already weighted by the method's own coefficient), or None.
         Optional capability (orthogonality penalties of SORSA and AdaLoRA)."""
         return None
+
+    @classmethod
+    def link(cls, pieces: Sequence["Piece"]) -> None:
+        """Called once per delta with all its pieces of this class, right after they are built (attach, load), so
+        pieces that share state across modules can connect (a global rank budget). Optional capability."""
+
+    def install(self, model: nn.Module, module: nn.Module) -> None:
+        """Called once the piece sits on `module` of `model` (attach, load). Pieces applied by a mechanism of their
+        own ("attention" position: prompt and prefix tuning) register its hooks here. Optional; undone by `uninstall`."""
+
+    def uninstall(self, model: nn.Module, module: nn.Module) -> None:
+        """Undo `install`; called before the piece leaves the model (detach, unload, a failed attach)."""
 
     # --- files without a model ------------------------------------------------------------------
     @classmethod

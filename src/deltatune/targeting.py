@@ -1,13 +1,15 @@
-"""Which modules of a model a delta goes on: 'all-linear', a full-match regex, name suffixes, exclude, layers."""
+"""Which modules of a model a delta goes on: 'all-linear', 'all-norm', a full-match regex, name suffixes, exclude,
+layers."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
 from .config import DeltaConfig, Targets
 from .errors import TargetError
+from .layouts import is_norm
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
@@ -56,12 +58,20 @@ def layer_index(model: nn.Module, path: str) -> int | None:
     return None
 
 
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, linear_types())
+
+
+#: targets keywords: every module of a kind outside the output heads
+KEYWORDS: dict[str, Callable[[nn.Module], bool]] = {"all-linear": _is_linear, "all-norm": is_norm}
+
+
 def _candidates(model: nn.Module, cfg: DeltaConfig) -> Iterator[tuple[str, nn.Module]]:
-    if cfg.targets == "all-linear":
+    if isinstance(cfg.targets, str) and cfg.targets in KEYWORDS:
         heads = head_paths(model)
-        lin = linear_types()
+        wanted = KEYWORDS[cfg.targets]
         for path, module in model.named_modules():
-            if isinstance(module, lin) and path not in heads and not any(path.startswith(h + ".") for h in heads):
+            if wanted(module) and path not in heads and not any(path.startswith(h + ".") for h in heads):
                 yield path, module
         return
     for path, module in model.named_modules():
@@ -94,13 +104,13 @@ def resolve_targets(model: nn.Module, cfg: DeltaConfig) -> list[tuple[str, nn.Mo
     if not found:
         example = [p for p, _ in model.named_modules() if p][:8]
         hint = ""
-        if isinstance(cfg.targets, str) and cfg.targets != "all-linear" and re.fullmatch(r"[\w]+", cfg.targets):
+        if isinstance(cfg.targets, str) and cfg.targets not in KEYWORDS and re.fullmatch(r"[\w]+", cfg.targets):
             if any(p.endswith("." + cfg.targets) for p, _ in model.named_modules()):
                 hint = f" A string is a full-match regex on the whole path: did you mean targets=[{cfg.targets!r}]?"
         raise TargetError(
             f"targets={cfg.targets!r} (exclude={cfg.exclude!r}, layers={cfg.layers!r}) match no module of "
             f"{type(model).__name__}; module paths look like {example}. Give name suffixes such as ['q_proj', 'v_proj'], "
-            f"a full-match regex, or 'all-linear'.{hint}"
+            f"a full-match regex, 'all-linear' or 'all-norm'.{hint}"
         )
     return found
 

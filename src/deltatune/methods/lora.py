@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
-from ..errors import ConfigError, TargetError, UnsupportedError
+from ..errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
 from ..targeting import pattern_value
@@ -19,8 +19,11 @@ from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
 from .lora_autograd import LoRAFunction
 from .lora_init import kaiming_a, qr_factors, svd_factors
 
-INITS = ("default", "gaussian", "pissa", "milora", "olora")
+INITS = ("default", "gaussian", "pissa", "milora", "olora", "given")
 WEIGHT_INITS = ("pissa", "milora", "olora")
+# inits whose starting factors (A0, B0) are kept as frozen buffers and subtracted, so ΔW(0) = 0: the weight-derived
+# ones, and "given" (factors set by a data-driven initialiser through `set_factors`; alone it starts as "default")
+OFFSET_INITS = WEIGHT_INITS + ("given",)
 BIASES = ("none", "lora_only")
 
 
@@ -112,7 +115,7 @@ class LoRAPiece(Piece):
         a, b = self._initial_factors(w, cfg, dtype)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
-        if cfg.init in WEIGHT_INITS:
+        if cfg.init in OFFSET_INITS:
             self.register_buffer("init_A", a.clone())
             self.register_buffer("init_B", b.clone())
         if cfg.dora:
@@ -144,6 +147,19 @@ class LoRAPiece(Piece):
         if hasattr(self, "init_A"):
             return torch.cat([self.lora_A, self.init_A]), torch.cat([self.lora_B, -self.init_B], 1)
         return self.lora_A, self.lora_B
+
+    @torch.no_grad()
+    def set_factors(self, a: Tensor, b: Tensor) -> None:
+        """Start from factors computed elsewhere (A [r, in], B [out, r]; data-driven inits). A piece with a frozen
+        offset (init="given") keeps a copy of them, so ΔW stays 0 until training moves A or B."""
+        if tuple(a.shape) != tuple(self.lora_A.shape) or tuple(b.shape) != tuple(self.lora_B.shape):
+            raise ShapeMismatchError(f"LoRA factors for {self.path!r} must be A {tuple(self.lora_A.shape)} and B "
+                                     f"{tuple(self.lora_B.shape)}, got {tuple(a.shape)} and {tuple(b.shape)}")
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        if hasattr(self, "init_A"):
+            self.init_A.copy_(a)
+            self.init_B.copy_(b)
 
     def fast_params(self):
         return (self.lora_B,)

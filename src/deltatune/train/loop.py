@@ -302,7 +302,10 @@ class _Run:
             with torch.no_grad():
                 params = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
                 for n, t in self.best[2].items():
-                    params[n].copy_(t)
+                    if params[n].shape != t.shape:  # the delta changed shape since (e.g. ranks pruned in training)
+                        params[n].data = t
+                    else:
+                        params[n].copy_(t)
         metrics: dict[str, Any] = {"steps": self.step, "early_stopped": stopped}
         if self.best is not None:
             metrics["best_step"] = self.best[1]
