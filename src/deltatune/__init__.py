@@ -1,7 +1,8 @@
 """deltatune: parameter-efficient fine-tuning as named, composable, saveable deltas on frozen models."""
 from . import errors
 from .api import activate, active, active_block, active_names, attach, detach, merge, route, summary, unload, unmerge
-from .methods import IA3, Fusion
+from .methods import IA3, Fusion, Poly
+from .batch import batch
 from .compose import Arrow, Average, Fuse, Route, Stack, Sum
 from .config import DeltaConfig
 from .delta import Delta
@@ -33,3 +34,4 @@ __all__ += ["IA3"]
 __all__ += ["Fusion"]
 __all__ += ["PrefixTuning", "PromptTuning"]
 __all__ += ["AdaptFormer", "Houlsby", "ParallelAdapter", "Pfeiffer"]
+__all__ += ["Poly", "batch"]

@@ -194,6 +194,7 @@ class ModelState:
     block: Node | None = None  # the active composition (active = its delta names)
     merged: list[str] = field(default_factory=list)
     base_requires_grad: dict[str, bool] = field(default_factory=dict)
+    call_hooks: tuple = ()  # handles of the top model's hooks that take task_ids= / deltas= off its calls
 
 
 _STATE = "_deltatune_state"
@@ -206,10 +207,15 @@ def state_of(model: nn.Module) -> ModelState | None:
 def ensure_state(model: nn.Module) -> ModelState:
     st = state_of(model)
     if st is None:
+        from .batch import install_call_hooks
+
         st = ModelState()
+        st.call_hooks = install_call_hooks(model)
         model.__dict__[_STATE] = st
     return st
 
 
 def drop_state(model: nn.Module) -> None:
-    model.__dict__.pop(_STATE, None)
+    st = model.__dict__.pop(_STATE, None)
+    for handle in st.call_hooks if st is not None else ():
+        handle.remove()

@@ -7,6 +7,7 @@ from .lora import LoRA, LoRAPiece
 from .loha import LoHa, LoHaPiece
 from .lokr import LoKr, LoKrPiece
 from .paca import PaCA, PaCAPiece
+from .poly import Poly, PolyPiece
 from .sorsa import SORSA, SORSAPiece
 from .sparse import Sparse, SparsePiece
 from .ternary import Ternary, TernaryPiece
@@ -30,3 +31,4 @@ __all__ += ["IA3", "IA3Piece"]
 __all__ += ["Fusion", "FusionPiece"]
 __all__ += ["PrefixPiece", "PrefixTuning", "PromptPiece", "PromptTuning"]
 __all__ += ["AdaptFormer", "Houlsby", "ParallelAdapter", "Pfeiffer"]
+__all__ += ["Poly", "PolyPiece"]
