@@ -34,7 +34,7 @@ _GPT2 = {"attention_output": Site(r"(.*\.)?h\.\d+\.attn\.c_proj"),
          "ffn_output": Site(r"(.*\.)?h\.\d+\.mlp\.c_proj"),
          "ffn": Site(r"(.*\.)?h\.\d+\.mlp")}
 _BERT = {"attention_output": Site(r"(.*\.)?layer\.\d+\.attention\.output\.dense"),
-         "ffn_output": Site(r"(.*\.)?layer\.\d+\.output\.dense"),  # not ...attention.output.dense: the layer index comes first
+         "ffn_output": Site(r"(.*\.)?layer\.\d+\.output\.dense"),  # not attention.output.dense: "layer.N." first
          "ffn": Site(r"(.*\.)?layer\.\d+\.output", input_arg=1)}
 
 ADAPTER_MAP: dict[str, dict[str, Site]] = {
