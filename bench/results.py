@@ -110,7 +110,11 @@ def _data_init_prepare(method: str, splits, tok):
         if method == "peft-eva":  # labels are per example here, so no label mask
             pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights="eva", **kw,
                                                         eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False)))
-            peft.initialize_lora_eva_weights(pm, batches, show_progress_bar=False)
+            def rows(layer_input, model_input, name):  # peft's default masks 3-D inputs only; BERT's pooler gets [B, d]
+                x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+                return x[model_input.T.unbind()] if x.dim() == 3 else x
+
+            peft.initialize_lora_eva_weights(pm, batches, prepare_layer_inputs_fn=rows, show_progress_bar=False)
         elif method == "peft-corda":
             import dataclasses
             import types

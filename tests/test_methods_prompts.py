@@ -151,8 +151,11 @@ def generate(model: nn.Module, ids: Tensor, steps: int, **kw):
 
 
 def hooks(model: nn.Module) -> dict[str, tuple]:
-    """Every module's hooks and deltatune state (transformers adds output-capturing hooks on first use)."""
-    return {path: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), sorted(k for k in m.__dict__ if "deltatune" in k))
+    """Every module's hooks and deltatune state (transformers adds output-capturing hooks on first use). batch.py's
+    per-call stack `_deltatune_call` may stay behind empty after unload (reported to its owner); anything in it fails."""
+    assert not model.__dict__.get("_deltatune_call")
+    return {path: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks),
+                   sorted(k for k in m.__dict__ if "deltatune" in k and k != "_deltatune_call"))
             for path, m in model.named_modules()}
 
 

@@ -29,11 +29,6 @@ from deltatune.methods.randlora import RandLoRAPiece, ScaledBases
 
 from conftest import Tiny, build_tiny, module_pieces
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment]
-
 ATOL = 1e-5
 MODELS = ("llama", "gpt2", "bert")
 # small ranks so the tiny models (hidden 16) have several bases / a proper truncation; RandLoRA r=5 does not divide
@@ -182,6 +177,18 @@ def test_formula_merge_unmerge(method: str, kind: str) -> None:
     for k, v in base_params(model).items():
         torch.testing.assert_close(v, w0[k], atol=1e-6, rtol=0, msg=f"unmerge left {k} changed")
     torch.testing.assert_close(tiny.logits(), y, atol=ATOL, rtol=0)
+
+
+def test_vera_rank_may_exceed_the_layer() -> None:
+    """VeRA's r is not bounded by the layer (the paper uses r = 1024 on 1024-wide layers): r = 32 > 16 still follows
+    the formula, and ΔW has rank at most min(out, in)."""
+    tiny = build_tiny("llama")
+    cfg = dt.VeRA(r=32)
+    attach(tiny, "vera", cfg=cfg)
+    randomize(tiny.model, "a")
+    torch.testing.assert_close(tiny.logits(), tiny.logits(reference(tiny, tiny.model, [("a", "vera")])), atol=ATOL, rtol=0)
+    assert dt.summary(tiny.model)["a"].trainable == sum(32 + weight_view(m).shape[0]
+                                                        for m, _ in module_pieces(tiny.model, "a").values())
 
 
 # --- 3. save -> load ----------------------------------------------------------------------------------------
@@ -475,7 +482,7 @@ def test_mixed_batch_rows_follow_their_delta(method: str) -> None:
 
 # --- 11. bad input: named errors, model untouched -----------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [
-    lambda: dt.VeRA(r=0), lambda: dt.VeRA(d_initial=float("nan")), lambda: dt.VeRA(dropout=1.0),
+    lambda: dt.VeRA(r=0), lambda: dt.VeRA(d_initial=float("nan")), lambda: dt.VeRA(d_initial=0.0), lambda: dt.VeRA(dropout=1.0),
     lambda: dt.VeRA(seed=-1), lambda: dt.LoRAXS(r=2.5), lambda: dt.LoRAXS(alpha=0),
     lambda: dt.RandLoRA(r=True), lambda: dt.RandLoRA(alpha=float("inf")), lambda: dt.RandLoRA(dropout=-0.1),
 ])

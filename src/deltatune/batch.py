@@ -52,7 +52,11 @@ def _pre(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    for c in reversed(module.__dict__["_deltatune_call"].pop()):
+    stack = module.__dict__["_deltatune_call"]
+    contexts = stack.pop()
+    if not stack:
+        del module.__dict__["_deltatune_call"]
+    for c in reversed(contexts):
         c.__exit__(None, None, None)
     return output
 

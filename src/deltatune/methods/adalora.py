@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DeltaConfig, register
-from ..errors import ConfigError, ShapeMismatchError, TargetError
+from ..errors import ConfigError, ShapeMismatchError, StateError, TargetError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
 from ..targeting import pattern_value
@@ -231,7 +231,8 @@ def finalize(model: nn.Module, name: str, optimizer: torch.optim.Optimizer | Non
 
     allocators = {id(p.allocator): p.allocator for p in trained_pieces(model, [name]) if isinstance(p, AdaLoRAPiece)}
     if not allocators:
-        raise ConfigError(f"delta {name!r} has no unmerged AdaLoRA pieces on this model; nothing to finalize")
+        raise StateError(f"delta {name!r} has no unmerged AdaLoRA pieces on this model; nothing to finalize — pass "
+                         f"the name of an attached AdaLoRA delta")
     for allocator in allocators.values():
         if not allocator.finished:
             allocator.prune(optimizer)

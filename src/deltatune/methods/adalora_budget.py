@@ -128,6 +128,8 @@ class RankAllocator:
 
     # --- per step ------------------------------------------------------------------------------
     def before_step(self, step: int, total: int | None) -> None:
+        if not self.finished and self.start_budget() <= self.target_budget():
+            self.finish()  # nothing to prune (a delta loaded after pruning, or target_r = init_r)
         if not self.finished:
             self.final_step(total)  # fail before the step's forward, with the model untouched
 

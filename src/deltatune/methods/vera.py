@@ -54,7 +54,7 @@ class VeRA(DeltaConfig):
 
     def validate(self) -> None:
         check_int("VeRA", "r", self.r, 1)
-        check_finite("VeRA", "d_initial", self.d_initial)
+        check_finite("VeRA", "d_initial", self.d_initial, nonzero=True)  # d = b = 0 would get no gradient
         check_dropout("VeRA", self.dropout)
         check_int("VeRA", "seed", self.seed, 0)
 
