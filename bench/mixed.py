@@ -30,7 +30,8 @@ from _report import publish  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/mixed.py --write docs/benchmarks.md"
 ATOL = 1e-4
-GOALS = {"decode": (1.5, 4.0), "prefill": (1.15, None), "mixed ranks": (1.5, 4.0)}  # (× bare at most, × faster than peft)
+# (× bare at most, × faster than peft) from issue 6; mixed ranks is asked for as a measurement, without a target
+GOALS = {"decode": (1.5, 4.0), "prefill": (1.15, None), "mixed ranks": (None, None)}
 
 
 @dataclass
@@ -108,12 +109,15 @@ def run_case(base: nn.Module, shape: Shape, case: Case, rounds: int, seed: int =
     import deltatune as dt
 
     ours, peft, names = _libraries(base, case.ranks, case.deltas, seed)
+    device = next(base.parameters()).device
+    ours, peft = ours.to(device), peft.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(seed + 1)
     rows = [names[i % len(names)] for i in range(case.batch)]
     peft_rows = list(rows)
     decode = case.seq == 1
-    past_ids = torch.randint(0, shape.vocab, (case.batch, shape.past), generator=g) if decode else None
-    ids = torch.randint(0, shape.vocab, (case.batch, case.seq), generator=g)
+    past_ids = torch.randint(0, shape.vocab, (case.batch, shape.past), generator=g).to(device) if decode else None
+    ids = torch.randint(0, shape.vocab, (case.batch, case.seq), generator=g).to(device)
     res = CaseResult(case, {})
 
     caches: dict[str, object] = {}
@@ -130,8 +134,10 @@ def run_case(base: nn.Module, shape: Shape, case: Case, rounds: int, seed: int =
                     cache = caches[key]
                     out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kw).logits
                     cache.crop(-1)  # drop the step just added: every call decodes at the same position
-                    return out
-                return model(input_ids=ids, **kw).logits
+                else:
+                    out = model(input_ids=ids, **kw).logits
+                sync()
+                return out
         return fn
 
     routed = dt.Route(rows)
@@ -163,12 +169,12 @@ def run_case(base: nn.Module, shape: Shape, case: Case, rounds: int, seed: int =
     return res
 
 
-def render(results: list[CaseResult], shape: Shape, threads: int, seconds: float) -> str:
+def render(results: list[CaseResult], shape: Shape, threads: int, seconds: float, device: str = "cpu") -> str:
     lines = [
         "## Mixed-delta batches (`bench/mixed.py`)", "",
         f"Command: `{COMMAND}` — one process, a random LlamaForCausalLM (hidden {shape.hidden}, intermediate "
-        f"{shape.intermediate}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}), fp32 on CPU, "
-        f"{threads} threads, {platform.machine()}; LoRA on q/k/v/o/gate/up/down with alpha = 2r. Median over "
+        f"{shape.intermediate}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}), fp32 on "
+        f"{_where(device, threads)}; LoRA on q/k/v/o/gate/up/down with alpha = 2r. Median over "
         f"interleaved rounds of each variant's time / the bare model's time in the same round (IQR in brackets). "
         f"Decode steps run on a {shape.past}-token KV cache. Took {seconds:.0f} s.", "",
         "| case | batch × tokens | distinct deltas (ranks) | deltatune route, steady | route, per call | peft adapter_names | peft / route | goal |",
@@ -178,11 +184,12 @@ def render(results: list[CaseResult], shape: Shape, threads: int, seconds: float
         t = r.timings
         ours, per, peft = t["deltatune route, steady"], t["deltatune route, per call"], t["peft adapter_names"]
         cap, faster = GOALS[r.case.name]
-        goal = f"≤ {cap}× bare" + (f", ≥ {faster}× faster than peft" if faster else "")
-        met = ours.ratio <= cap and (faster is None or peft.ratio / ours.ratio >= faster)
+        parts = ([f"≤ {cap}× bare"] if cap else []) + ([f"≥ {faster}× faster than peft"] if faster else [])
+        met = (cap is None or ours.ratio <= cap) and (faster is None or peft.ratio / ours.ratio >= faster)
+        goal = f"{', '.join(parts)}: {'met' if met else 'NOT met'}" if parts else "none (measured)"
         lines.append(f"| {r.case.name} | {r.case.batch} × {r.case.seq} | {r.case.deltas} ({'/'.join(map(str, r.case.ranks))}) "
                      f"| {ours.ratio:.2f}× [{ours.spread[0]:.2f}–{ours.spread[1]:.2f}] | {per.ratio:.2f}× "
-                     f"| {peft.ratio:.2f}× | {peft.ratio / ours.ratio:.1f}× | {goal}: {'met' if met else 'NOT met'} |")
+                     f"| {peft.ratio:.2f}× | {peft.ratio / ours.ratio:.1f}× | {goal} |")
     lines += ["", "Checks before timing (fp32):", ""]
     for r in results:
         for what, value in r.checks:
@@ -190,20 +197,29 @@ def render(results: list[CaseResult], shape: Shape, threads: int, seconds: float
     return "\n".join(lines)
 
 
+def _where(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({threads} threads, {platform.machine()}, {os.cpu_count()} cores)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--cases", default=",".join(c.name for c in CASES))
-    ap.add_argument("--write", default=None, help="markdown file whose 'mixed' section gets the results")
+    ap.add_argument("--device", default="cpu", help="cpu (the published table) or cuda")
+    ap.add_argument("--section", default="mixed", help="section key in the markdown file")
+    ap.add_argument("--write", default=None, help="markdown file whose section gets the results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = Shape()
     base = build_llama(shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.vocab, use_cache=True)
+    base = base.to(args.device)
     wanted = args.cases.split(",")
     t0 = time.perf_counter()
     results = [run_case(base, shape, c, args.rounds) for c in CASES if c.name in wanted]
-    publish(render(results, shape, args.threads, time.perf_counter() - t0), args.write, "mixed",
+    publish(render(results, shape, args.threads, time.perf_counter() - t0, args.device), args.write, args.section,
             time.perf_counter() - t0)
 
 

@@ -107,12 +107,14 @@ def _data_init_prepare(method: str, splits, tok):
         import peft
 
         kw = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", modules_to_save=["classifier"])
+        # peft's CorDA / LoRA-GA preprocessing matches target_modules before "all-linear" is expanded: name them
+        linear = {**kw, "target_modules": ["query", "key", "value", "dense"]}  # = all-linear on BERT (head excluded)
         if method == "peft-eva":  # labels are per example here, so no label mask
             pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights="eva", **kw,
                                                         eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False)))
             def rows(layer_input, model_input, name):  # peft's default masks 3-D inputs only; BERT's pooler gets [B, d]
                 x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-                return x[model_input.T.unbind()] if x.dim() == 3 else x
+                return (x[model_input.T.unbind()] if x.dim() == 3 else x).contiguous()
 
             peft.initialize_lora_eva_weights(pm, batches, prepare_layer_inputs_fn=rows, show_progress_bar=False)
         elif method == "peft-corda":
@@ -124,12 +126,12 @@ def _data_init_prepare(method: str, splits, tok):
             from peft.tuners.lora.config import CordaConfig
             from peft.tuners.lora.corda import preprocess_corda
 
-            config = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"), **kw)
+            config = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"), **linear)
             singles = [{k: v for k, v in collate([e]).items() if k != "labels"} for e in examples]
             preprocess_corda(m, config, run_model=lambda: [m(**b) for b in singles])
             peft.get_peft_model(m, config)
         else:
-            config = peft.LoraConfig(init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig(), **kw)
+            config = peft.LoraConfig(init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig(), **linear)
             peft.preprocess_loraga(m, config, lambda: [m(**b).loss.backward() for b in batches])
             peft.get_peft_model(m, config)
     return prepare

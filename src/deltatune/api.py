@@ -106,7 +106,8 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
             added.append(module)
             piece.install(model, module)  # mechanisms of their own (attention-position pieces' hooks)
             installed.append((module, piece))
-        st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable)
+        st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable,
+                                      tuple((p, piece.position, piece.mergeable) for p, _, piece in built))
         if activate:
             _set_active(model, name)
         else:
@@ -232,15 +233,15 @@ def _check_block(model: nn.Module, node: Node) -> None:
     _names(model, [n for n in names], ())
     if len(set(names)) != len(names):
         raise ConfigError(f"delta names repeat in {node!r}; each delta may appear once in a composition")
+    records = _state(model).deltas
     for name, block in placements(node):
-        for module, slot in _slots(model, name):
-            piece = slot[name]
-            if piece.position not in block.positions:
-                raise ConfigError(f"{type(block).__name__} is not defined for {piece.position}-position deltas such as "
-                                  f"{name!r} at {piece.path!r} ({type(block).__name__} takes {', '.join(block.positions)}); "
+        for path, position, mergeable in records[name].roles:
+            if position not in block.positions:
+                raise ConfigError(f"{type(block).__name__} is not defined for {position}-position deltas such as "
+                                  f"{name!r} at {path!r} ({type(block).__name__} takes {', '.join(block.positions)}); "
                                   f"see docs/composition.md")
-            if isinstance(block, Arrow) and not piece.mergeable:
-                raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {piece.path!r} is not a weight update")
+            if isinstance(block, Arrow) and not mergeable:
+                raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {path!r} is not a weight update")
     if isinstance(node, Block):
         for fuse in [b for b in _blocks(node) if isinstance(b, Fuse)]:
             _names(model, fuse.fusion, ())

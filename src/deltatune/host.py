@@ -183,6 +183,8 @@ class DeltaRecord:
     config: DeltaConfig
     paths: list[str]
     trainable: bool
+    #: (path, position, mergeable) of each piece: what compositions check without walking the model
+    roles: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass
