@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/forward.py --write docs/benchmarks.md
 	$(BIN)/python bench/sparse.py --write docs/benchmarks.md
 	$(BIN)/python bench/merge.py --write docs/benchmarks.md
+	$(BIN)/python bench/mixed.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
 	$(BIN)/python bench/results.py --resume --write docs/results.md

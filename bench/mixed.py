@@ -170,9 +170,10 @@ def run_case(base: nn.Module, shape: Shape, case: Case, rounds: int, seed: int =
 
 
 def render(results: list[CaseResult], shape: Shape, threads: int, seconds: float, device: str = "cpu") -> str:
+    command = COMMAND if device == "cpu" else COMMAND.replace(" --write", f" --device {device} --section mixed-gpu --write")
     lines = [
-        "## Mixed-delta batches (`bench/mixed.py`)", "",
-        f"Command: `{COMMAND}` — one process, a random LlamaForCausalLM (hidden {shape.hidden}, intermediate "
+        f"## Mixed-delta batches (`bench/mixed.py`){'' if device == 'cpu' else ', GPU'}", "",
+        f"Command: `{command}` — one process, a random LlamaForCausalLM (hidden {shape.hidden}, intermediate "
         f"{shape.intermediate}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}), fp32 on "
         f"{_where(device, threads)}; LoRA on q/k/v/o/gate/up/down with alpha = 2r. Median over "
         f"interleaved rounds of each variant's time / the bare model's time in the same round (IQR in brackets). "
