@@ -62,3 +62,22 @@ def test_sparse_bench_runs_on_a_tiny_model() -> None:
     assert res.replaced["SpIEL-AG"] > 0 and res.replaced["SpIEL-MA"] > 0 and res.regrow_ms["SpIEL-AG"] > 0
     text = bench.render(res)
     assert bench.COMMAND in text and "| SpIEL, between windows |" in text and "× LoRA" in text
+
+
+def test_mixed_bench_runs_on_a_tiny_model() -> None:
+    spec = importlib.util.spec_from_file_location("deltatune_bench_mixed", BENCH.parent / "mixed.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    from _common import build_llama
+
+    shape = bench.Shape(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, past=4)
+    base = build_llama(shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.vocab, use_cache=True)
+    results = [bench.run_case(base, shape, bench.Case(name, b, t, ranks, n), rounds=1, log=lambda _: None)
+               for name, b, t, ranks, n in (("decode", 4, 1, [2], 4), ("mixed ranks", 6, 1, [2, 4, 8], 6),
+                                            ("prefill", 2, 5, [2], 2))]
+    for r in results:
+        assert set(r.timings) == {"bare", "deltatune route, steady", "deltatune route, per call", "peft adapter_names"}
+        assert all(value < bench.ATOL for _, value in r.checks) and len(r.checks) == 2
+    text = bench.render(results, shape, 1, 1.0)
+    assert bench.COMMAND in text and "| decode | 4 × 1 | 4 (2) |" in text
