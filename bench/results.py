@@ -88,6 +88,13 @@ CLS_METHODS.update({"eva": ("LoRA r=8, EVA init (rho 2)", 2e-3), "peft-eva": ("p
                     "corda": ("LoRA r=8, CorDA init (ipm)", 2e-3), "peft-corda": ("peft LoRA r=8, CorDA init (ipm)", 2e-3),
                     "lora-ga": ("LoRA r=8, LoRA-GA init", 2e-3), "peft-lora-ga": ("peft LoRA r=8, LoRA-GA init", 2e-3)})
 DATA_INITS = ("eva", "peft-eva", "corda", "peft-corda", "lora-ga", "peft-lora-ga")
+# (IA)3 on BERT: keys and values rescaled at their outputs, the FFN's second linear (layer.N.output.dense) at its
+# input, as Liu et al. (keys, values, FFN); a fixed budget (2·384 + 1536 per layer = 13,824 + head); lr 3e-3 (the paper
+# trains (IA)3 at 3e-3), not tuned; peft's row uses the same modules and lr
+IA3_TARGETS, IA3_FFN = r".*\.(key|value)|.*layer\.\d+\.output\.dense", r".*layer\.\d+\.output\.dense"
+CLS_METHODS.update({"ia3": ("(IA)3 (keys, values, FFN input)", 3e-3), "peft-ia3": ("peft (IA)3 (same modules)", 3e-3)})
+SCALING_DELTAS["ia3"] = {"kind": "ia3", "targets": IA3_TARGETS, "feedforward": IA3_FFN}
+CLS_PEFT["peft-ia3"] = ("IA3Config", {"target_modules": IA3_TARGETS, "feedforward_modules": IA3_FFN})
 
 
 def _data_init_prepare(method: str, splits, tok):
@@ -195,7 +202,8 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
             import peft
 
             name, kw = CLS_PEFT[method]
-            peft.get_peft_model(m, getattr(peft, name)(target_modules="all-linear", modules_to_save=["classifier"], **kw))
+            kw = {"target_modules": "all-linear", **kw}
+            peft.get_peft_model(m, getattr(peft, name)(modules_to_save=["classifier"], **kw))
     if method in PEFT_PROMPTS:  # the virtual tokens live in peft's wrapper (SEQ_CLS also trains the classifier)
         import peft
 
