@@ -595,16 +595,21 @@ def test_not_mergeable(method: str) -> None:
     assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", LM_KINDS)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_routing_is_refused_not_wrong(method: str) -> None:
-    """Per-example routing of attention deltas is not implemented: an error, never a silently wrong output."""
-    t = tiny("llama")
+def test_route_rows_equal_the_formula(kind: str, method: str) -> None:
+    """Route: each row equals the formula for its own delta, also when the rows' deltas differ in length
+    (tests/test_route_prompts.py compares with each example run alone, in depth); Average stays refused."""
+    t = tiny(kind)
     attach(t, method, "a", seed=1)
-    attach(t, method, "b", seed=2)
-    dt.activate(t.model, dt.Route(["a", "b"]))
-    with pytest.raises(UnsupportedError, match="Route"):
-        observe(t)
-    with pytest.raises(ConfigError):
+    torch.manual_seed(2)
+    dt.attach(t.model, (dt.PromptTuning if method == "prompt" else dt.PrefixTuning)(n_tokens=N + 2), "b")
+    for rows in (["a", "b"], ["b", "a"]):
+        dt.activate(t.model, dt.Route(rows))
+        want = torch.cat([oracle(t, method, t.model, [name])[i:i + 1] for i, name in enumerate(rows)])
+        assert close(observe(t), want)
+    assert not close(oracle(t, method, t.model, ["a"]), oracle(t, method, t.model, ["b"]), atol=1e-3)
+    with pytest.raises(ConfigError, match="attention-position"):
         dt.activate(t.model, dt.Average("a", "b"))
 
 

@@ -73,8 +73,9 @@ def test_fast_path_is_taken_for_low_rank_and_not_for_others():
     torch.testing.assert_close(out, _alone(tiny.model, rows, ids), atol=ATOL, rtol=0)
 
 
-def test_route_over_output_position_deltas_and_bias_deltas():
-    tiny = _library("bert", {"ia3": dt.IA3(targets=("key", "value"), feedforward=()),
+def test_route_over_output_and_input_position_deltas_and_bias_deltas():
+    ffn = r".*layer\.\d+\.output\.dense"  # (IA)3 on the FFN's input: an input-position piece
+    tiny = _library("bert", {"ia3": dt.IA3(targets=rf".*\.(key|value)|{ffn}", feedforward=ffn),
                              "lb": dt.LoRA(r=2, bias="lora_only"), "l": dt.LoRA(r=4)})
     rows = ["ia3", "lb", None, "l", "lb", "ia3"]
     ids = _ids(len(rows))

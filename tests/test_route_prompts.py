@@ -27,6 +27,9 @@ CASES = {  # name: (deltas, rows)
     "prefix+lora": ({**PREFIXES, "lora": None}, ["x3", "lora", None, "x5", "lora"]),
     "prompt+lora": ({**PROMPTS, "lora": None}, ["lora", "p5", None, "p1", "lora"]),
     "prompt+prefix": ({**PROMPTS, **PREFIXES}, ["p2", "x5", None, "p5", "x1", "p2"]),
+    # every row its own delta, all of one length: per-row blocks without padding
+    "prefix-equal": ({"xa": dt.PrefixTuning(n_tokens=2), "xb": dt.PrefixTuning(n_tokens=2)}, ["xb", "xa", "xb"]),
+    "prompt-equal": ({"pa": dt.PromptTuning(n_tokens=2), "pb": dt.PromptTuning(n_tokens=2)}, ["pa", "pb", "pb"]),
 }
 
 
@@ -148,7 +151,7 @@ def _generate(model, ids: Tensor, steps: int = 5, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("case", ["prefix", "prompt", "prefix+lora", "prompt+prefix"])
+@pytest.mark.parametrize("case", ["prefix", "prompt", "prefix+lora", "prompt+prefix", "prompt-equal"])
 def test_generate_equals_each_example_alone(kind: str, case: str) -> None:
     deltas, rows = CASES[case]
     t = library(kind, deltas)
