@@ -133,7 +133,9 @@ def _data_init_prepare(method: str, splits, tok):
             from peft.tuners.lora.config import CordaConfig
             from peft.tuners.lora.corda import preprocess_corda
 
-            config = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"), **linear)
+            # peft's covariance hook squeezes BERT's pooler input ([1, d]) to a vector and fails: leave the pooler out
+            config = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"),
+                                     exclude_modules=["pooler.dense"], **linear)
             singles = [{k: v for k, v in collate([e]).items() if k != "labels"} for e in examples]
             preprocess_corda(m, config, run_model=lambda: [m(**b) for b in singles])
             peft.get_peft_model(m, config)

@@ -166,6 +166,22 @@ def test_generate_equals_each_example_alone(kind: str, case: str) -> None:
             assert_close(got[b:b + 1], want)
 
 
+@pytest.mark.parametrize("case", ["prefix", "prompt+prefix"])
+def test_generate_sdpa_equals_each_example_alone(case: str) -> None:
+    """sdpa decode steps get no mask from transformers (one query, no padding): the routed prefix builds its own."""
+    deltas, rows = CASES[case]
+    t = library("llama", deltas, attn="sdpa")
+    ids = ids_for(len(rows), seq=4)
+    with dt.route(t.model, rows):
+        out = _generate(t.model, ids)
+    for b, name in enumerate(rows):
+        with dt.active(t.model, name):
+            ref = _generate(t.model, ids[b:b + 1])
+        assert torch.equal(out.sequences[b], ref.sequences[0])
+        for got, want in zip(out.scores, ref.scores):
+            assert_close(got[b:b + 1], want)
+
+
 @pytest.mark.parametrize("case", ["prefix", "prompt"])
 def test_left_padded_generate_equals_each_example_alone(case: str) -> None:
     """Prompts of different real lengths, left padded: every row decodes as its unpadded self alone."""
@@ -328,3 +344,54 @@ def test_per_call_deltas_keyword() -> None:
         got = t.model(input_ids=ids, deltas=rows).logits
     assert_close(got, each_alone(t, rows, {"input_ids": ids}))
     assert dt.active_block(t.model) is None
+
+
+def test_a_reused_route_follows_reattached_and_changed_deltas() -> None:
+    """The per-row assignment is kept between calls (decode steps); it must not outlive the pieces it names."""
+    t = library("llama", {**PREFIXES, **PROMPTS})
+    rows = ["x3", "p2", "x1", None]
+    route = dt.Route(rows)
+    ids = ids_for(len(rows))
+    dt.activate(t.model, route)
+    before = observe(t, {"input_ids": ids})
+    dt.detach(t.model, "x3")
+    dt.attach(t.model, dt.LoRA(r=2, init="gaussian"), name="x3", activate=False)  # now a weight delta by that name
+    with torch.no_grad():
+        next(p for n, p in t.model.named_parameters() if ".deltatune.p2." in n).mul_(-1.0)  # changed in place
+    dt.activate(t.model, route)
+    got = observe(t, {"input_ids": ids})
+    assert (got[:2] - before[:2]).abs().amax(dim=(1, 2)).min() > 1e-3
+    dt.activate(t.model, None)
+    assert_close(got, each_alone(t, rows, {"input_ids": ids}))
+
+
+def test_prompts_of_different_lengths_need_a_position_ids_argument() -> None:
+    """A model whose forward takes no position_ids cannot be given each row's positions: refused, not wrong; prompts of
+    one length need none and still route."""
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+            return self.inner(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+    model = NoPositions(build_tiny("llama").model)
+    for name, n in (("a", 2), ("b", 2), ("c", 3)):
+        torch.manual_seed(len(name) + n)
+        dt.attach(model, dt.PromptTuning(n_tokens=n), name=name, activate=False)
+    ids = ids_for(2)
+    with dt.route(model, ["c", "a"]), pytest.raises(UnsupportedError, match="position_ids|position ids"), torch.no_grad():
+        model(input_ids=ids)
+    with torch.no_grad():
+        with dt.route(model, ["b", "a"]):
+            got = model(input_ids=ids).logits
+        want = []
+        for b, name in enumerate(["b", "a"]):
+            with dt.active(model, name):
+                want.append(model(input_ids=ids[b:b + 1]).logits)
+    assert_close(got, torch.cat(want))

@@ -11,8 +11,8 @@ virtual tokens or prefix, and deactivating them turns them off.
   returns [prefix; cached; new] keys and values, and extends the attention mask by the prefix columns. The real
   cache never holds the prefix, so forward, generate and every decode step see it the same way.
 * Route (one delta per example): every row gets a block as long as the longest row's virtual tokens or prefix; a
-  shorter row's extra columns are masked out of attention, so each row attends to exactly its own (docs/methods.md,
-  "Mixed batches").
+  shorter row's extra columns are masked out of attention, so each row attends to exactly its own (docs/composition.md,
+  "Route"; the padding of prompts: docs/methods.md, "Prompt tuning").
 
 One set of hooks per model (prompt) or attention module (prefix), shared by every delta that needs it and removed
 when the last one leaves.
@@ -42,6 +42,7 @@ class _Hooks:
     model: nn.Module = field(repr=False)  # the model served (a plain reference: a deep copy of the model gets its copy)
     users: int = 1
     calls: list = field(default_factory=list)  # prompt tuning: what each running forward inserted, for the post-hook
+    routed: tuple = ()  # the last routed call's rows (see active_rows), reused while block, batch and pieces are the same
 
 
 def acquire(owner: nn.Module, key: str, model: nn.Module, register: Callable[[], list]) -> None:
@@ -101,11 +102,11 @@ class Rows:
         return list({id(p): p for c in self.combos for p in c}.values())
 
 
-def active_rows(model: nn.Module | None, module: nn.Module, capability: str,
-                batch: Callable[[], int | None]) -> Rows | None:
-    """The active pieces with `capability` at `module`, per example; None when no active delta has one here (or, under
-    a Route, when `batch()` cannot tell the batch size). Rows whose Route delta has no such piece here get none."""
-    st = state_of(model) if model is not None else None
+def active_rows(entry: _Hooks | None, module: nn.Module, capability: str, batch: Callable[[], int | None]) -> Rows | None:
+    """The active pieces with `capability` at `module` (of the model `entry` serves), per example; None when no active
+    delta has one here (or, under a Route, when `batch()` cannot tell the batch size). Rows whose Route delta has no
+    such piece here get none. Under a Route the per-row assignment is kept on `entry` for the next call (decode steps)."""
+    st = state_of(entry.model) if entry is not None else None
     slot = slot_of(module)
     if st is None or slot is None or st.block is None:
         return None
@@ -116,17 +117,22 @@ def active_rows(model: nn.Module | None, module: nn.Module, capability: str,
     size = batch()
     if size is None:
         return None
-    per_route = {id(e): route_rows(e, size) for e in entries if isinstance(e, Route)}
-    combos: dict[tuple[str, ...], int] = {}
-    which = []
-    for b in range(size):
-        names = (e if isinstance(e, str) else per_route[id(e)][b] for e in entries)
-        combo = tuple(n for n in names if n is not None and _here(n, slot) and hasattr(slot[n], capability))
-        which.append(combos.setdefault(combo, len(combos)))
+    key = (size, capability, tuple((n, id(p)) for n, p in slot.items()))
+    if not (entry.routed and entry.routed[0] is st.block and entry.routed[1] == key):  # type: ignore[union-attr]
+        per_route = {id(e): route_rows(e, size) for e in entries if isinstance(e, Route)}
+        combos: dict[tuple[str, ...], int] = {}
+        which = []
+        for b in range(size):
+            names = (e if isinstance(e, str) else per_route[id(e)][b] for e in entries)
+            combo = tuple(n for n in names if n is not None and _here(n, slot) and hasattr(slot[n], capability))
+            which.append(combos.setdefault(combo, len(combos)))
+        device = next((q.device for c in combos for n in c[:1] for q in slot[n].parameters()), None)
+        entry.routed = (st.block, key, list(combos), torch.tensor(which, device=device))  # type: ignore[union-attr]
+    _, _, combos, which = entry.routed  # type: ignore[union-attr]
     if not any(combos):
         return None
     found = [tuple(slot[n] for n in c) for c in combos]
-    return Rows(found) if len(found) == 1 else Rows(found, torch.tensor(which))
+    return Rows(found) if len(found) == 1 else Rows(found, which)
 
 
 def _padded(blocks: list[Tensor | None], dim: int, rows: Rows, at_end: bool) -> tuple[Tensor, Tensor | None]:
@@ -216,7 +222,7 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
         kw.update(as_kwargs(model, args, kwargs))
         return _batch_size(kw)
 
-    rows = active_rows(model, model.get_input_embeddings(), "prompt_embeddings", batch)
+    rows = active_rows(entry, model.get_input_embeddings(), "prompt_embeddings", batch)
     if rows is None:
         return None
     kw = kw or as_kwargs(model, args, kwargs)
@@ -380,8 +386,7 @@ def _hidden(module: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     entry = _entry(module, "prefix")
-    rows = active_rows(entry.model if entry is not None else None, module, "prefix_kv",
-                       lambda: getattr(_hidden(module, args, kwargs), "shape", (None,))[0])
+    rows = active_rows(entry, module, "prefix_kv", lambda: getattr(_hidden(module, args, kwargs), "shape", (None,))[0])
     if rows is None:
         return None
     kv = [[p.prefix_kv() for p in c] for c in rows.combos]
