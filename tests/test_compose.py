@@ -326,3 +326,12 @@ def test_detach_removes_the_delta_from_the_composition(lora_pair):
     dwb = _lora_dw(tiny.model, "b")
     ref = _ref_model(tiny, lambda p, w: w + 2.0 * dwb[p] if p in dwb else None)
     torch.testing.assert_close(tiny.logits(), tiny.logits(ref), atol=ATOL, rtol=0)
+
+
+def test_fusion_over_attention_position_deltas_is_refused_at_attach():
+    tiny = build_tiny("llama")
+    for n in ("p1", "p2"):
+        dt.attach(tiny.model, dt.PrefixTuning(n_tokens=2), name=n, activate=False)
+    with pytest.raises(dt.errors.TargetError, match="attention position"):
+        dt.attach(tiny.model, dt.Fusion(deltas=("p1", "p2")), name="f")
+    assert set(tiny.model._deltatune_state.deltas) == {"p1", "p2"}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compose import POSITIONS
 from ..config import DeltaConfig, register
 from ..errors import ConfigError, TargetError
 from ..host import slot_of
@@ -68,6 +69,11 @@ class FusionPiece(Piece):
         super().__init__(base, path, cfg)
         slot = slot_of(base)
         fused = [slot[n] for n in cfg.deltas if slot is not None and n in slot]
+        other = [p for p in fused if p.position not in POSITIONS]
+        if other:
+            raise TargetError(f"Fusion attends over the values deltas produce at the weight, output or input position; "
+                              f"{type(other[0]).__name__} at {path!r} acts at the {other[0].position} position (extra keys "
+                              f"or tokens), which Fuse is not defined for (docs/composition.md)")
         widths = {value_features(p, base) for p in fused}
         if len(widths) != 1:
             raise TargetError(f"Fusion at {path!r}: the fused deltas act on values of different widths {sorted(widths)} "
