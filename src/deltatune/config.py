@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -52,6 +53,25 @@ def check_count_or_fraction(owner: str, count: tuple[str, Any, str], fraction: t
         raise ConfigError(f"{owner}.{cname} must be a positive integer, got {c!r}")
     if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f <= 1.0):
         raise ConfigError(f"{owner}.{fname} must be a number in (0, 1], got {f!r}")
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    """ConfigError unless `value` is an integer (not a bool) >= minimum."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        want = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(f"{owner}.{name} must be {want}, got {value!r}")
+
+
+def check_finite(owner: str, name: str, value: Any, nonzero: bool = False) -> None:
+    """ConfigError unless `value` is a finite number (not a bool), non-zero when asked."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (nonzero and value == 0):
+        raise ConfigError(f"{owner}.{name} must be a finite{' non-zero' if nonzero else ''} number, got {value!r}")
+
+
+def check_dropout(owner: str, p: Any) -> None:
+    """ConfigError unless `p` is a probability in [0, 1)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"{owner}.dropout must be a number in [0, 1), got {p!r}")
 
 
 def known_kinds() -> list[str]:

@@ -8,15 +8,13 @@ it costs less than forming ΔW, and ΔW otherwise; `delta_weight` is the same Lo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..errors import ConfigError
+from ..config import DeltaConfig, check_finite, check_int, register
 from ..layouts import Layout, layout_of
 from ..piece import Piece, add_product, master_dtype
 from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
@@ -32,11 +30,8 @@ class LoHa(DeltaConfig):
     alpha: float = 8.0
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"LoHa.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
-                or self.alpha == 0:
-            raise ConfigError(f"LoHa.alpha must be a finite non-zero number, got {self.alpha!r}")
+        check_int("LoHa", "r", self.r)
+        check_finite("LoHa", "alpha", self.alpha, nonzero=True)
 
     @property
     def scale(self) -> float:

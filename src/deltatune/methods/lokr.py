@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_finite, check_int, register
 from ..errors import ConfigError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
@@ -43,11 +43,8 @@ class LoKr(DeltaConfig):
     init: str = "default"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"LoKr.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
-                or self.alpha == 0:
-            raise ConfigError(f"LoKr.alpha must be a finite non-zero number, got {self.alpha!r}")
+        check_int("LoKr", "r", self.r)
+        check_finite("LoKr", "alpha", self.alpha, nonzero=True)
         if not isinstance(self.factor, int) or isinstance(self.factor, bool) or (self.factor < 1 and self.factor != -1):
             raise ConfigError(f"LoKr.factor must be -1 (balanced split) or a positive integer, got {self.factor!r}")
         if not isinstance(self.decompose_both, bool):

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_dropout, check_finite, check_int, register
 from ..errors import TargetError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
 from ..tensors import DeltaTensor, LowRankDelta
-from .vera import check_dropout, check_finite, check_int
 
 
 @register("lora_xs")

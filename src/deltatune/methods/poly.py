@@ -21,17 +21,12 @@ from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..batch import batch_value
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_int, register
 from ..errors import ConfigError, TargetError
 from ..layouts import layout_of
 from ..piece import Piece, master_dtype
 
 EPS = 1e-12
-
-
-def _positive_int(owner: str, name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(f"{owner}.{name} must be a positive integer, got {v!r}")
 
 
 @register("poly")
@@ -46,7 +41,7 @@ class Poly(DeltaConfig):
 
     def validate(self) -> None:
         for name in ("r", "n_skills", "n_tasks", "n_splits"):
-            _positive_int("Poly", name, getattr(self, name))
+            check_int("Poly", name, getattr(self, name))
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return PolyPiece

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_int, register
 from ..errors import ConfigError, StateError, TargetError
 from ..layouts import layout_of
 from ..piece import Piece, master_dtype
@@ -32,11 +32,6 @@ PROMPT_INITS = ("vocab", "random")
 INPUT_EMBEDDINGS = r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)"
 #: the self-attention modules of common transformers models (Llama/Mistral/Qwen, GPT-2, BERT, Falcon)
 SELF_ATTENTION = r".*\.(self_attn|attn|attention\.self|self_attention)"
-
-
-def _positive_int(owner: str, name: str, value: Any, zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
-        raise ConfigError(f"{owner}.{name} must be a {'non-negative' if zero else 'positive'} integer, got {value!r}")
 
 
 @register("prompt")
@@ -51,8 +46,8 @@ class PromptTuning(DeltaConfig):
     insert_at: int = 0
 
     def validate(self) -> None:
-        _positive_int("PromptTuning", "n_tokens", self.n_tokens)
-        _positive_int("PromptTuning", "insert_at", self.insert_at, zero=True)
+        check_int("PromptTuning", "n_tokens", self.n_tokens)
+        check_int("PromptTuning", "insert_at", self.insert_at, 0)
         if self.init not in PROMPT_INITS:
             raise ConfigError(f"PromptTuning.init must be one of {PROMPT_INITS}, got {self.init!r}")
 
@@ -106,8 +101,8 @@ class PrefixTuning(DeltaConfig):
     projection: int = 0
 
     def validate(self) -> None:
-        _positive_int("PrefixTuning", "n_tokens", self.n_tokens)
-        _positive_int("PrefixTuning", "projection", self.projection, zero=True)
+        check_int("PrefixTuning", "n_tokens", self.n_tokens)
+        check_int("PrefixTuning", "projection", self.projection, 0)
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return PrefixPiece

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_dropout, check_finite, check_int, register
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
 from ..tensors import DeltaTensor, DenseDelta
 from . import random_projections as rp
-from .vera import check_dropout, check_finite, check_int, check_saved_shape
+from .vera import check_saved_shape
 
 UNIT = math.sqrt(3.0)  # U(-√3, √3) has variance 1
 

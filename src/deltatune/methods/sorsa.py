@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_finite, check_int, register
 from ..errors import ConfigError, TargetError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
@@ -32,8 +32,7 @@ class SORSA(DeltaConfig):
     gamma: float = 4e-4
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"SORSA.r must be a positive integer, got {self.r!r}")
+        check_int("SORSA", "r", self.r)
         if not isinstance(self.gamma, (int, float)) or isinstance(self.gamma, bool) or not math.isfinite(self.gamma) \
                 or self.gamma < 0:
             raise ConfigError(f"SORSA.gamma must be a finite number >= 0, got {self.gamma!r}")

@@ -19,27 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..errors import ConfigError, ShapeMismatchError
+from ..config import DeltaConfig, check_dropout, check_finite, check_int, register
+from ..errors import ShapeMismatchError
 from ..layouts import Layout, layout_of
 from ..piece import Piece, master_dtype
 from ..tensors import DeltaTensor, LowRankDelta
 from . import random_projections as rp
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_dropout(owner: str, p: Any) -> None:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-        raise ConfigError(f"{owner}.dropout must be a number in [0, 1), got {p!r}")
-
-
-def check_finite(owner: str, name: str, value: Any, nonzero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (nonzero and value == 0):
-        raise ConfigError(f"{owner}.{name} must be a finite{' non-zero' if nonzero else ''} number, got {value!r}")
 
 
 @register("vera")
