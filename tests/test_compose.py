@@ -335,3 +335,79 @@ def test_fusion_over_attention_position_deltas_is_refused_at_attach():
     with pytest.raises(dt.errors.TargetError, match="attention position"):
         dt.attach(tiny.model, dt.Fusion(deltas=("p1", "p2")), name="f")
     assert set(tiny.model._deltatune_state.deltas) == {"p1", "p2"}
+
+
+# --- regressions found in review --------------------------------------------------------------------------------
+@pytest.fixture
+def mixed_trio():
+    tiny = build_tiny("llama")
+    _attach(tiny.model, dt.LoRA(r=2), "a", 1)                          # every linear
+    _attach(tiny.model, dt.IA3(targets=KV, feedforward=()), "b", 2)   # k/v outputs only
+    _attach(tiny.model, dt.LoRA(r=3), "c", 3)
+    return tiny
+
+
+def test_average_over_a_block_whose_child_is_absent_at_some_modules(mixed_trio):
+    tiny = mixed_trio
+    dwa, dwc, lb = _lora_dw(tiny.model, "a"), _lora_dw(tiny.model, "c"), _ia3(tiny.model, "b")
+    # weight position: W + 0.5 ΔW_a + 0.25 ΔW_c; output position (k/v): h + 0.5 (l ⊙ h - h)
+    ref = _ref_model(tiny, lambda p, w: (1 + 0.5 * (lb[p] - 1))[:, None] * (w + 0.5 * dwa[p] + 0.25 * dwc[p]) if p in lb
+                     else w + 0.5 * dwa[p] + 0.25 * dwc[p] if p in dwa else None)
+    dt.activate(tiny.model, dt.Average(dt.Stack("a", "b"), "c", weights=[0.5, 0.25]))
+    torch.testing.assert_close(tiny.logits(), tiny.logits(ref), atol=ATOL, rtol=0)
+    dt.detach(tiny.model, "a")  # the nested child goes, the weights stay paired with their children
+    assert dt.active_block(tiny.model) == dt.Average("b", "c", weights=[0.5, 0.25])
+
+
+def test_sum_with_a_fuse_child_does_not_depend_on_order(lora_pair):
+    tiny = lora_pair
+    _attach(tiny.model, dt.LoRA(r=3), "c", 3)
+    dt.attach(tiny.model, dt.Fusion(deltas=("a", "b")), name="ab", activate=False)
+    _perturb_fusion(tiny.model, "ab")
+    fuse = dt.Fuse("a", "b", fusion="ab")
+    with dt.active(tiny.model, dt.Sum("c", fuse)):
+        one = tiny.logits()
+    with dt.active(tiny.model, dt.Sum(fuse, "c")):
+        two = tiny.logits()
+    with dt.active(tiny.model, dt.Average(fuse, "c", weights=[1.0, 1.0])):  # h + (Fuse(h) - h) + c(x)
+        ref = tiny.logits()
+    torch.testing.assert_close(one, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(two, ref, atol=ATOL, rtol=0)
+
+
+def test_route_at_the_input_position_leaves_a_shared_input_alone():
+    """gate_proj and up_proj read the same tensor: rescaling gate_proj's input per row must not touch up_proj's."""
+    tiny = build_tiny("llama")
+    _attach(tiny.model, dt.IA3(targets=("gate_proj",), feedforward=("gate_proj",)), "a", 1)
+    ids = tiny.inputs["input_ids"]
+    with dt.active(tiny.model, "a"), torch.no_grad():
+        alone = tiny.model(input_ids=ids[:1]).logits
+    with dt.route(tiny.model, ["a", None]), torch.no_grad():
+        out = tiny.model(input_ids=ids).logits
+    torch.testing.assert_close(out[:1], alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[1:], tiny.logits(tiny.fresh())[1:], atol=ATOL, rtol=0)
+
+
+def test_active_block_restore_forgets_deltas_detached_inside(lora_pair):
+    tiny = lora_pair
+    dt.activate(tiny.model, ["a", "b"])
+    with dt.active(tiny.model, "b"):
+        dt.detach(tiny.model, "a")
+    assert dt.active_block(tiny.model) == "b"
+    dt.merge(tiny.model)  # works: nothing stale left in the composition
+
+
+def test_fuse_over_deltas_the_fusion_was_not_built_for_is_refused(lora_pair):
+    tiny = lora_pair
+    _attach(tiny.model, dt.LoRA(r=3), "c", 3)
+    dt.attach(tiny.model, dt.Fusion(deltas=("a", "b")), name="ab", activate=False)
+    with pytest.raises(ConfigError, match="built over"):
+        dt.activate(tiny.model, dt.Fuse("a", "c", fusion="ab"))
+
+
+def test_fusion_over_two_positions_of_one_module_is_refused():
+    tiny = build_tiny("llama")
+    _attach(tiny.model, dt.LoRA(r=2, targets=KV), "lora", 1)
+    _attach(tiny.model, dt.IA3(targets=KV, feedforward=()), "ia3", 2)
+    with pytest.raises(dt.errors.TargetError, match="different positions"):
+        dt.attach(tiny.model, dt.Fusion(deltas=("lora", "ia3")), name="f")

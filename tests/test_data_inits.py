@@ -308,6 +308,10 @@ def test_lora_ga_factors_from_gradient_svd(kind: str) -> None:
         torch.testing.assert_close(b.t() @ b, c * c * torch.eye(R, dtype=torch.float64), atol=1e-5, rtol=0)
         torch.testing.assert_close(projector(a), projector(vh[:R]), atol=1e-4, rtol=0, msg=path)
         torch.testing.assert_close(projector(b.t()), projector(u[:, R:2 * R].t()), atol=1e-4, rtol=0, msg=path)
+        # singular vectors' signs are fixed (B A pairs different singular values, so they matter): each row of A and
+        # column of B has its largest-magnitude entry positive
+        for vec in (*a, *b.t()):
+            assert vec[vec.abs().argmax()] > 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -367,6 +371,7 @@ def test_eva_matches_peft() -> None:
         torch.testing.assert_close(projector(piece.lora_A.detach()), projector(theirs[path]), atol=1e-4, rtol=0, msg=path)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 def test_corda_matches_peft(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """peft writes W − s·B·A into the base; ours keeps W and a frozen offset: the same trained factors must give
@@ -407,6 +412,7 @@ def test_corda_matches_peft(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(tiny.logits(), tiny.logits(pm), atol=ATOL, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_lora_ga_matches_peft() -> None:
     """Same gradient directions as peft's LoRA-GA (peft scales B by the singular values; the paper and its
     reference code do not, so only the spans are compared)."""
@@ -433,6 +439,20 @@ def test_lora_ga_matches_peft() -> None:
                                    atol=1e-4, rtol=0, msg=path)
         torch.testing.assert_close(projector(piece.lora_B.detach().t()),
                                    projector(layer.lora_B["default"].weight.detach().t()), atol=1e-4, rtol=0, msg=path)
+
+
+@pytest.mark.parametrize("method", ["corda-kpm", "lora_ga"])
+def test_peft_export_of_an_offset_delta(method: str, tmp_path) -> None:
+    """Saved in PEFT format, s·(B A − B0 A0) becomes a rank-2r LoRA that peft runs to the same logits."""
+    peft = pytest.importorskip("peft")
+    tiny, _ = _setup(method, "llama")
+    y = tiny.logits()
+    dt.save(tiny.model, tmp_path / "p", name="a", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(tiny.fresh(), tmp_path / "p")
+    pm.eval()
+    torch.testing.assert_close(tiny.logits(pm), y, atol=ATOL, rtol=1e-5)
 
 
 # --- 6. capabilities every delta gets --------------------------------------------------------------------
@@ -502,6 +522,26 @@ def test_sum_with_an_active_lora(method: str) -> None:
     torch.testing.assert_close(tiny.logits(grad=True).detach(), want, atol=ATOL, rtol=0)
     dt.merge(model, ["a", "b"])
     torch.testing.assert_close(tiny.logits(), want, atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_routes_rows_to_their_delta() -> None:
+    """dt.route: row b runs with delta rows[b] (the frozen offset included) exactly as that delta alone."""
+    tiny = _tiny("llama")
+    batches = _batches("llama")
+    dt.init.corda(tiny.model, _cfg("llama"), batches, "a", mode="kpm", progress=False)
+    dt.init.lora_ga(tiny.model, _cfg("llama"), batches, "b", progress=False)
+    dt.init.eva(tiny.model, _cfg("llama"), batches, "c", progress=False)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        randomize(tiny.model, name, seed)
+    ids = torch.randint(1, 64, (4, 7), generator=torch.Generator().manual_seed(9))
+    rows = ["a", "b", None, "c"]
+    with torch.no_grad(), dt.route(tiny.model, rows):
+        mixed = tiny.model(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        dt.activate(tiny.model, name)
+        with torch.no_grad():
+            alone = tiny.model(input_ids=ids[i:i + 1]).logits
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=ATOL, rtol=0, msg=f"row {i} ({name})")
 
 
 @pytest.mark.parametrize("method", ["corda-ipm", "lora_ga"])
@@ -626,6 +666,23 @@ def test_corda_bad_mode_and_lora_ga_rank() -> None:
         dt.init.corda(tiny.model, _cfg("llama"), _batches("llama"), mode="both", progress=False)
     with pytest.raises(TargetError, match="2r=10.*k_proj"):  # k_proj is 8x16: 2r must fit 8
         dt.init.lora_ga(tiny.model, dt.LoRA(r=5), _batches("llama"), progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_modes_restored_after_success_and_failure(method: str) -> None:
+    """Input statistics run in eval mode, gradients in the model's own; every submodule gets its mode back."""
+    tiny = _tiny("llama")
+    tiny.model.train()
+    tiny.model.model.layers[1].eval()  # a mixed-mode model
+    modes = {n: m.training for n, m in tiny.model.named_modules()}
+    seen = []
+    tiny.model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    bad = _batches("llama")[:1] + [{"input_ids": torch.ones(2, 3)}]
+    with pytest.raises(RuntimeError):
+        _run(method, tiny.model, _cfg("llama"), bad)
+    _run(method, tiny.model, _cfg("llama"), _batches("llama"))
+    assert {n: m.training for n, m in tiny.model.named_modules() if "deltatune" not in n} == modes
+    assert set(seen) == ({True} if method == "lora_ga" else {False})
 
 
 def test_taken_name_fails_before_any_forward() -> None:

@@ -67,6 +67,8 @@ def test_poly_is_identity_at_init_and_learns_task_routing():
     ids = tiny.inputs["input_ids"]
     torch.testing.assert_close(tiny.model(input_ids=ids, task_ids=torch.tensor([0, 1])).logits.detach(),
                                tiny.logits(tiny.fresh()), atol=0, rtol=0)
+    piece = next(iter(_pieces(tiny.model, "poly").values()))
+    w0 = piece.mixing(torch.tensor([0, 1])).detach()
     params = [p for p in tiny.model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-2)
     tiny.model.train()
@@ -80,10 +82,11 @@ def test_poly_is_identity_at_init_and_learns_task_routing():
         losses.append(float(loss.detach()))
     tiny.model.eval()
     assert losses[-1] < losses[0]
-    piece = next(iter(_pieces(tiny.model, "poly").values()))
-    w = piece.mixing(torch.tensor([0, 1]))
+    w = piece.mixing(torch.tensor([0, 1])).detach()
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 1), atol=1e-6, rtol=0)
-    assert not torch.allclose(w[0], w[1])  # the tasks route differently after training
+    # the routing was learned: it moved from its init, and the two tasks now differ far more than at init
+    assert (w - w0).abs().max() > 1e-2
+    assert (w[0] - w[1]).abs().max() > 10 * (w0[0] - w0[1]).abs().max()
 
 
 def test_poly_errors_leave_the_model_usable():
@@ -166,5 +169,39 @@ def test_arrow_with_one_delta_is_that_delta_and_caches_prototypes():
     dt.activate(tiny.model, dt.Arrow("a", "b", top_k=1))
     out = tiny.logits()
     slot = tiny.model.model.layers[0].mlp.up_proj.deltatune
-    assert slot.arrow_cache[1].shape == (1, 16)  # one prototype there: only "a" acts on up_proj
+    protos = slot.arrow_cache[1]
+    assert protos.shape == (1, 16)  # one prototype there: only "a" acts on up_proj
     torch.testing.assert_close(tiny.logits(), out, atol=0, rtol=0)
+    assert slot.arrow_cache[1] is protos  # reused across forwards
+    _randomize(tiny.model, "a", 9)  # an in-place change: prototypes are recomputed
+    tiny.logits()
+    assert slot.arrow_cache[1] is not protos
+
+
+def test_per_call_keywords_clean_up_and_refuse_checkpointing():
+    from deltatune.batch import batch_value
+
+    tiny = build_tiny("llama")
+    dt.attach(tiny.model, dt.LoRA(r=2), name="a", activate=False)
+    ids = tiny.inputs["input_ids"]
+    with pytest.raises(dt.errors.DeltaNameError):
+        tiny.model(input_ids=ids, task_ids=torch.tensor([0, 1]), deltas=["a", "nope"])
+    assert batch_value("task_ids") is None and dt.active_block(tiny.model) is None
+    tiny.model.gradient_checkpointing_enable()
+    tiny.model.train()
+    with pytest.raises(ConfigError, match="checkpoint"):
+        tiny.model(input_ids=ids, deltas=["a", None])
+    assert dt.active_block(tiny.model) is None
+
+
+def test_poly_is_refused_under_route_and_repeats_task_ids_for_generate():
+    tiny = build_tiny("llama")
+    dt.attach(tiny.model, dt.Poly(r=2, n_tasks=2, targets=("q_proj",)), name="poly")
+    _randomize(tiny.model, "poly", 1)
+    with pytest.raises(ConfigError, match="Route"):
+        dt.activate(tiny.model, dt.Route(["poly", None]))
+    ids = tiny.inputs["input_ids"][:1]
+    with dt.batch(task_ids=torch.tensor([1])), torch.no_grad():
+        out = tiny.model.generate(ids, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=2,
+                                  pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 2)

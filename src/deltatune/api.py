@@ -107,7 +107,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
             piece.install(model, module)  # mechanisms of their own (attention-position pieces' hooks)
             installed.append((module, piece))
         st.deltas[name] = DeltaRecord(name, cfg, [p for p, _, _ in built], trainable,
-                                      tuple((p, piece.position, piece.mergeable) for p, _, piece in built))
+                                      tuple((p, piece.position, piece.mergeable, piece.routable) for p, _, piece in built))
         if activate:
             _set_active(model, name)
         else:
@@ -235,16 +235,24 @@ def _check_block(model: nn.Module, node: Node) -> None:
         raise ConfigError(f"delta names repeat in {node!r}; each delta may appear once in a composition")
     records = _state(model).deltas
     for name, block in placements(node):
-        for path, position, mergeable in records[name].roles:
+        for path, position, mergeable, routable in records[name].roles:
             if position not in block.positions:
                 raise ConfigError(f"{type(block).__name__} is not defined for {position}-position deltas such as "
                                   f"{name!r} at {path!r} ({type(block).__name__} takes {', '.join(block.positions)}); "
                                   f"see docs/composition.md")
             if isinstance(block, Arrow) and not mergeable:
                 raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {path!r} is not a weight update")
+            if isinstance(block, Route) and not routable:
+                raise ConfigError(f"{name!r} picks its own update per example ({path!r}), so Route cannot give it a subset "
+                                  f"of the rows; activate it alone or in Sum/Stack")
     if isinstance(node, Block):
         for fuse in [b for b in _blocks(node) if isinstance(b, Fuse)]:
             _names(model, fuse.fusion, ())
+            fused = _state(model).deltas[fuse.fusion].config.follows()
+            stray = [n for n in fuse.children if n not in fused]
+            if stray:
+                raise ConfigError(f"Fuse over {stray}: fusion delta {fuse.fusion!r} was built over {list(fused)}; fuse those "
+                                  f"(or a subset), or attach a dt.Fusion over these deltas")
             used = {p for n in fuse.children for p in _state(model).deltas[n].paths}
             missing = sorted(used - set(_state(model).deltas[fuse.fusion].paths))
             if missing:
@@ -290,7 +298,11 @@ def active(model: nn.Module, names: Names | Block) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _set_active(model, previous)
+        st = state_of(model)
+        if st is not None:  # deltas detached inside the block leave the restored composition too
+            for gone in [n for n in (leaves(previous) if previous is not None else []) if n not in st.deltas]:
+                previous = without(previous, gone)
+            _set_active(model, previous)
 
 
 @contextmanager
@@ -374,13 +386,14 @@ def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
 
 def _remove(model: nn.Module, name: str) -> None:
     st = _state(model)
+    block = without(st.block, name)
     for module, slot in list(_slots(model, name)):
         slot[name].uninstall(model, module)
         del slot[name]
         if not len(slot):
             remove_slot(module)
     del st.deltas[name]
-    _apply(model, without(st.block, name))
+    _apply(model, block)
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:

@@ -9,11 +9,14 @@ Pieces read what they need with `batch_value(key)` (a context variable, so threa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch import nn
+
+from .errors import ConfigError
 
 KEYS = ("task_ids",)
 _current: ContextVar[dict[str, Any]] = ContextVar("deltatune_batch", default={})
@@ -34,30 +37,37 @@ def batch(**info: Any) -> Iterator[None]:
         _current.reset(token)
 
 
+_calls: ContextVar[tuple[ExitStack, ...]] = ContextVar("deltatune_calls", default=())
+
+
 def _pre(module: nn.Module, args: tuple, kwargs: dict):
+    stack = ExitStack()  # pushed first: torch runs _post (always_call) even when this hook raises
+    _calls.set((*_calls.get(), stack))
     taken = {k: kwargs.pop(k) for k in KEYS if k in kwargs}
     deltas = kwargs.pop("deltas", None)
-    stack = module.__dict__.setdefault("_deltatune_call", [])
-    contexts = []
-    if taken:
-        contexts.append(batch(**taken))
-    if deltas is not None:
-        from .api import route
+    if (taken or deltas is not None) and torch.is_grad_enabled() and module.training \
+            and getattr(module, "is_activation_checkpointing", getattr(module, "is_gradient_checkpointing", False)):
+        raise ConfigError("per-call task_ids= / deltas= end with the forward, before backward recomputes the "
+                          "checkpointed layers; with gradient checkpointing, run forward and backward inside "
+                          "`with dt.batch(task_ids=...)` / `with dt.route(model, rows)` instead")
+    try:
+        if taken:
+            stack.enter_context(batch(**taken))
+        if deltas is not None:
+            from .api import route
 
-        contexts.append(route(module, deltas))
-    for c in contexts:
-        c.__enter__()
-    stack.append(contexts)
+            stack.enter_context(route(module, deltas))
+    except BaseException:
+        stack.close()
+        raise
     return args, kwargs
 
 
 def _post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    stack = module.__dict__["_deltatune_call"]
-    contexts = stack.pop()
-    if not stack:
-        del module.__dict__["_deltatune_call"]
-    for c in reversed(contexts):
-        c.__exit__(None, None, None)
+    calls = _calls.get()
+    if calls:
+        _calls.set(calls[:-1])
+        calls[-1].close()
     return output
 
 

@@ -56,7 +56,12 @@ class Block:
 
     def restrict(self, present: Callable[[str], bool]) -> Node | None:
         """This block at one module and position: children with nothing there dropped (None if nothing is left)."""
-        kept = [k for k in (_restrict(c, present) for c in self.children) if k is not None]
+        return self.map(lambda c: _restrict(c, present))
+
+    def map(self, fn: Callable[[Node], Node | None]) -> Node | None:
+        """This block with each child replaced by fn(child) (None drops it); a Sum/Stack left with one child is
+        that child, an empty block is None."""
+        kept = [k for k in (fn(c) for c in self.children) if k is not None]
         if not kept:
             return None
         return kept[0] if len(kept) == 1 and type(self) in (Sum, Stack) else self._with(kept)
@@ -111,8 +116,8 @@ class Sum(Block):
         _init_children(self, children)
 
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        if ctx.position == "weight":  # additive leaves: the same as Stack, without copies
-            return Stack.run(self, h, ctx)  # type: ignore[arg-type]
+        if ctx.position == "weight" and all(_h_free(c) for c in self.children):
+            return Stack.run(self, h, ctx)  # type: ignore[arg-type]  # changes that do not depend on h: as Stack
         out = h.clone()
         for c in self.children:
             out = out + (run(c, h.clone(), ctx) - h)
@@ -132,18 +137,21 @@ class Average(Block):
         weights = tuple(float(w) for w in weights)
         if len(weights) != len(children) or not all(math.isfinite(w) for w in weights):
             raise ConfigError(f"Average needs one finite weight per child: {len(children)} children, weights {weights}")
-        object.__setattr__(self, "weights", dict(zip(children, weights)))
+        object.__setattr__(self, "weights", weights)
+
+    def map(self, fn: Callable[[Node], Node | None]) -> Node | None:
+        pairs = [(k, w) for k, w in ((fn(c), w) for c, w in zip(self.children, self.weights)) if k is not None]
+        return Average(*[k for k, _ in pairs], weights=[w for _, w in pairs]) if pairs else None
 
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
         out = h.clone()
-        for c in self.children:
-            w = self.weights[c]
+        for c, w in zip(self.children, self.weights):
             change = (run(c, torch.zeros_like(h), ctx) if ctx.is_additive_leaf(c) else run(c, h.clone(), ctx) - h)
             out = out + w * change
         return out
 
     def __repr__(self) -> str:
-        return f"Average({', '.join(map(repr, self.children))}, weights={[self.weights[c] for c in self.children]})"
+        return f"Average({', '.join(map(repr, self.children))}, weights={list(self.weights)})"
 
 
 class Fuse(Block):
@@ -327,18 +335,18 @@ def without(node: Node | None, name: str) -> Node | None:
     that uses it is dropped whole (it no longer means what was asked)."""
     if node is None or node == name:
         return None
+    if isinstance(node, str) or name not in node.names():
+        return node
+    if isinstance(node, (Fuse, Route, Arrow)):
+        return None
+    return node.map(lambda c: without(c, name))
+
+
+def _h_free(node: Node) -> bool:
+    """At the weight position, whether node(h) - h does not depend on h (so children can run one after another)."""
     if isinstance(node, str):
-        return node
-    if name in node.names() and isinstance(node, (Fuse, Route, Arrow)):
-        return None
-    if name not in node.names():
-        return node
-    kept = [k for k in (without(c, name) for c in node.children) if k is not None]
-    if not kept:
-        return None
-    if isinstance(node, Average):
-        return Average(*kept, weights=[node.weights[c] for c in node.children if c in kept])
-    return kept[0] if len(kept) == 1 else node._with(kept)
+        return True
+    return not isinstance(node, Fuse) and all(_h_free(c) for c in node.children)
 
 
 def additive_names(node: Node) -> set[str]:

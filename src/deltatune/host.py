@@ -21,7 +21,7 @@ class DeltaSlot(nn.ModuleDict):
     """Named pieces on one module, which of them are active, and which are merged into its weight."""
 
     route_bank = None  # routing.Bank: the fast Route path's stacked factors at this module
-    route_plan = None  # routing.Plan: the active Route's row groups at this module
+    route_plan = None  # position -> routing.Plan: the active Route's row groups at this module
     input_plans: tuple = ()  # (argument, plan) pairs: the input plan split by the argument its pieces transform
 
     def __init__(self, layout: Layout | None) -> None:
@@ -183,8 +183,8 @@ class DeltaRecord:
     config: DeltaConfig
     paths: list[str]
     trainable: bool
-    #: (path, position, mergeable) of each piece: what compositions check without walking the model
-    roles: tuple[tuple[str, str, bool], ...] = ()
+    #: (path, position, mergeable, routable) of each piece: what compositions check without walking the model
+    roles: tuple[tuple[str, str, bool, bool], ...] = ()
 
 
 @dataclass

@@ -30,6 +30,8 @@ class Piece(nn.Module, ABC):
     #: or adds a parallel branch; "attention" — extra keys/values or virtual tokens, applied by the method's own
     #: mechanism (the host's hooks skip such pieces). Composition blocks (compose.py) have one formula per position.
     position: ClassVar[str] = "weight"
+    #: False for pieces that pick their own update per example (Poly by task id): Route cannot hand them row subsets
+    routable: ClassVar[bool] = True
     #: for "input" pieces: which argument of the module's forward they transform, an index or a parameter name
     #: (BertOutput(hidden_states, input_tensor): 1 is the residual input); may be set per instance
     input_arg: int | str = 0

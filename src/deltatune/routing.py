@@ -107,7 +107,7 @@ def _rows(route: Route, batch: int) -> tuple[str | None, ...]:
 def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: torch.device, fast_ok: bool) -> Plan:
     slot = ctx.slot
     key = (id(route), route.rows, batch, dtype, device, ctx.position, fast_ok)
-    cached = getattr(slot, "route_plan", None)
+    cached = slot.route_plan.get(ctx.position) if slot.route_plan else None
     if cached is not None and cached.key == key:
         return cached
     rows = _rows(route, batch)
@@ -138,7 +138,9 @@ def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: to
                                 bank.Bt[r].index_select(0, sel),
                                 None if bank.bias[r] is None else bank.bias[r].index_select(0, sel), batched=True))
     plan = Plan(key, groups, slow)
-    slot.route_plan = plan
+    if slot.route_plan is None:
+        slot.route_plan = {}
+    slot.route_plan[ctx.position] = plan
     return plan
 
 
@@ -178,17 +180,16 @@ def route_run(route: Route, h: Tensor, ctx: Context) -> Tensor:
         x3 = ctx.x.reshape(batch, -1, ctx.x.shape[-1])
         for g in plan.fast:
             _fast_group(g, x3, h3)
+    # in place only at the weight position (the host hands over its own output or copy there); an input or output
+    # may be a tensor other modules still read (a shared input, the residual stream through an identity module)
+    in_place = ctx.position == "weight" and not torch.is_grad_enabled()
     for name, idx in plan.slow:
         sub = ctx.rows(idx)
         if ctx.position == "weight":  # additive: the rows' contribution alone, then added
             change = run(name, torch.zeros_like(h.index_select(0, idx)), sub)
-            h = h.index_add_(0, idx, change) if not torch.is_grad_enabled() else h.index_add(0, idx, change)
+            h = h.index_add_(0, idx, change) if in_place else h.index_add(0, idx, change)
         else:
-            out = run(name, h.index_select(0, idx), sub)
-            h = h.index_copy_(0, idx, out) if not torch.is_grad_enabled() else h.index_copy(0, idx, out)
+            h = h.index_copy(0, idx, run(name, h.index_select(0, idx), sub))
     return h
 
 
-def reset(slot) -> None:
-    """Forget the per-activation plan (the bank stays; it checks its deltas' parameter versions itself)."""
-    slot.route_plan = None

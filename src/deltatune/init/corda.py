@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -45,12 +46,13 @@ def corda(model: nn.Module, cfg: LoRA, batches: Iterable[Any], name: str = "defa
     cfg = cfg.replace(init="given")  # type: ignore[assignment]
     built, lora = build_lora(model, cfg)
     factors = {}
-    for path, moments in input_moments(model, lora, batches, token_mask=token_mask, memory=memory,
-                                       progress=progress, description="CorDA: input covariances"):
-        module, layout = lora[path]
-        local = cfg.resolve(path)
-        factors[path] = corda_factors(layout.weight(module).detach(), moments.second_moment(), local.r, local.scale,
-                                      mode, damping)
+    with closing(input_moments(model, lora, batches, token_mask=token_mask, memory=memory, progress=progress,
+                               description="CorDA: input covariances")) as stream:  # closed on errors too
+        for path, moments in stream:
+            module, layout = lora[path]
+            local = cfg.resolve(path)
+            factors[path] = corda_factors(layout.weight(module).detach(), moments.second_moment(), local.r,
+                                          local.scale, mode, damping)
     return install_factors(model, name, cfg, built, factors, activate=activate, trainable=trainable)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -36,22 +37,25 @@ def eva(model: nn.Module, cfg: LoRA, batches: Iterable[Any], name: str = "defaul
     check_lora(model, cfg, name, "dt.init.eva")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 1:
         raise ConfigError(f"dt.init.eva: rho must be a number >= 1 (1 = the same rank everywhere), got {rho!r}")
+    if not isinstance(whiten, bool):
+        raise ConfigError(f"dt.init.eva: whiten must be True or False, got {whiten!r}")
     built, lora = build_lora(model, cfg)
     base = {p: cfg.resolve(p).r for p in lora}
     caps = {p: min(round(rho * base[p]), *lay.shape(m)) for p, (m, lay) in lora.items()}
     comps: dict[str, Tensor] = {}
     ratios: dict[str, Tensor] = {}
     last: tuple[InputMoments | None, tuple[Tensor, Tensor]] = (None, (torch.empty(0), torch.empty(0)))
-    for path, moments in input_moments(model, lora, batches, token_mask=token_mask, memory=memory,
-                                       progress=progress, description="EVA: input statistics"):
-        if last[0] is not moments:  # modules with the same input share one decomposition
-            last = (moments, principal_components(moments, whiten))
-        comps[path], ratios[path] = last[1][0][: caps[path]].clone(), last[1][1][: caps[path]].clone()
+    with closing(input_moments(model, lora, batches, token_mask=token_mask, memory=memory, progress=progress,
+                               description="EVA: input statistics")) as stream:  # closed (hooks, modes) on errors too
+        for path, moments in stream:
+            if last[0] is not moments:  # modules with the same input share one decomposition
+                last = (moments, principal_components(moments, whiten))
+            comps[path], ratios[path] = last[1][0][: caps[path]].clone(), last[1][1][: caps[path]].clone()
     del last
     ranks = base if rho == 1 else redistribute(ratios, base)
     local = cfg if rho == 1 else eva_config(cfg, ranks)
     if local is not cfg:
-        whole = [p for p, _, piece in built if p not in lora]
+        whole = [p for p, _, _ in built if p not in lora]
         built, lora = build_lora(model, local, [p for p in lora if ranks[p] > 0] + whole)
     factors = {p: (comps[p][: ranks[p]], torch.zeros(lay.shape(m)[0], ranks[p])) for p, (m, lay) in lora.items()}
     return install_factors(model, name, local, built, factors, activate=activate, trainable=trainable)

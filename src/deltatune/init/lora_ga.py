@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -53,10 +54,11 @@ def lora_ga(model: nn.Module, cfg: LoRA, batches: Iterable[Any], name: str = "de
                               f"{'x'.join(map(str, layout.shape(module)))} weight of {path!r} has; lower r or use "
                               f"rank_pattern")
     factors = {}
-    for path, grad in weight_gradients(model, lora, batches, loss_fn=loss_fn, memory=memory, progress=progress,
-                                       description="LoRA-GA: gradients"):
-        local = cfg.resolve(path)
-        factors[path] = lora_ga_factors(grad, local.r, local.scale, direction, scale, gamma)
+    with closing(weight_gradients(model, lora, batches, loss_fn=loss_fn, memory=memory, progress=progress,
+                                  description="LoRA-GA: gradients")) as stream:  # closed on errors too
+        for path, grad in stream:
+            local = cfg.resolve(path)
+            factors[path] = lora_ga_factors(grad, local.r, local.scale, direction, scale, gamma)
     return install_factors(model, name, cfg, built, factors, activate=activate, trainable=trainable)
 
 
@@ -67,4 +69,12 @@ def lora_ga_factors(grad: Tensor, r: int, s: float, direction: str = "ArB2r", sc
     first, second = slice(0, r), slice(r, 2 * r)
     a, b = (vh[first], u[:, second]) if direction == "ArB2r" else (vh[second], u[:, first])
     c = {"stable": grad.shape[0] ** 0.25 / math.sqrt(gamma), "unit": 1.0, "gd": 1.0 / abs(s)}[scale]
-    return (a * c).contiguous(), (b * c).contiguous()
+    return (signed(a) * c).contiguous(), (signed(b.t()).t() * c).contiguous()
+
+
+def signed(rows: Tensor) -> Tensor:
+    """Each row times the sign of its largest-magnitude entry. A and B pair singular vectors of different singular
+    values, so unlike u·vᵀ their product depends on the arbitrary signs an SVD returns (which differ between CPU
+    and GPU); this fixes them."""
+    pick = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))
+    return rows * torch.where(pick < 0, -1.0, 1.0).to(rows.dtype)

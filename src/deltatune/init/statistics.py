@@ -178,7 +178,7 @@ def input_moments(model: nn.Module, modules: Mapping[str, tuple[nn.Module, Layou
                         x = _first_input(args, kwargs).detach()
                         mask = current[0]
                         if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                            rows = x[mask.to(x.device)]
+                            rows = x[mask.to(device=x.device, dtype=torch.bool)]
                         else:
                             rows = x.reshape(-1, x.shape[-1])
                         stats[by_module[id(mod)]].add(rows)

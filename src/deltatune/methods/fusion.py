@@ -74,6 +74,10 @@ class FusionPiece(Piece):
             raise TargetError(f"Fusion attends over the values deltas produce at the weight, output or input position; "
                               f"{type(other[0]).__name__} at {path!r} acts at the {other[0].position} position (extra keys "
                               f"or tokens), which Fuse is not defined for (docs/composition.md)")
+        if len({p.position for p in fused}) > 1:
+            raise TargetError(f"Fusion at {path!r}: the fused deltas act at different positions of this module "
+                              f"({sorted({p.position for p in fused})}); AdapterFusion attends over one value, so fuse "
+                              f"deltas of one position")
         widths = {value_features(p, base) for p in fused}
         if len(widths) != 1:
             raise TargetError(f"Fusion at {path!r}: the fused deltas act on values of different widths {sorted(widths)} "

@@ -49,6 +49,7 @@ class Poly(DeltaConfig):
 
 class PolyPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    routable: ClassVar[bool] = False  # it routes itself, by task id
 
     def __init__(self, base: nn.Module, path: str, cfg: Poly) -> None:
         super().__init__(base, path, cfg)
@@ -86,6 +87,8 @@ class PolyPiece(Piece):
                               f"or run inside `with dt.batch(task_ids=...)`")
         task_ids = torch.as_tensor(task_ids).reshape(-1)
         batch = x.shape[0]
+        if task_ids.numel() and batch != task_ids.numel() and batch % task_ids.numel() == 0:
+            task_ids = task_ids.repeat_interleave(batch // task_ids.numel())  # generate's beams / return sequences
         if task_ids.numel() != batch:
             raise ConfigError(f"Poly delta at {self.path!r}: {task_ids.numel()} task ids for a batch of {batch}")
         w = self.mixing(task_ids)                                            # [b, q, s]
