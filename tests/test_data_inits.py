@@ -217,9 +217,11 @@ def test_eva_a_spans_top_principal_directions(kind: str) -> None:
         assert torch.equal(piece.lora_B, torch.zeros_like(piece.lora_B))
 
 
-def test_eva_rank_redistribution_follows_explained_variance() -> None:
-    """rho=2: ranks = how many of the global top-(Σr) explained-variance ratios λ/tr(C) each module holds (at most
-    round(2r) and min(out, in)); α follows so that s = α/r stays the configured scale; A = that many top components."""
+@pytest.mark.parametrize("r,rho", [(4, 2.0), (1, 8.0)])
+def test_eva_rank_redistribution_follows_explained_variance(r: int, rho: float, tmp_path) -> None:
+    """ranks = how many of the global top-(Σr) explained-variance ratios λ/tr(C) each module holds (at most
+    round(rho·r) and min(out, in)); α follows so that s = α/r stays the configured scale; A = that many top
+    components; modules left with none are not adapted (r=1, rho=8 drops some) and the delta saves and loads."""
     tiny = _tiny("llama")
     batches = _batches("llama")
     paths = lora_paths("llama")
@@ -233,23 +235,33 @@ def test_eva_rank_redistribution_follows_explained_variance() -> None:
         evals, evecs = torch.linalg.eigh(c)
         evals, evecs = evals.flip(0), evecs.flip(1)
         tops[p] = evecs.t()
-        cap = min(2 * R, *weight_view(modules[p]).shape)
+        cap = min(round(rho * r), *weight_view(modules[p]).shape)
         cands += [(-(evals[j] / evals.clamp_min(0).sum()).item(), i, j, p) for j in range(cap)]
     want = {p: 0 for p in paths}
-    for *_, p in sorted(cands)[: R * len(paths)]:
+    for *_, p in sorted(cands)[: r * len(paths)]:
         want[p] += 1
     assert len(set(want.values())) > 1, "the test data should make ranks differ"
-    dt.init.eva(tiny.model, _cfg("llama"), batches, "a", rho=2, progress=False)
+    y0 = tiny.logits()
+    dt.init.eva(tiny.model, dt.LoRA(r=r, alpha=2.0 * r), batches, "a", rho=rho, progress=False)
     ps = pieces(tiny.model, "a")
-    assert set(ps) == {p for p, r in want.items() if r > 0}
-    assert sum(piece.lora_A.shape[0] for _, piece in ps.values()) == R * len(paths)  # the rank budget is kept
+    assert set(ps) == {p for p, k in want.items() if k > 0}
+    assert (len(ps) < len(paths)) == (r == 1)
+    assert sum(piece.lora_A.shape[0] for _, piece in ps.values()) == r * len(paths)  # the rank budget is kept
     for path, (module, piece) in ps.items():
-        r = want[path]
-        assert piece.lora_A.shape == (r, weight_view(module).shape[1]), path
-        assert piece.scale == pytest.approx(ALPHA / R)
-        torch.testing.assert_close(projector(piece.lora_A.detach()), projector(tops[path][:r]), atol=1e-4, rtol=0)
+        k = want[path]
+        assert piece.lora_A.shape == (k, weight_view(module).shape[1]), path
+        assert piece.scale == pytest.approx(2.0)
+        torch.testing.assert_close(projector(piece.lora_A.detach()), projector(tops[path][:k]), atol=1e-4, rtol=0)
     # the formula of trainable parameters with per-module ranks: Σ r_i (d_in + d_out)
     assert dt.summary(tiny.model)["a"].trainable == sum(want[p] * sum(weight_view(modules[p]).shape) for p in ps)
+    torch.testing.assert_close(tiny.logits(), y0, atol=ATOL, rtol=0)
+    randomize(tiny.model, "a")
+    y = tiny.logits()
+    dt.save(tiny.model, tmp_path / "d", name="a")
+    fresh = tiny.fresh()
+    dt.load(fresh, tmp_path / "d")
+    assert set(pieces(fresh, "a")) == set(ps)
+    torch.testing.assert_close(tiny.logits(fresh), y, atol=ATOL, rtol=0)
 
 
 def test_eva_whiten_divides_by_root_of_singular_values() -> None:
