@@ -354,6 +354,8 @@ def main() -> None:
     ap.add_argument("--rows", help="comma-separated data:method rows (default: all)")
     ap.add_argument("--write", type=Path, help="write the markdown table here")
     ap.add_argument("--resume", action="store_true", help="keep rows already measured in runs/results/rows.json")
+    ap.add_argument("--store", type=Path, default=ROOT / "runs" / "results" / "rows.json",
+                    help="the JSON file measured rows are kept in (separate files let row queues run side by side)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = ap.parse_args()
     if args.one:
@@ -362,7 +364,7 @@ def main() -> None:
     every = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full",
                                                   "r8:dora", "r8:pissa"]
     rows = args.rows.split(",") if args.rows else every
-    store = ROOT / "runs" / "results" / "rows.json"
+    store = args.store
     done = json.loads(store.read_text()) if args.resume and store.exists() else {}
 
     def table() -> str:  # every row measured so far, in the table's order
