@@ -284,7 +284,8 @@ def _cpu(row: dict) -> str:
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    lines = [f"Regenerate: `{command}` (each row in its own process; about 1.5 hours on 2 CPU cores).", "",
+    lines = [f"Regenerate: `{command}` (each row in its own process; about 3 hours on 2 CPU cores; rows "
+             "can run side by side with `--store` and `RESULTS_THREADS=1`).", "",
              f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
              "torch thread count. "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
@@ -313,13 +314,17 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "AdaLoRA: init_r 12 pruned to 8 per module on average (a global budget), alpha 24, γ 0.1, β 0.85, "
              "masking every 5 steps between the first 10% and the last 30% of the steps, lr 1e-3, not tuned; its "
              "trainable count is the pruned one; peft's row masks the same schedule but keeps init_r's count. "
+             "(IA)3: keys and values rescaled at their outputs and the FFN's second linear at its input, lr 3e-3 (the paper's), "
+             "not tuned; peft's row rescales the same modules. "
              "EVA (rho 2), CorDA (ipm) and LoRA-GA (ArB2r, stable scale γ=16) inits of the LoRA row's LoRA, from the first "
              "128 training examples, at its lr; peft's rows the same (peft's CorDA sees the examples one per forward). "
              "Test accuracy on the fixed test split (docs/zoo.md). "
              "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python). "
              "CPU time is the row process's user+system time (includes loading and evaluation); wall time is "
              "the training call (or, for GSM8K, training plus evaluation) and depends on other load on the "
-             "machine while the row ran.", "",
+             "machine while the row ran: most rows of the methods added in session 3 (from SSF on) ran two at a "
+             "time with one thread each (the threads column says which), so compare their times with the one-thread "
+             "LoRA row and expect some slowdown from the neighbouring row.", "",
              "| data | method | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -411,3 +411,29 @@ def test_fusion_over_two_positions_of_one_module_is_refused():
     _attach(tiny.model, dt.IA3(targets=KV, feedforward=()), "ia3", 2)
     with pytest.raises(dt.errors.TargetError, match="different positions"):
         dt.attach(tiny.model, dt.Fusion(deltas=("lora", "ia3")), name="f")
+
+
+def test_merge_works_when_a_weightless_piece_came_first_on_the_module():
+    """A series adapter (no weight view) creates the slot; a LoRA added later on the same module still merges."""
+    tiny = build_tiny("llama")
+    dt.attach(tiny.model, dt.Pfeiffer(targets=r".*mlp\.down_proj"), name="ad", activate=False)
+    _attach(tiny.model, dt.LoRA(r=2, targets=("down_proj",)), "lo", 1)
+    dt.activate(tiny.model, "lo")
+    before = tiny.logits()
+    dt.merge(tiny.model, "lo")
+    torch.testing.assert_close(tiny.logits(), before, atol=ATOL, rtol=0)
+    dt.unmerge(tiny.model)
+    torch.testing.assert_close(tiny.logits(), before, atol=ATOL, rtol=0)
+
+
+def test_regularization_defaults_to_active_trainable_deltas():
+    from deltatune.train.step_hooks import regularization
+
+    tiny = build_tiny("llama")
+    _attach(tiny.model, dt.SORSA(r=2, gamma=1.0, targets=("q_proj",)), "s", 1)  # random change: a non-zero penalty
+    _attach(tiny.model, dt.LoRA(r=2), "lo", 2)
+    dt.activate(tiny.model, "s")
+    assert float(regularization(tiny.model)) > 0
+    dt.activate(tiny.model, "lo")
+    assert float(regularization(tiny.model)) == 0.0
+    assert float(regularization(tiny.model, ["s"])) > 0  # named explicitly: still counted

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .compose import Arrow, Context, run
-from .tensors import DenseDelta, LowRankDelta
+from .errors import UnsupportedError
+from .tensors import LowRankDelta
 
 
 def top_right_singular(dw) -> Tensor:
@@ -24,7 +25,10 @@ def top_right_singular(dw) -> Tensor:
         q, r = torch.linalg.qr(dw.B.double())            # ΔW = s·B A = Q (s·R A)
         _, _, vh = torch.linalg.svd(dw.scale * (r @ dw.A.double()), full_matrices=False)
     else:
-        dense = dw.to_dense() if not isinstance(dw, DenseDelta) else dw.W
+        dense = dw.to_dense()
+        if dense.dim() != 2:
+            raise UnsupportedError(f"Arrow routes by ΔW's right-singular vectors; this update has shape "
+                                   f"{tuple(dense.shape)} (not a matrix)")
         _, _, vh = torch.linalg.svd(dense.double(), full_matrices=False)
     return vh[0]
 

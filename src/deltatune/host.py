@@ -166,6 +166,8 @@ def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
         module.add_module(SLOT, slot)
         slot.handle = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
                        module.register_forward_hook(_hook, with_kwargs=True))
+    elif slot.layout is None and layout is not None:  # the first piece here had no weight view (an adapter)
+        slot.layout = layout
     return slot
 
 

@@ -59,7 +59,8 @@ class Layout:
         if bias is not None:
             params["bias"] = bias
         stand_in.__dict__["_parameters"] = params
-        return stand_in.forward(x)
+        stand_in.__dict__.pop("forward", None)  # an instance-level forward (accelerate's hooks) is bound to `module`
+        return type(module).forward(stand_in, x)
 
 
 class LinearLayout(Layout):

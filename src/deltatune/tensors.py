@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, UnsupportedError
 
 
 class DeltaTensor(ABC):
@@ -39,6 +39,9 @@ class DeltaTensor(ABC):
 
     def svd(self, rank: int) -> "LowRankDelta":
         """Best rank-`rank` approximation (Eckart–Young) as a LowRankDelta with scale 1."""
+        if len(self.shape) != 2:
+            raise UnsupportedError(f"a rank-{rank} approximation needs a matrix; this update has shape "
+                                   f"{tuple(self.shape)} (a norm's scale vector): keep it dense")
         return _lowrank_from_svd(*torch.linalg.svd(self.to_dense().float(), full_matrices=False), rank)
 
     def _check(self, other: "DeltaTensor") -> None:

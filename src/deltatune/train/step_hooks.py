@@ -40,7 +40,11 @@ def before_step(model: nn.Module, step: int, total: int | None = None, names: It
 
 
 def regularization(model: nn.Module, names: Iterable[str] | None = None) -> torch.Tensor | float:
-    """The sum of the trained pieces' `regularizer()` terms (0.0 when none has one): add it to the loss."""
+    """The sum of the trained pieces' `regularizer()` terms (0.0 when none has one): add it to the loss. Default
+    names: the trainable deltas that are active (an inactive delta is not being trained)."""
+    if names is None:
+        st = state_of(model if state_of(model) is not None else getattr(model, "module", model))
+        names = [n for n in (st.active if st is not None else ()) if n in st.deltas and st.deltas[n].trainable]
     total: torch.Tensor | float = 0.0
     for piece in trained_pieces(model, names):
         term = piece.regularizer()
