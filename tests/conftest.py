@@ -145,6 +145,31 @@ def tiny_model(request: pytest.FixtureRequest) -> Tiny:
     return build_tiny(request.param)
 
 
+def build_tiny_with_biases(kind: str, seed: int = 7) -> Tiny:
+    """A tiny model whose biases are non-zero (HF initialises them to zero, which would hide bias bugs)."""
+    t = build_tiny(kind)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in t.model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return Tiny(kind, t.model, t.inputs)
+
+
+def randomize_delta(model: nn.Module, name: str, seed: int = 0, std: float = 0.3) -> None:
+    """Add N(0, std²) noise to every parameter of delta `name`, so tests of its formula can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if f".deltatune.{name}." in pname:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def pieces_of(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """{path: piece} of delta `name`, read from the modules directly."""
+    return {path: piece for path, (_, piece) in module_pieces(model, name).items()}
+
+
 def module_pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.Module]]:
     """{path: (module, piece)} of delta `name`, read from the modules directly (not through deltatune's API)."""
     out = {}

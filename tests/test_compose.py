@@ -12,18 +12,13 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.errors import ConfigError, DeltaNameError, StateError
-from conftest import build_tiny
+from conftest import build_tiny, pieces_of, randomize_delta
 
 ATOL = 1e-5
 KV = ("k_proj", "v_proj")
 
 
-def _randomize(model: nn.Module, name: str, std: float = 0.3, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f".deltatune.{name}." in pname:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+_randomize = randomize_delta
 
 
 def _attach(model, cfg, name, seed):
@@ -31,9 +26,7 @@ def _attach(model, cfg, name, seed):
     _randomize(model, name, seed=seed)
 
 
-def _pieces(model, name):
-    return {m_path: m.deltatune[name] for m_path, m in model.named_modules()
-            if hasattr(m, "deltatune") and isinstance(m.deltatune, nn.ModuleDict) and name in m.deltatune}
+_pieces = pieces_of
 
 
 def _lora_dw(model, name):

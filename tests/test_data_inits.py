@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import deltatune as dt
 from deltatune.errors import ConfigError, DeltaNameError, TargetError
 
-from conftest import Tiny, build_tiny
+from conftest import Tiny, build_tiny, build_tiny_with_biases, module_pieces
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -32,15 +32,7 @@ METHODS = ("eva", "corda-ipm", "corda-kpm", "lora_ga")
 
 
 # --- helpers that do not trust the code under test ------------------------------------------------------
-def _tiny(kind: str) -> Tiny:
-    """A conftest tiny model with non-zero biases (HF initialises them to zero, which hides bias bugs)."""
-    t = build_tiny(kind)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in t.model.named_parameters():
-            if name.endswith(".bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return Tiny(kind, t.model, t.inputs)
+_tiny = build_tiny_with_biases
 
 
 def _batches(kind: str, n: int = 3, seed: int = 0, size: int = 3, seq: int = 10) -> list[dict[str, Tensor]]:
@@ -71,14 +63,7 @@ def _run(method: str, model: nn.Module, cfg: dt.LoRA, batches: list, name: str =
     return dt.init.lora_ga(model, cfg, batches, name, progress=False, **kw)
 
 
-def pieces(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, nn.Module]]:
-    out = {}
-    for path, module in model.named_modules():
-        slot = module._modules.get("deltatune")
-        if slot is not None and name in slot:
-            out[path] = (module, slot[name])
-    assert out, f"delta {name!r} sits on no module"
-    return out
+pieces = module_pieces
 
 
 def weight_view(module: nn.Module) -> Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.errors import StateError, TargetError
-from conftest import build_tiny
+from conftest import build_tiny, pieces_of
 
 ATOL = 1e-5
 CASES = {  # model kind -> (targets, feedforward) as (IA)3 places them: keys, values and the FFN's second linear
@@ -31,9 +31,9 @@ def _attach(kind, seed=1, name="ia3"):
     return tiny
 
 
+
 def _pieces(model, name="ia3"):
-    return {p: m.deltatune[name] for p, m in model.named_modules()
-            if isinstance(getattr(m, "deltatune", None), nn.ModuleDict) and name in m.deltatune}
+    return pieces_of(model, name)
 
 
 def _by_hand(tiny, name="ia3", extra=None):

@@ -19,7 +19,7 @@ import deltatune as dt  # noqa: E402
 from deltatune.errors import CorruptFileError, ShapeMismatchError, UnsupportedError  # noqa: E402
 from deltatune.host import state_of  # noqa: E402
 
-from conftest import Tiny, build_tiny  # noqa: E402
+from conftest import Tiny, build_tiny, build_tiny_with_biases  # noqa: E402
 
 ATOL = 1e-5
 LLAMA_T = ["q_proj", "v_proj", "down_proj"]
@@ -65,15 +65,7 @@ EXPORT_ONLY: dict[str, tuple[str, dict]] = {
 }
 
 
-def _tiny(kind: str) -> Tiny:
-    """A conftest tiny model whose biases are non-zero (HF initialises them to zero, which would hide bias bugs)."""
-    t = build_tiny(kind)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in t.model.named_parameters():
-            if name.endswith(".bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return Tiny(kind, t.model, t.inputs)
+_tiny = build_tiny_with_biases
 
 
 def _randomize_peft(model: torch.nn.Module, seed: int = 1) -> None:

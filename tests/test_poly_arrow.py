@@ -8,22 +8,15 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.errors import ConfigError
-from conftest import build_tiny
+from conftest import build_tiny, pieces_of, randomize_delta
 
 ATOL = 1e-5
 
 
-def _pieces(model, name):
-    return {p: m.deltatune[name] for p, m in model.named_modules()
-            if isinstance(getattr(m, "deltatune", None), nn.ModuleDict) and name in m.deltatune}
+_pieces = pieces_of
 
 
-def _randomize(model, name, seed, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f".deltatune.{name}." in pname:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+_randomize = randomize_delta
 
 
 # --- Poly / MHR -----------------------------------------------------------------------------------------------

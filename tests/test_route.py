@@ -8,17 +8,12 @@ import torch
 import deltatune as dt
 from deltatune import routing
 from deltatune.errors import ConfigError
-from conftest import build_tiny
+from conftest import build_tiny, randomize_delta
 
 ATOL = 1e-5
 
 
-def _randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f".deltatune.{name}." in pname:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+_randomize = randomize_delta
 
 
 def _library(kind: str, configs: dict):

@@ -17,6 +17,7 @@ For weight-position leaves (additive), Sum and Stack coincide: W + ΔW_a + ΔW_b
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -30,7 +31,7 @@ Node = Union[str, "Block"]
 POSITIONS = ("input", "weight", "output")
 
 
-class Block:
+class Block(ABC):
     """A composition node over child nodes (delta names or blocks)."""
 
     children: tuple[Node, ...] = ()
@@ -72,8 +73,9 @@ class Block:
         object.__setattr__(clone, "children", tuple(children))
         return clone
 
+    @abstractmethod
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        raise NotImplementedError
+        """The value after this block given the value h before it, at ctx's module and position."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
