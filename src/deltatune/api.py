@@ -181,6 +181,8 @@ def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[s
     """Where merged weights would change what an active delta computes: an unmerged weight-dependent piece (DoRA)
     seeing other deltas in its weight, or a merged piece of another position ((IA)3 rescaling an input or output)
     sharing its module with another active delta (merged, it no longer applies before or after that delta)."""
+    if not merged:  # the common case (every activation, every per-call route): nothing to walk
+        return None
     for module in model.modules():
         slot = slot_of(module)
         if slot is None:

@@ -120,8 +120,8 @@ class Sum(Block):
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
         if ctx.position == "weight" and all(_h_free(c) for c in self.children):
             return Stack.run(self, h, ctx)  # type: ignore[arg-type]  # changes that do not depend on h: as Stack
-        out = h.clone()
-        for c in self.children:
+        out = h
+        for c in self.children:  # out of place: `out` never aliases h, children get their own copy
             out = out + (run(c, h.clone(), ctx) - h)
         return out
 
