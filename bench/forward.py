@@ -269,7 +269,7 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
 
     masks = {}
     if dropout > 0:
-        from deltatune.methods.lora_autograd import _keep
+        from deltatune.methods.lora.autograd import _keep
 
         x = torch.randn(s.batch * s.seq, s.hidden, generator=gen)
         drop = nn.Dropout(dropout).train()

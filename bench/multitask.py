@@ -124,7 +124,7 @@ def load_task_model(task: str):
 def accuracy(task: str, deltas: list) -> float:
     """Test accuracy on `task` with all `deltas` attached and active together."""
     import deltatune as dt
-    from deltatune.files import apply
+    from deltatune.io.files import apply
     from deltatune.train.evaluate import evaluate_classification
 
     model, tok, splits = load_task_model(task)
@@ -139,7 +139,7 @@ def accuracy(task: str, deltas: list) -> float:
 
 def fisher_of(task: str, delta, batches: int = 16) -> dict:
     """Diagonal Fisher of the task's loss w.r.t. the encoder weights its delta adapts (train split batches)."""
-    from deltatune.files import apply
+    from deltatune.io.files import apply
     from deltatune.merging.fisher import estimate_fisher
     from deltatune.train.data import Collator
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TARGETS, Timing, allocator_peak, build_llama, interleaved, live_state, storage_bytes  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.host import slot_of  # noqa: E402
-from deltatune.methods.sparse_autograd import use_csr  # noqa: E402
-from deltatune.train.progress import Progress  # noqa: E402
-from deltatune.train.step_hooks import after_optimizer_step, before_step  # noqa: E402
+from deltatune.runtime.slot import slot_of  # noqa: E402
+from deltatune.methods.sparse.autograd import use_csr  # noqa: E402
+from deltatune.core.progress import Progress  # noqa: E402
+from deltatune.runtime.step_hooks import after_optimizer_step, before_step  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/sparse.py --write docs/benchmarks.md"
 TARGET_PEAK = 1.2  # SpIEL peak training memory ≤ 1.2× LoRA's (issue 5)
@@ -236,7 +236,7 @@ def paths(s: Shape, densities: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.
           reps: int = 15) -> dict[tuple[int, int], dict[float, tuple[float, float]]]:
     """Milliseconds (minimum over `reps`) of one forward + backward of SpIEL's autograd function alone, dense path
     against CSR path, for each projection shape and density, at N = B·T rows: what CSR_MAX_DENSITY is set from."""
-    from deltatune.methods.sparse_autograd import SparseLinearFunction
+    from deltatune.methods.sparse.autograd import SparseLinearFunction
 
     torch.set_num_threads(threads)
     n = s.batch * s.seq

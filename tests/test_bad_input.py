@@ -14,11 +14,11 @@ from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-import deltatune.api
-import deltatune.host
-from deltatune.errors import (ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, DeltaTuneError,
+import deltatune.runtime.api
+import deltatune.runtime.slot
+from deltatune.core.errors import (ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, DeltaTuneError,
                               NonFiniteError, ShapeMismatchError, StateError, TargetError, UnsupportedError)
-from deltatune.host import slot_of, state_of
+from deltatune.runtime.slot import slot_of, state_of
 from deltatune.io import atomic
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 2, 7, 3, 11], [4, 4, 8, 15, 16, 23, 42, 0]])
@@ -417,7 +417,7 @@ def test_rank_too_large_for_first_module(model):
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_failure_inside_install_rolls_back(model, monkeypatch, when):
     """ensure_slot fails on its 3rd call (before or after creating the slot): all pieces and slots go away."""
-    original = deltatune.host.ensure_slot
+    original = deltatune.runtime.slot.ensure_slot
     calls = []
 
     def flaky(module, layout):
@@ -429,8 +429,8 @@ def test_failure_inside_install_rolls_back(model, monkeypatch, when):
             raise RuntimeError("injected failure")
         return slot
 
-    monkeypatch.setattr(deltatune.host, "ensure_slot", flaky)
-    monkeypatch.setattr(deltatune.api, "ensure_slot", flaky)  # api imported it by name
+    monkeypatch.setattr(deltatune.runtime.slot, "ensure_slot", flaky)
+    monkeypatch.setattr(deltatune.runtime.api, "ensure_slot", flaky)  # api imported it by name
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(model, dt.LoRA(r=2), "new")
@@ -443,7 +443,7 @@ def test_failure_while_activating_rolls_back(model, monkeypatch):
     def flaky(m, names):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(deltatune.api, "_set_active", flaky)
+    monkeypatch.setattr(deltatune.runtime.api, "_set_active", flaky)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(model, dt.LoRA(r=2), "new")
@@ -455,13 +455,13 @@ def test_failure_after_activating_restores_active_set(monkeypatch):
     """Even after the active set was switched to the new delta, a failure restores the previous active set."""
     m = with_delta(tiny_llama(), "a", seed=1)
     with_delta(m, "b", dt.LoRA(r=2, targets=("q_proj",)), seed=2, activate=False)
-    original = deltatune.api._set_active
+    original = deltatune.runtime.api._set_active
 
     def flaky(model, names):
         original(model, names)
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(deltatune.api, "_set_active", flaky)
+    monkeypatch.setattr(deltatune.runtime.api, "_set_active", flaky)
     before = snapshot(m)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(m, dt.LoRA(r=2), "new")
@@ -472,7 +472,7 @@ def test_failure_after_activating_restores_active_set(monkeypatch):
 
 def test_failure_inside_install_during_load(model, monkeypatch, tmp_path):
     d = saved(tmp_path)
-    original = deltatune.host.ensure_slot
+    original = deltatune.runtime.slot.ensure_slot
     calls = []
 
     def flaky(module, layout):
@@ -481,7 +481,7 @@ def test_failure_inside_install_during_load(model, monkeypatch, tmp_path):
             raise RuntimeError("injected failure")
         return original(module, layout)
 
-    monkeypatch.setattr(deltatune.api, "ensure_slot", flaky)
+    monkeypatch.setattr(deltatune.runtime.api, "ensure_slot", flaky)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.load(model, d, "new")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import ConfigError, CorruptFileError, DeltaNotFoundError
+from deltatune.core.errors import ConfigError, CorruptFileError, DeltaNotFoundError
 from deltatune.io.checkpoints import CheckpointReader, CheckpointWriter, INDEX, SINGLE
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, DeltaNameError, StateError
+from deltatune.core.errors import ConfigError, DeltaNameError, StateError
 from conftest import build_tiny, pieces_of, randomize_delta
 
 ATOL = 1e-5
@@ -420,7 +420,7 @@ def test_merge_works_when_a_weightless_piece_came_first_on_the_module():
 
 
 def test_regularization_defaults_to_active_trainable_deltas():
-    from deltatune.train.step_hooks import regularization
+    from deltatune.runtime.step_hooks import regularization
 
     tiny = build_tiny("llama")
     _attach(tiny.model, dt.SORSA(r=2, gamma=1.0, targets=("q_proj",)), "s", 1)  # random change: a non-zero penalty

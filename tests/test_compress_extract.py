@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.cli import app
-from deltatune.errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
+from deltatune.cli.main import app
+from deltatune.core.errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from deltatune.merging.compress import compress, to_lora
 from deltatune.merging.extract import extract
-from deltatune.tensors import DenseDelta, LowRankDelta, SparseDelta
+from deltatune.core.tensors import DenseDelta, LowRankDelta, SparseDelta
 
 from conftest import Tiny, build_tiny, compeft_oracle
 

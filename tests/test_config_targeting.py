@@ -13,9 +13,9 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.config import DeltaConfig
-from deltatune.errors import ConfigError, DeltaTuneError, TargetError
-from deltatune.host import slot_of, state_of
+from deltatune.core.config import DeltaConfig
+from deltatune.core.errors import ConfigError, DeltaTuneError, TargetError
+from deltatune.runtime.slot import slot_of, state_of
 
 
 # --- tiny models ----------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ def test_tied_head_targeted_explicitly_cannot_be_merged():
 
 
 def test_string_target_that_is_a_suffix_suggests_a_list():
-    from deltatune.errors import TargetError
+    from deltatune.core.errors import TargetError
     from conftest import build_tiny
 
     tiny = build_tiny("llama")
@@ -414,7 +414,7 @@ def test_string_target_that_is_a_suffix_suggests_a_list():
 
 
 def test_layers_out_of_range_is_an_error():
-    from deltatune.errors import TargetError
+    from deltatune.core.errors import TargetError
     from conftest import build_tiny
 
     tiny = build_tiny("llama")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, DeltaNameError, TargetError
+from deltatune.core.errors import ConfigError, DeltaNameError, TargetError
 
 from conftest import Tiny, build_tiny, build_tiny_with_biases, module_pieces
 

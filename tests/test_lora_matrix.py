@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import StateError, TargetError, UnsupportedError
-from deltatune.methods.lora_autograd import LoRAFunction
+from deltatune.core.errors import StateError, TargetError, UnsupportedError
+from deltatune.methods.lora.autograd import LoRAFunction
 
 from conftest import Tiny, build_tiny
 
@@ -479,7 +479,7 @@ def test_piece_dropout_is_active_only_in_train_mode() -> None:
 # --- 7. DoRA's cached weight norm ------------------------------------------------------------------------
 @pytest.fixture
 def dora_counted(monkeypatch):
-    from deltatune.methods.lora import LoRAPiece
+    from deltatune.methods.lora.lora import LoRAPiece
 
     calls = {"n": 0}
     original = LoRAPiece._weight_norm
@@ -713,7 +713,7 @@ def test_merge_refuses_tied_embedding_and_leaves_model_intact() -> None:
 
 def test_merge_that_fails_midway_takes_back_what_it_added(monkeypatch) -> None:
     """All or nothing: an error while merging the third module leaves every weight as before."""
-    from deltatune.host import DeltaSlot
+    from deltatune.runtime.slot import DeltaSlot
 
     tiny = build_tiny("llama")
     model = tiny.model

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, CorruptFileError, DeltaNameError, ShapeMismatchError, StateError, TargetError
+from deltatune.core.errors import ConfigError, CorruptFileError, DeltaNameError, ShapeMismatchError, StateError, TargetError
 from deltatune.merging import (PerInput, estimate_fisher, get_method, greedy_soup, list_methods, load_fisher,
                                merge_method, save_fisher, tall_masks)
 from deltatune.merging import registry

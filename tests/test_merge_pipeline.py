@@ -20,13 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import deltatune as dt
-from deltatune.errors import ConfigError, ShapeMismatchError, UnsupportedError
-from deltatune.files import apply
+from deltatune.core.errors import ConfigError, ShapeMismatchError, UnsupportedError
+from deltatune.io.files import apply
 from deltatune.io.checkpoints import CheckpointReader
 from deltatune.merging import get_method
 from deltatune.merging.combine import merge_deltas
 from deltatune.merging.full_models import apply_delta, merge_models, merge_models_to_delta
-from deltatune.tensors import DenseDelta, LowRankDelta, SparseDelta
+from deltatune.core.tensors import DenseDelta, LowRankDelta, SparseDelta
 
 from conftest import Tiny, build_tiny
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.cli import app
-from deltatune.errors import ConfigError
+from deltatune.cli.main import app
+from deltatune.core.errors import ConfigError
 from deltatune.io.peft import write_peft
 from deltatune.merging import get_method
 from deltatune.merging.combine import merge_deltas

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, ShapeMismatchError, StateError, TargetError
-from deltatune.methods import adalora
-from deltatune.methods.adalora_budget import RankAllocator, budget
-from deltatune.tensors import LowRankDelta
-from deltatune.train.step_hooks import after_optimizer_step, before_step, regularization
+from deltatune.core.errors import ConfigError, ShapeMismatchError, StateError, TargetError
+from deltatune.methods.adalora import adalora
+from deltatune.methods.adalora.budget import RankAllocator, budget
+from deltatune.core.tensors import LowRankDelta
+from deltatune.runtime.step_hooks import after_optimizer_step, before_step, regularization
 
 from conftest import Tiny, build_tiny, module_pieces
 

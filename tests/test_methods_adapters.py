@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, TargetError, UnsupportedError
+from deltatune.core.errors import ConfigError, TargetError, UnsupportedError
 from conftest import HIDDEN, Tiny, build_tiny, module_pieces
 
 ATOL = 1e-5

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.errors import StateError, TargetError
+from deltatune.core.errors import StateError, TargetError
 from conftest import build_tiny, pieces_of
 
 ATOL = 1e-5

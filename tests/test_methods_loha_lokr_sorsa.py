@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, TargetError
+from deltatune.core.errors import ConfigError, TargetError
 from deltatune.methods.lokr import factorize
-from deltatune.train.step_hooks import regularization
+from deltatune.runtime.step_hooks import regularization
 
 from conftest import Tiny, build_tiny, module_pieces as pieces
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, StateError, TargetError, UnsupportedError
+from deltatune.core.errors import ConfigError, StateError, TargetError, UnsupportedError
 
 from conftest import Tiny, build_tiny, module_pieces
 
@@ -482,7 +482,7 @@ def test_loaded_reparameterised_prefix_refuses_a_stale_optimizer(tmp_path: Path)
     saved = dt.Delta.read(path)
     for p, (_, piece) in module_pieces(t.model, "p").items():
         piece.load_state_dict(saved.state[p])
-    from deltatune.train.step_hooks import after_optimizer_step
+    from deltatune.runtime.step_hooks import after_optimizer_step
 
     with pytest.raises(StateError, match="projection"):
         after_optimizer_step(t.model, opt, 1)

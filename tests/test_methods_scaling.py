@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import StateError, TargetError, UnsupportedError
-from deltatune.layouts import is_norm
+from deltatune.core.errors import StateError, TargetError, UnsupportedError
+from deltatune.core.layouts import is_norm
 
 from conftest import Tiny, build_tiny, module_pieces
 

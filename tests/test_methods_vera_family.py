@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, ShapeMismatchError, TargetError
-from deltatune.host import state_of
-from deltatune.methods import random_projections as rp
-from deltatune.methods.randlora import RandLoRAPiece, ScaledBases
+from deltatune.core.errors import ConfigError, ShapeMismatchError, TargetError
+from deltatune.runtime.slot import state_of
+from deltatune.methods.vera import projections as rp
+from deltatune.methods.vera.randlora import RandLoRAPiece, ScaledBases
 
 from conftest import Tiny, build_tiny, module_pieces
 
@@ -226,8 +226,8 @@ def test_save_load_in_a_fresh_setting(method: str, kind: str, tmp_path: Path) ->
 
 
 def test_vera_bases_regenerate_identically_from_the_seed() -> None:
-    from deltatune.methods.randlora import randlora_bases
-    from deltatune.methods.vera import vera_projections
+    from deltatune.methods.vera.randlora import randlora_bases
+    from deltatune.methods.vera.vera import vera_projections
 
     a1, b1 = (t.clone() for t in vera_projections(3, 4, 24, 16))
     ra1, rb1 = (t.clone() for t in randlora_bases(3, 5, 16, 24))
@@ -241,8 +241,8 @@ def test_vera_bases_regenerate_identically_from_the_seed() -> None:
 
 def test_bases_distributions() -> None:
     """VeRA: Kaiming uniform, U(±√(6/fan_in)) with fan_in = in for A and r for B; RandLoRA: unit variance."""
-    from deltatune.methods.randlora import randlora_bases
-    from deltatune.methods.vera import vera_projections
+    from deltatune.methods.vera.randlora import randlora_bases
+    from deltatune.methods.vera.vera import vera_projections
 
     a, b = vera_projections(0, 64, 512, 256)
     for t, fan_in in ((a, 256), (b, 64)):
@@ -286,8 +286,8 @@ def test_bases_are_shared_not_copied_per_module() -> None:
 
 def test_vera_b_of_a_smaller_output_is_a_prefix() -> None:
     """As PEFT slices one shared B: B(out=8) is the first 8 rows of B(out=32); RandLoRA slices both bases."""
-    from deltatune.methods.randlora import randlora_bases
-    from deltatune.methods.vera import vera_projections
+    from deltatune.methods.vera.randlora import randlora_bases
+    from deltatune.methods.vera.vera import vera_projections
 
     assert torch.equal(vera_projections(0, 4, 8, 16)[1], vera_projections(0, 4, 32, 16)[1][:8])
     small_a, small_b = randlora_bases(0, 4, 16, 20)
@@ -460,7 +460,7 @@ def test_dropout_only_in_train_mode(method: str) -> None:
 # --- 10. mixed batches (per-example routing) ----------------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_mixed_batch_rows_follow_their_delta(method: str) -> None:
-    from deltatune import api
+    from deltatune.runtime import api
 
     if not hasattr(api, "route"):
         pytest.skip("per-example routing (dt.route) is not in this checkout")
@@ -512,7 +512,7 @@ def test_saved_size_of_another_module_is_refused(method: str, tmp_path: Path) ->
     fresh = tiny.fresh()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ShapeMismatchError, match=r"\[16, 17\].*load it into the model it was trained on"):
-        dt.files.apply(fresh, d)
+        dt.io.files.apply(fresh, d)
     assert state_of(fresh) is None and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 

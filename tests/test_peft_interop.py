@@ -16,8 +16,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.errors import CorruptFileError, ShapeMismatchError, UnsupportedError  # noqa: E402
-from deltatune.host import state_of  # noqa: E402
+from deltatune.core.errors import CorruptFileError, ShapeMismatchError, UnsupportedError  # noqa: E402
+from deltatune.runtime.slot import state_of  # noqa: E402
 
 from conftest import Tiny, build_tiny, build_tiny_with_biases  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError
+from deltatune.core.errors import ConfigError
 from conftest import build_tiny, pieces_of, randomize_delta
 
 ATOL = 1e-5
@@ -175,7 +175,7 @@ def test_arrow_with_one_delta_is_that_delta_and_caches_prototypes():
 
 
 def test_per_call_keywords_clean_up_and_refuse_checkpointing():
-    from deltatune.batch import batch_value
+    from deltatune.runtime.calls import batch_value
 
     tiny = build_tiny("llama")
     dt.attach(tiny.model, dt.LoRA(r=2), name="a", activate=False)

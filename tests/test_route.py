@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune import routing
-from deltatune.errors import ConfigError
+from deltatune.compose import route_run as routing
+from deltatune.core.errors import ConfigError
 from conftest import build_tiny, randomize_delta
 
 ATOL = 1e-5

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import deltatune as dt
-from deltatune.errors import ConfigError, UnsupportedError
+from deltatune.core.errors import ConfigError, UnsupportedError
 from conftest import Tiny, build_tiny
 
 ATOL = 1e-5

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
-from deltatune.files import apply
+from deltatune.core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
+from deltatune.io.files import apply
 from deltatune.init import attach_sparse, gradient_mask, select_entries
-from deltatune.layouts import layout_by_name
-from deltatune.methods.paca import PaCAPiece
+from deltatune.core.layouts import layout_by_name
+from deltatune.methods.sparse.paca import PaCAPiece
 from deltatune.train import train
 from deltatune.train.data import local_splits
 from deltatune.train.lt_sft import add_l1_pull

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import ConfigError, ShapeMismatchError
-from deltatune.files import apply
-from deltatune.methods import sparse_autograd, spiel
-from deltatune.methods.sparse_autograd import SparseLinearFunction
-from deltatune.train.step_hooks import after_optimizer_step, before_step
+from deltatune.core.errors import ConfigError, ShapeMismatchError
+from deltatune.io.files import apply
+from deltatune.methods.sparse import autograd as sparse_autograd, spiel
+from deltatune.methods.sparse.autograd import SparseLinearFunction
+from deltatune.runtime.step_hooks import after_optimizer_step, before_step
 
 from conftest import Tiny, build_tiny, module_pieces as pieces
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from deltatune import DenseDelta, LowRankDelta, SparseDelta
-from deltatune.errors import ShapeMismatchError
+from deltatune.core.errors import ShapeMismatchError
 
 OUT, IN = 7, 5
 

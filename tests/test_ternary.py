@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.errors import CorruptFileError, ShapeMismatchError, UnsupportedError
+from deltatune.core.errors import CorruptFileError, ShapeMismatchError, UnsupportedError
 from deltatune.merging.compress import compress
 from deltatune.methods.ternary import decode, pack_bits, unpack_bits
-from deltatune.tensors import DenseDelta, SparseDelta
+from deltatune.core.tensors import DenseDelta, SparseDelta
 
 from conftest import build_tiny, compeft_oracle as compeft
 
@@ -195,7 +195,7 @@ def test_stacks_with_a_trainable_delta_and_lets_its_gradients_through():
     updates = random_updates(tiny.model)
     delta, expect = ternary_delta(updates, module_types(tiny.model, updates))
     model = tiny.fresh()
-    dt.files.apply(model, delta, "t")
+    dt.io.files.apply(model, delta, "t")
     dt.attach(model, dt.LoRA(r=2, targets=("q_proj",)), "l")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -231,7 +231,7 @@ def test_cached_weight_follows_the_buffers():
     a, ea = ternary_delta(first, types)
     b, eb = ternary_delta(second, types)
     model = tiny.fresh()
-    dt.files.apply(model, a, "t")
+    dt.io.files.apply(model, a, "t")
     torch.testing.assert_close(tiny.logits(model), tiny.logits(add_update(tiny.fresh(), ea)), atol=1e-5, rtol=0)
     piece = model[2].deltatune["t"]
     piece.load_state_dict(b.state["2"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.errors import ConfigError
+from deltatune.core.errors import ConfigError
 from deltatune.train import TrainConfig, train
 from deltatune.train.data import Collator, local_splits
 from deltatune.train.evaluate import classification_metrics, final_number
@@ -145,7 +145,7 @@ def test_config_errors(tmp_path):
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deltatune.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "deltatune.cli.main", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -176,7 +176,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     one = _cli("train", *common, "--batch-size", "8", "-o", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                "-m", "deltatune.cli", "train", *common, "--batch-size", "4", "-o", str(tmp_path / "two")]
+                "-m", "deltatune.cli.main", "train", *common, "--batch-size", "4", "-o", str(tmp_path / "two")]
     two = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]

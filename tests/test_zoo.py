@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deltatune import zoo
-from deltatune.errors import DeltaTuneError
+from deltatune.core.errors import DeltaTuneError
 from deltatune.zoo import models as zoo_models
 from deltatune.zoo import paths as zoo_paths
 from deltatune.zoo.splits import classification_splits, dedupe_classification, seeded_split

@@ -1,12 +1,12 @@
 """deltatune: parameter-efficient fine-tuning as named, composable, saveable deltas on frozen models."""
 from . import errors
-from .api import activate, active, active_block, active_names, attach, detach, merge, route, summary, unload, unmerge
+from .runtime.api import activate, active, active_block, active_names, attach, detach, merge, route, summary, unload, unmerge
 from .methods import IA3, Fusion, Poly
-from .batch import batch
-from .compose import Arrow, Average, Fuse, Route, Stack, Sum
-from .config import DeltaConfig
-from .delta import Delta
-from .files import load, save
+from .runtime.calls import batch
+from .compose.blocks import Arrow, Average, Fuse, Route, Stack, Sum
+from .core.config import DeltaConfig
+from .io.delta import Delta
+from .io.files import load, save
 from .methods import Dense, Full, LoRA, PaCA, Sparse, Ternary
 from .methods import LoHa, LoKr, SORSA
 from .methods import SSF, BitFit, LNTuning
@@ -14,8 +14,8 @@ from .methods import VeRA, LoRAXS, RandLoRA
 from .methods import AdaLoRA
 from .methods import PrefixTuning, PromptTuning
 from .methods import AdaptFormer, Houlsby, ParallelAdapter, Pfeiffer
-from .optim import param_groups
-from .tensors import DenseDelta, DeltaTensor, LowRankDelta, SparseDelta
+from .train.optim import param_groups
+from .core.tensors import DenseDelta, DeltaTensor, LowRankDelta, SparseDelta
 from . import init
 
 __version__ = "0.1.0"

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..methods.lora import LoRA
+from ..core.errors import ConfigError
+from ..methods.lora.lora import LoRA
 from .lora_factors import build_lora, check_lora, install_factors
 from .statistics import DEFAULT_MEMORY, TokenMask, default_token_mask, input_moments
 

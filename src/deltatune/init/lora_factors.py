@@ -9,11 +9,11 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from ..api import _check_new_name, build_pieces, install
-from ..errors import ConfigError
-from ..layouts import Layout, layout_of
-from ..methods.lora import LoRA, LoRAPiece
-from ..piece import Piece
+from ..runtime.api import _check_new_name, build_pieces, install
+from ..core.errors import ConfigError
+from ..core.layouts import Layout, layout_of
+from ..methods.lora.lora import LoRA, LoRAPiece
+from ..core.piece import Piece
 
 DATA_MODULES = ("Linear", "Conv1D")  # inputs are feature vectors (an Embedding's are indices)
 Built = list[tuple[str, nn.Module, Piece]]

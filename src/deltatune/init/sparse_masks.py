@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..api import attach, detach
-from ..errors import ConfigError, ShapeMismatchError, TargetError
-from ..host import slot_of
-from ..layouts import layout_of
-from ..methods.sparse import Sparse, SparsePiece
-from ..targeting import resolve_targets
+from ..runtime.api import attach, detach
+from ..core.errors import ConfigError, ShapeMismatchError, TargetError
+from ..runtime.slot import slot_of
+from ..core.layouts import layout_of
+from ..methods.sparse.sparse import Sparse, SparsePiece
+from ..core.targeting import resolve_targets
 
 SELECTIONS = ("global", "per_tensor")
 
@@ -100,7 +100,7 @@ def gradient_mask(model: nn.Module, cfg: Sparse, batches: Iterable[Any], loss_fn
     {path: sorted flat index in the [out, in] view}, ready for `attach_sparse`. Batches are model keyword
     dicts with labels (HF models) or anything `loss_fn(model, batch)` turns into a scalar loss. The model is
     left as it was: no .grad is written and requires_grad flags are restored."""
-    from ..train.progress import Progress
+    from ..core.progress import Progress
 
     if not isinstance(cfg, Sparse):
         raise ConfigError(f"gradient_mask needs a dt.Sparse config (targets and k), got {type(cfg).__name__}")

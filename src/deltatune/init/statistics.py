@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..layouts import Layout
+from ..core.errors import ConfigError
+from ..core.layouts import Layout
 
 DEFAULT_MEMORY = 1 << 30  # bytes of statistics held at once
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -153,7 +153,7 @@ def input_moments(model: nn.Module, modules: Mapping[str, tuple[nn.Module, Layou
     A module's inputs are its first positional argument, flattened to rows of its last dimension; where the batch
     gives a token mask of the input's leading shape only those rows count. Modules with identical inputs get the
     same InputMoments object."""
-    from ..train.progress import Progress
+    from ..core.progress import Progress
 
     batches = reiterable(batches, description)
     mods = {p: m for p, (m, _) in modules.items()}
@@ -205,7 +205,7 @@ def weight_gradients(model: nn.Module, modules: Mapping[str, tuple[nn.Module, La
     """(path, ∂L/∂W averaged over batches, float32 in the [out, in] view) for every module, in the model's own mode.
 
     Gradients come from torch.autograd.grad (no .grad is written); requires_grad flags are restored after."""
-    from ..train.progress import Progress
+    from ..core.progress import Progress
 
     loss_fn = loss_fn or default_loss
     batches = reiterable(batches, description)

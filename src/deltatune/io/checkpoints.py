@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
-from ..layouts import layout_by_name
+from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
+from ..core.layouts import layout_by_name
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from ..delta import Delta, base_lookup
-from ..tensors import DeltaTensor
-from ..errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
+from .delta import Delta, base_lookup
+from ..core.tensors import DeltaTensor
+from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..methods.full import Full
-from ..methods.lora import LoRA
-from ..targeting import matches, pattern_value
+from ..methods.lora.lora import LoRA
+from ..core.targeting import matches, pattern_value
 from .atomic import write_files
 from .safetensors_io import check_finite, read_tensors
 

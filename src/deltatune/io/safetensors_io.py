@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor
 
-from ..errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
+from ..core.errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Tensor], bytes]:

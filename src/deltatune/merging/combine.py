@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..delta import Delta, base_lookup
-from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ..tensors import DeltaTensor, DenseDelta, LowRankDelta, SparseDelta
-from ..train.progress import Progress
+from ..io.delta import Delta, base_lookup
+from ..core.errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta, SparseDelta
+from ..core.progress import Progress
 from .compress import check_rank_options, low_rank
 
 STORAGES = ("dense", "sparse", "lowrank")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import storage_kind
-from ..delta import BaseWeights, Delta, base_lookup
-from ..errors import ConfigError, UnsupportedError
-from ..tensors import DeltaTensor, LowRankDelta, SparseDelta
+from ..core.config import storage_kind
+from ..io.delta import BaseWeights, Delta, base_lookup
+from ..core.errors import ConfigError, UnsupportedError
+from ..core.tensors import DeltaTensor, LowRankDelta, SparseDelta
 
 METHODS = ("compeft", "svd")
 TARGETS = ("delta_w", "factors")
@@ -224,7 +224,7 @@ def convert(delta: Delta, fn: Convert, title: str, base: BaseWeights = None, pro
     """Apply `fn(path, ΔW) -> (ΔŴ, ideal bytes or None)` to every module; the result keeps the biases and the base
     identity and is stored by the kind of ΔŴ, or by `kind` (see `Delta.from_tensors`). Nothing is written; errors
     leave `delta` as it was."""
-    from ..train.progress import Progress
+    from ..core.progress import Progress
 
     lookup = base_lookup(base, delta.module_types)
     tensors: dict[str, DeltaTensor] = {}

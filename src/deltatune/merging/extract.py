@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, Targets
-from ..delta import Delta
-from ..errors import (ConfigError, CorruptFileError, DeltaNotFoundError, NonFiniteError, ShapeMismatchError, TargetError,
+from ..core.config import DeltaConfig, Targets
+from ..io.delta import Delta
+from ..core.errors import (ConfigError, CorruptFileError, DeltaNotFoundError, NonFiniteError, ShapeMismatchError, TargetError,
                       UnsupportedError)
 from ..io.checkpoints import CheckpointReader, as_float
-from ..layouts import layout_by_name, layout_of
-from ..targeting import matches, resolve_targets
-from ..tensors import DenseDelta, LowRankDelta
+from ..core.layouts import layout_by_name, layout_of
+from ..core.targeting import matches, resolve_targets
+from ..core.tensors import DenseDelta, LowRankDelta
 from .compress import ModuleReport, Report, check_rank_options, distance, low_rank, state_bytes
 
 
@@ -156,7 +156,7 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, *, rank: int | None = N
     fraction of ‖ΔW‖². `targets` picks modules ("all-linear", a regex, or name suffixes); modules matching `dense`
     (e.g. ("embed_tokens", "lm_head")) are kept whole as `modules_to_save`. The report gives each module's rank and
     relative Frobenius error, and lists changed tensors the delta does not hold."""
-    from ..train.progress import Progress
+    from ..core.progress import Progress
 
     check_rank_options(rank, energy, required=True)
     targets, dense = _spec(targets, "targets"), _spec(dense, "dense")

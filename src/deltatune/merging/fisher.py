@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from ..api import active
-from ..errors import ConfigError, CorruptFileError, DeltaNameError, StateError, TargetError
-from ..host import state_of
+from ..runtime.api import active
+from ..core.errors import ConfigError, CorruptFileError, DeltaNameError, StateError, TargetError
+from ..runtime.slot import state_of
 from ..io.atomic import write_bytes
 from ..io.safetensors_io import check_finite, read_tensors
-from ..layouts import layout_of
-from ..train.progress import Progress
+from ..core.layouts import layout_of
+from ..core.progress import Progress
 
 FORMAT = "deltatune.fisher"
 

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..delta import Delta
-from ..errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, TargetError, UnsupportedError
+from ..io.delta import Delta
+from ..core.errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, TargetError, UnsupportedError
 from ..io.checkpoints import CheckpointReader, CheckpointWriter, as_float
-from ..layouts import Layout, layout_by_name, layout_of
-from ..tensors import DeltaTensor, DenseDelta
-from ..train.progress import Progress
+from ..core.layouts import Layout, layout_by_name, layout_of
+from ..core.tensors import DeltaTensor, DenseDelta
+from ..core.progress import Progress
 from .extract import model_skeleton
 from .combine import check_storage, method_params, module_filter, resolve_method, to_storage
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .registry import NonNegative, PerInput, Positive, Unit, merge_method
 
 # |cos| above this: the two vectors are treated as (anti)parallel and SLERP falls back to LERP (as mergekit does)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .methods_basic import normalizer, weighted_sum
 from .registry import Fraction, NonNegative, NonNegativeInt, PerInput, Unit, generator, merge_method
 

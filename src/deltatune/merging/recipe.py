@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from ..delta import Delta
-from ..errors import ConfigError, DeltaTuneError
+from ..io.delta import Delta
+from ..core.errors import ConfigError, DeltaTuneError
 from ..io.checkpoints import CheckpointReader
 from ..io.safetensors_io import check_finite, read_tensors
 from .combine import BASE_NEEDED, STORAGES, merge_deltas, method_params, module_filter, needs_base, resolve_method

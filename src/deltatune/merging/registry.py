@@ -41,8 +41,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeMismatchError
-from ..tensors import DeltaTensor
+from ..core.errors import ConfigError, ShapeMismatchError
+from ..core.tensors import DeltaTensor
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeMismatchError
-from ..train.progress import Progress
+from ..core.errors import ConfigError, ShapeMismatchError
+from ..core.progress import Progress
 
 
 def uniform_mean(items: Sequence[Any]) -> Any:

@@ -3,23 +3,23 @@ from .dense import Dense, DensePiece
 from .full import Full, FullPiece
 from .fusion import Fusion, FusionPiece
 from .ia3 import IA3, IA3Piece
-from .lora import LoRA, LoRAPiece
+from .lora.lora import LoRA, LoRAPiece
 from .loha import LoHa, LoHaPiece
 from .lokr import LoKr, LoKrPiece
-from .paca import PaCA, PaCAPiece
+from .sparse.paca import PaCA, PaCAPiece
 from .poly import Poly, PolyPiece
 from .sorsa import SORSA, SORSAPiece
-from .sparse import Sparse, SparsePiece
+from .sparse.sparse import Sparse, SparsePiece
 from .ternary import Ternary, TernaryPiece
 from .ssf import SSF, SSFPiece
 from .bitfit import BitFit, BitFitPiece
 from .layernorm import LNTuning, LNTuningPiece
-from .vera import VeRA, VeRAPiece
-from .lora_xs import LoRAXS, LoRAXSPiece
-from .randlora import RandLoRA, RandLoRAPiece
-from .adalora import AdaLoRA, AdaLoRAPiece
-from .prompts import PrefixPiece, PrefixTuning, PromptPiece, PromptTuning
-from .adapters import AdaptFormer, Houlsby, ParallelAdapter, Pfeiffer
+from .vera.vera import VeRA, VeRAPiece
+from .vera.lora_xs import LoRAXS, LoRAXSPiece
+from .vera.randlora import RandLoRA, RandLoRAPiece
+from .adalora.adalora import AdaLoRA, AdaLoRAPiece
+from .prompts.prompts import PrefixPiece, PrefixTuning, PromptPiece, PromptTuning
+from .adapters.adapters import AdaptFormer, Houlsby, ParallelAdapter, Pfeiffer
 
 __all__ = ["Dense", "DensePiece", "Full", "FullPiece", "LoRA", "LoRAPiece", "PaCA", "PaCAPiece", "Sparse", "SparsePiece",
            "Ternary", "TernaryPiece"]

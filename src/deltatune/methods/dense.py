@@ -7,11 +7,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..errors import UnsupportedError
-from ..layouts import Layout, layout_of
-from ..piece import Piece, master_dtype
-from ..tensors import DeltaTensor, DenseDelta
+from ..core.config import DeltaConfig, register
+from ..core.errors import UnsupportedError
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, master_dtype
+from ..core.tensors import DeltaTensor, DenseDelta
 
 
 @register("dense")

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..layouts import Layout, layout_of
-from ..piece import Piece
-from ..tensors import DeltaTensor, DenseDelta
+from ..core.config import DeltaConfig, register
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece
+from ..core.tensors import DeltaTensor, DenseDelta
 
 
 @register("full")

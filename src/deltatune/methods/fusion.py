@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compose import POSITIONS
-from ..config import DeltaConfig, register
-from ..errors import ConfigError, TargetError
-from ..host import slot_of
-from ..piece import Piece, master_dtype
+from ..compose.blocks import POSITIONS
+from ..core.config import DeltaConfig, register
+from ..core.errors import ConfigError, TargetError
+from ..runtime.slot import slot_of
+from ..core.piece import Piece, master_dtype
 
 
 @register("fusion")

@@ -7,11 +7,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, Targets, _check_spec, register
-from ..layouts import Layout, layout_of
-from ..piece import Piece, master_dtype
-from ..targeting import matches
-from ..tensors import DeltaTensor, DenseDelta
+from ..core.config import DeltaConfig, Targets, _check_spec, register
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, master_dtype
+from ..core.targeting import matches
+from ..core.tensors import DeltaTensor, DenseDelta
 
 
 @register("ia3")

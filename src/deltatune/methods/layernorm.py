@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..errors import ConfigError
-from ..layouts import Layout, layout_of
-from ..piece import Piece, master_dtype
-from ..tensors import DeltaTensor, DenseDelta
+from ..core.config import DeltaConfig, register
+from ..core.errors import ConfigError
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, master_dtype
+from ..core.tensors import DeltaTensor, DenseDelta
 
 
 @register("ln_tuning")

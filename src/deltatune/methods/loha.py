@@ -14,11 +14,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, check_finite, check_int, register
-from ..layouts import Layout, layout_of
-from ..piece import Piece, add_product, master_dtype
-from ..tensors import DeltaTensor, DenseDelta, LowRankDelta
-from .lora_init import kaiming_a
+from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, add_product, master_dtype
+from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta
+from .lora.inits import kaiming_a
 
 
 @register("loha")

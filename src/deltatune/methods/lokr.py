@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, check_finite, check_int, register
-from ..errors import ConfigError
-from ..layouts import Layout, layout_of
-from ..piece import Piece, master_dtype
-from ..tensors import DeltaTensor, DenseDelta
-from .lora_init import kaiming_a
+from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.errors import ConfigError
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, master_dtype
+from ..core.tensors import DeltaTensor, DenseDelta
+from .lora.inits import kaiming_a
 
 INITS = ("default", "lycoris")
 

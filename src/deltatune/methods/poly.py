@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from ..batch import batch_value
-from ..config import DeltaConfig, check_int, register
-from ..errors import ConfigError, TargetError
-from ..layouts import layout_of
-from ..piece import Piece, master_dtype
+from ..runtime.calls import batch_value
+from ..core.config import DeltaConfig, check_int, register
+from ..core.errors import ConfigError, TargetError
+from ..core.layouts import layout_of
+from ..core.piece import Piece, master_dtype
 
 EPS = 1e-12
 

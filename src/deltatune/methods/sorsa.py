@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, check_finite, check_int, register
-from ..errors import ConfigError, TargetError
-from ..layouts import Layout, layout_of
-from ..piece import Piece, master_dtype
-from ..tensors import DeltaTensor, LowRankDelta
+from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.errors import ConfigError, TargetError
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, master_dtype
+from ..core.tensors import DeltaTensor, LowRankDelta
 
 
 @register("sorsa")

@@ -24,12 +24,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaConfig, register
-from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
-from ..layouts import Layout, layout_of
-from ..piece import Piece, add_product
-from ..targeting import pattern_value
-from ..tensors import DeltaTensor, SparseDelta
+from ..core.config import DeltaConfig, register
+from ..core.errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
+from ..core.layouts import Layout, layout_of
+from ..core.piece import Piece, add_product
+from ..core.targeting import pattern_value
+from ..core.tensors import DeltaTensor, SparseDelta
 
 
 # --- bit packing (vectorised) ---------------------------------------------------------------------------

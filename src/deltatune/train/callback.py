@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .step_hooks import after_optimizer_step, before_step
+from ..runtime.step_hooks import after_optimizer_step, before_step
 
 
 class DeltaCallback(TrainerCallback):

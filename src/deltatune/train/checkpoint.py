@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CorruptFileError
-from ..files import save as save_delta
+from ..core.errors import CorruptFileError
+from ..io.files import save as save_delta
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"

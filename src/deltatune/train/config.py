@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import DeltaConfig
-from ..errors import ConfigError
+from ..core.config import DeltaConfig
+from ..core.errors import ConfigError
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")

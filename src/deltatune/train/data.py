@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DeltaNotFoundError
+from ..core.errors import ConfigError, DeltaNotFoundError
 from ..zoo.splits import Splits
 
 Example = dict[str, Any]

@@ -8,8 +8,8 @@ import random
 
 from torch import nn
 
-from ..host import slot_of
-from ..targeting import layer_index
+from ..runtime.slot import slot_of
+from ..core.targeting import layer_index
 from .checkpoint import jsonable, untuple
 
 

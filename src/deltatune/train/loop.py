@@ -13,22 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import attach
-from ..config import DeltaConfig
-from ..errors import ConfigError
-from ..files import save as save_delta
-from ..delta import Delta
-from ..host import slot_of, state_of
-from ..optim import param_groups
-from ..targeting import head_paths
+from ..runtime.api import attach
+from ..core.config import DeltaConfig
+from ..core.errors import ConfigError
+from ..io.files import save as save_delta
+from ..io.delta import Delta
+from ..runtime.slot import slot_of, state_of
+from .optim import param_groups
+from ..core.targeting import head_paths
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, Splits, count_tokens, local_splits
 from .distributed import Dist
 from .evaluate import evaluate_classification, evaluate_generation
 from .lisa import Lisa
-from .progress import Progress
-from .step_hooks import after_optimizer_step, before_step, regularization
+from ..core.progress import Progress
+from ..runtime.step_hooks import after_optimizer_step, before_step, regularization
 
 
 @dataclass

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import attach, detach
-from ..errors import ConfigError
-from ..host import slot_of, state_of
+from ..runtime.api import attach, detach
+from ..core.errors import ConfigError
+from ..runtime.slot import slot_of, state_of
 from ..init.sparse_masks import attach_sparse, check_budget, entry_budget, select_entries, sparse_config_for
 from ..io.atomic import write_text
-from ..layouts import layout_of
+from ..core.layouts import layout_of
 from ..methods.dense import Dense, DensePiece
-from ..methods.sparse import Sparse, SparsePiece
-from ..targeting import resolve_targets
+from ..methods.sparse.sparse import Sparse, SparsePiece
+from ..core.targeting import resolve_targets
 from .config import TrainConfig
 from .distributed import Dist
 from .loop import TrainResult, load_model, load_splits, train, with_head

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 #: modules that register the built-in procedures when first asked for
 BUILTIN = ("deltatune.train.lt_sft",)

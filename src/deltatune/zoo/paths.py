@@ -7,7 +7,7 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-from ..errors import DeltaTuneError
+from ..core.errors import DeltaTuneError
 
 
 class ZooError(DeltaTuneError):

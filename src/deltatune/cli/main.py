@@ -1,0 +1,185 @@
+"""The `deltatune` command line: train, eval, inspect, merge, compress, extract."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from ..core.errors import DeltaTuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _print_report(report: Any, as_json: bool, done: str) -> None:
+    """A compression/extraction report as JSON, or as a table followed by what was written."""
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(report.render())
+        typer.echo(done)
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML file of training options (flags override it)"),
+    model: Optional[str] = typer.Option(None, help="zoo model name or local HF directory"),
+    data: Optional[str] = typer.Option(None, help="zoo dataset name or local .jsonl/.csv file"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
+    delta: Optional[str] = typer.Option(None, help='delta config as JSON/YAML, e.g. \'{kind: lora, r: 8}\''),
+    epochs: Optional[float] = None,
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    lr: Optional[float] = None,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = None,
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output-dir"),
+    set_: list[str] = typer.Option([], "--set", help="any training option as key=value (repeatable)"),
+) -> None:
+    """Train a delta on a zoo or local model and dataset; saves OUTPUT_DIR/delta, metrics.jsonl, training.png."""
+    from ..train import TrainConfig, train as run
+
+    opts: dict[str, Any] = {"model": model, "data": data, "output_dir": output_dir, "epochs": epochs,
+                            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    if delta is not None:
+        opts["delta"] = yaml.safe_load(delta)
+    if resume:
+        opts["resume"] = True
+    opts.update(_parse_sets(set_))
+    opts = {k: v for k, v in opts.items() if v is not None}
+    try:
+        cfg = TrainConfig.from_yaml(config, **opts) if config else TrainConfig.from_dict(opts)
+        result = run(cfg)
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(result.metrics, indent=2))
+    if "test_accuracy" in result.metrics:
+        typer.echo(f"test accuracy {result.metrics['test_accuracy']:.4f}, macro-F1 {result.metrics['test_macro_f1']:.4f}")
+    typer.echo(f"delta saved to {result.delta_path}; metrics and plot in {result.output_dir}")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., help="zoo model name or local HF directory"),
+    data: str = typer.Option(..., help="zoo dataset name or local file"),
+    delta: Optional[Path] = typer.Option(None, help="delta directory (native or PEFT); none = the base model"),
+    split: str = typer.Option("test", help="train, validation or test"),
+    limit: Optional[int] = typer.Option(None, help="evaluate the first N examples of the split"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    max_length: int = typer.Option(128, "--max-length"),
+    output: Optional[Path] = typer.Option(None, help="write metrics (and generations) as JSON here"),
+) -> None:
+    """Accuracy and macro-F1 (classification) or final-number exact match (GSM8K-style generation)."""
+    from ..train.evaluation import run_eval
+
+    try:
+        metrics = run_eval(model, data, delta, split, limit, batch_size, max_new_tokens, max_length)
+    except DeltaTuneError as e:
+        _fail(e)
+    if output is not None:
+        output.write_text(json.dumps(metrics, indent=2))
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "outputs"}, indent=2))
+
+
+@app.command()
+def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Config, targets, parameter count, size on disk and base identity of a native or PEFT delta."""
+    from ..io.inspect import describe, render
+
+    try:
+        info = describe(path)
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@app.command("compress")
+def compress_cmd(
+    src: Path = typer.Argument(..., metavar="IN", help="delta directory (native or PEFT)"),
+    out: Path = typer.Argument(..., metavar="OUT", help="directory to write the compressed delta to"),
+    method: str = typer.Option("compeft", help="compeft (top-k, ternary values) or svd (low rank)"),
+    density: float = typer.Option(0.1, help="compeft: fraction of each tensor's entries kept"),
+    alpha: float = typer.Option(1.0, help="compeft: kept entries become ±alpha·std of the original tensor"),
+    on: str = typer.Option("delta_w", help="compeft: delta_w (ternary result: bit mask, sign bits, one scale) or factors (A and B of a LoRA delta)"),
+    rank: Optional[int] = typer.Option(None, help="svd: rank cap per module"),
+    energy: Optional[float] = typer.Option(None, help="svd: fraction of each module's squared norm to keep"),
+    base: Optional[Path] = typer.Option(None, help="base model directory, for updates that depend on it (DoRA, full copies)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Compress a delta (ComPEFT or SVD); prints size ratio and relative error per module, writes OUT atomically."""
+    from ..io.delta import Delta
+    from ..merging.compress import compress
+
+    try:
+        delta = Delta.read(src)
+        result, report = compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
+                                  base=base, progress=not as_json)
+        result.write(out)
+    except DeltaTuneError as e:
+        _fail(e)
+    _print_report(report, as_json, f"compressed delta ({result.config.kind}) written to {out}")
+
+
+@app.command("extract")
+def extract_cmd(
+    base: Path = typer.Option(..., "--base", help="base model directory (HF, safetensors)"),
+    tuned: Path = typer.Option(..., "--tuned", help="fine-tuned model directory of the same architecture"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory to write the LoRA delta to"),
+    rank: Optional[int] = typer.Option(None, help="rank cap per module"),
+    energy: Optional[float] = typer.Option(None, help="per module, the smallest rank keeping this fraction of ‖ΔW‖²"),
+    dense: list[str] = typer.Option([], "--dense", help="module-name suffix kept whole, e.g. embed_tokens (repeatable)"),
+    targets: list[str] = typer.Option([], "--targets", help="module-name suffix to factor (repeatable); default all-linear"),
+    name: str = typer.Option("extracted", help="the delta's name"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """LoRA delta from W_tuned − W_base (per-module SVD); prints each module's rank and relative error."""
+    from ..merging.extract import extract
+
+    try:
+        delta, report = extract(base, tuned, rank=rank, energy=energy, dense=tuple(dense),
+                                targets=tuple(targets) if targets else "all-linear", name=name, progress=not as_json)
+        delta.write(output)
+    except DeltaTuneError as e:
+        _fail(e)
+    _print_report(report, as_json, f"delta {name!r} written to {output}")
+
+
+@app.command("merge")
+def merge_cmd(
+    recipe: Path = typer.Argument(..., help="YAML merge recipe (docs/merging.md, section Recipes)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Merge deltas, PEFT adapters or full models as a recipe says; checks the whole recipe before any work."""
+    from ..merging.recipe import load_recipe, render, run_recipe
+
+    try:
+        summary = run_recipe(load_recipe(recipe), progress=not (quiet or as_json))
+    except DeltaTuneError as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

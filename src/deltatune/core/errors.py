@@ -1,0 +1,51 @@
+"""One exception hierarchy: every error says what was wrong, where, and what to do."""
+from __future__ import annotations
+
+__all__ = ['DeltaTuneError', 'ConfigError', 'TargetError', 'NameError_', 'ShapeMismatchError', 'CorruptFileError', 'NonFiniteError', 'DeltaNotFoundError', 'StateError', 'UnsupportedError', 'DeltaNameError']
+
+
+class DeltaTuneError(Exception):
+    """Base class of every error deltatune raises on purpose."""
+
+
+class ConfigError(DeltaTuneError, ValueError):
+    """A delta config (or a file's config section) is invalid."""
+
+
+class TargetError(DeltaTuneError, ValueError):
+    """Targeting matched nothing, or matched a module the method cannot adapt."""
+
+
+class NameError_(DeltaTuneError, KeyError):
+    """A delta name is unknown or already taken."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(DeltaTuneError, ValueError):
+    """Tensors in a file do not fit the model they are loaded into."""
+
+
+class CorruptFileError(DeltaTuneError, ValueError):
+    """A delta file is truncated, unreadable or inconsistent with its metadata."""
+
+
+class NonFiniteError(DeltaTuneError, ValueError):
+    """A delta carries NaN or infinite values."""
+
+
+class DeltaNotFoundError(DeltaTuneError, FileNotFoundError):
+    """A path given for reading a delta does not exist or holds no delta."""
+
+
+class StateError(DeltaTuneError, RuntimeError):
+    """The requested operation does not fit the model's current state (e.g. merging twice)."""
+
+
+class UnsupportedError(DeltaTuneError, NotImplementedError):
+    """The operation is not defined for this method, module type or format."""
+
+
+# Public alias with a better name; `NameError_` avoids shadowing the builtin inside this module.
+DeltaNameError = NameError_

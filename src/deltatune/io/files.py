@@ -1,0 +1,77 @@
+"""dt.save / dt.load: a model's delta to and from disk (native or PEFT format), transactionally."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..runtime.api import _check_new_name, build_pieces, install
+from .delta import Delta, model_class_name
+from ..core.errors import ConfigError, ShapeMismatchError, TargetError
+
+FORMATS = ("native", "peft")
+
+
+def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
+    """Write delta `name` of `model` to directory `path` (created if needed). Returns the path."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown format {format!r}; choose one of {FORMATS}")
+    delta = Delta.from_model(model, name)
+    if format == "peft":
+        from .peft import write_peft
+
+        return write_peft(delta, Path(path))
+    return delta.write(path)
+
+
+def check_fits(model: nn.Module, delta: Delta) -> None:
+    """Raise if the delta's modules are missing from `model` or their weights have other shapes."""
+    modules = dict(model.named_modules())
+    missing = [p for p in delta.state if p not in modules]
+    if missing:
+        raise TargetError(f"delta {delta.name!r} targets {len(missing)} module(s) that {type(model).__name__} lacks, "
+                          f"e.g. {missing[:3]}; it was made for {delta.base.get('model_class', 'another model')}")
+    bad = []
+    for p, shape in delta.base.get("weight_shapes", {}).items():
+        w = getattr(modules[p], "weight", None)
+        if w is not None and list(w.shape) != list(shape):
+            bad.append(f"{p}: file {list(shape)} vs model {list(w.shape)}")
+    if bad:
+        raise ShapeMismatchError(f"delta {delta.name!r} does not fit this model; weight shapes differ at "
+                                 f"{len(bad)} module(s): {bad[:3]}")
+    cls = delta.base.get("model_class")
+    if cls and cls != model_class_name(model):
+        warnings.warn(f"delta {delta.name!r} was saved from a {cls}, loading into a {type(model).__name__}", stacklevel=3)
+
+
+def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable: bool = False,
+          activate: bool = True) -> nn.Module:
+    """Attach a detached Delta to `model` with its saved tensors; all checks happen before any change."""
+    name = name or delta.name
+    _check_new_name(model, name)
+    check_fits(model, delta)
+    delta = delta.for_model(model)
+    built = build_pieces(model, delta.config, list(delta.state))
+    for path, module, piece in built:
+        own = piece.state_dict()
+        # entries a piece may go without mean zero (e.g. no Δb in the file for a module whose base has a bias)
+        saved = {**{k: torch.zeros_like(own[k]) for k in piece.zero_if_missing if k in own}, **delta.state[path]}
+        if set(own) != set(saved):
+            raise ShapeMismatchError(f"delta {name!r} at {path!r}: file holds {sorted(saved)}, the config implies "
+                                     f"{sorted(own)}")
+        for key, t in saved.items():
+            if tuple(own[key].shape) != tuple(t.shape):
+                raise ShapeMismatchError(f"delta {name!r}: {path}.{key} has shape {tuple(t.shape)} in the file but "
+                                         f"{tuple(own[key].shape)} on this model")
+        with torch.no_grad():
+            piece.load_state_dict({k: t.to(own[k].dtype) for k, t in saved.items()})
+    return install(model, name, delta.config, built, trainable=trainable, activate=activate)
+
+
+def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainable: bool = False,
+         activate: bool = True) -> nn.Module:
+    """Read a native or PEFT delta directory and attach it to `model` as `name` (default: the saved name)."""
+    delta = Delta.read(path)
+    return apply(model, delta, name, trainable=trainable, activate=activate)

@@ -1,0 +1,227 @@
+"""Bottleneck adapters: a small two-layer network U σ(D h + b_D) + b_U (D: d -> m, U: m -> d) added in series after
+a module or in parallel to a feed-forward block. U starts at zero, so every adapter is the identity at first.
+
+    Houlsby (Houlsby et al. 2019)         series, after the attention and the FFN output projections: h' = h + f(h)
+    Pfeiffer (Pfeiffer et al. 2021)       series, after the FFN output projection only:               h' = h + f(h)
+    ParallelAdapter (He et al. 2022)      parallel to the FFN block with input x:                     y' = y + s·f(x)
+    AdaptFormer (Chen et al. 2022)        the parallel adapter with s = 0.1
+
+Series adapters are output-position pieces on the projection modules. A parallel adapter is a weight-position
+(additive, not mergeable) piece on the FFN block when its input is the block's first argument (Llama's `mlp`,
+GPT-2's `mlp`); where a block adds its input to its output itself before a LayerNorm (BERT's
+`BertOutput(hidden_states, input_tensor)`), adding the branch there equals transforming that argument
+x -> x + s·f(x), an input-position piece on argument `input_arg`. targets="auto" takes the modules from
+`adapter_map.py` by the model's `config.model_type`. Per adapter: 2·d·m + m + d trainable parameters.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...core.config import DeltaConfig, register
+from ...core.errors import ConfigError, TargetError
+from ...core.layouts import layout_of
+from ...core.piece import Piece, master_dtype
+from ...core.targeting import linear_types
+from .sites import sites
+
+NON_LINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
+#: D's initialisation (U and both biases start at zero): "normal" N(0, 0.01²) as Houlsby et al.; "kaiming" the
+#: uniform init of nn.Linear (a = √5), as the parallel adapter and AdaptFormer implementations
+INITS = ("normal", "kaiming")
+
+
+def _number(owner: str, name: str, v: Any) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class BottleneckAdapter(DeltaConfig):
+    """What every bottleneck adapter shares. Not registered itself: use Houlsby, Pfeiffer, ParallelAdapter or
+    AdaptFormer. `bottleneck` (m), when given, overrides `reduction_factor` (m = d // reduction_factor)."""
+
+    targets: Any = "auto"
+    reduction_factor: float = 16.0
+    bottleneck: int | None = None
+    non_linearity: str = "relu"
+    init: str = "normal"
+
+    #: the roles of adapter_map.py that targets="auto" adapts
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        if _number(owner, "reduction_factor", self.reduction_factor) <= 0:
+            raise ConfigError(f"{owner}.reduction_factor must be positive, got {self.reduction_factor!r}")
+        b = self.bottleneck
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ConfigError(f"{owner}.bottleneck must be a positive integer (or null to use reduction_factor), got {b!r}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise ConfigError(f"{owner}.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"{owner}.init must be one of {list(INITS)}, got {self.init!r}")
+
+    def size(self, d: int) -> int:
+        """The bottleneck width m for features d."""
+        return self.bottleneck if self.bottleneck is not None else max(1, int(d // self.reduction_factor))
+
+    def for_model(self, model: nn.Module) -> DeltaConfig:
+        """targets="auto" made concrete from the architecture map: the modules of this method's roles."""
+        if self.targets != "auto":
+            return self
+        found = sites(model, self.roles, type(self).__name__)
+        return self.replace(targets="|".join(f"(?:{s.pattern})" for s in found))
+
+
+class _Series(BottleneckAdapter):
+    def piece_class(self, module: Any = None) -> type[Piece]:
+        return SeriesAdapterPiece
+
+
+@register("houlsby")
+@dataclass(frozen=True)
+class Houlsby(_Series):
+    """Series adapters after the attention output projection and after the FFN output projection of every layer."""
+
+    non_linearity: str = "swish"
+    roles: ClassVar[tuple[str, ...]] = ("attention_output", "ffn_output")
+
+
+@register("pfeiffer")
+@dataclass(frozen=True)
+class Pfeiffer(_Series):
+    """One series adapter per layer, after the FFN output projection."""
+
+    roles: ClassVar[tuple[str, ...]] = ("ffn_output",)
+
+
+@register("parallel_adapter")
+@dataclass(frozen=True)
+class ParallelAdapter(BottleneckAdapter):
+    """A branch s·U σ(D x) parallel to each FFN block, x the block's input (argument `input_arg` of the module)."""
+
+    reduction_factor: float = 2.0
+    init: str = "kaiming"
+    scaling: float = 4.0
+    input_arg: int | str = 0
+
+    roles: ClassVar[tuple[str, ...]] = ("ffn",)
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        _number(owner, "scaling", self.scaling)
+        a = self.input_arg
+        if not ((isinstance(a, int) and not isinstance(a, bool) and a >= 0) or (isinstance(a, str) and a.isidentifier())):
+            raise ConfigError(f"{owner}.input_arg must be an argument index (0 = the first) or a parameter name of the "
+                              f"targeted module's forward, got {a!r}")
+
+    def for_model(self, model: nn.Module) -> DeltaConfig:
+        if self.targets != "auto":
+            return self
+        (site,) = sites(model, self.roles, type(self).__name__)
+        return self.replace(targets=site.pattern, input_arg=site.input_arg)
+
+    def piece_class(self, module: Any = None) -> type[Piece]:
+        return ParallelAdapterPiece if self.input_arg == 0 else ParallelInputPiece
+
+
+@register("adaptformer")
+@dataclass(frozen=True)
+class AdaptFormer(ParallelAdapter):
+    """AdaptFormer's AdaptMLP: the parallel adapter with a fixed scale 0.1, ReLU, no LayerNorm."""
+
+    reduction_factor: float = 12.0
+    scaling: float = 0.1
+
+
+def block_widths(module: nn.Module, path: str) -> tuple[int, int]:
+    """(input, output) features of a Linear / Conv1D module, or of a block of them: its first one's input width
+    and its last one's output width (LlamaMLP, GPT2MLP, BertOutput)."""
+    from ...runtime.slot import is_piece_module
+
+    linears = [m for p, m in module.named_modules() if not is_piece_module(p) and isinstance(m, linear_types())]
+    if not linears:
+        raise TargetError(f"module {path!r} is a {type(module).__name__} with no Linear / Conv1D inside, so its feature "
+                          f"size is unknown; target the projection modules or the blocks that hold them")
+    first, last = linears[0], linears[-1]
+    return layout_of(first, path).shape(first)[1], layout_of(last, path).shape(last)[0]
+
+
+class AdapterPiece(Piece):
+    """The bottleneck U σ(D h + b_D) + b_U, in the module's precision (float32 for half-precision modules)."""
+
+    def __init__(self, base: nn.Module, path: str, cfg: BottleneckAdapter, d_in: int, d_out: int) -> None:
+        super().__init__(base, path, cfg)
+        m = cfg.size(d_out)
+        ref = next(base.parameters(), None)
+        kw = {"dtype": master_dtype(ref.dtype) if ref is not None else torch.get_default_dtype(),
+              "device": ref.device if ref is not None else None}
+        # flat names: a delta file stores `<module path>.<name>`
+        self.down_weight = nn.Parameter(torch.empty(m, d_in, **kw))
+        self.down_bias = nn.Parameter(torch.zeros(m, **kw))
+        self.up_weight = nn.Parameter(torch.zeros(d_out, m, **kw))
+        self.up_bias = nn.Parameter(torch.zeros(d_out, **kw))
+        with torch.no_grad():
+            if cfg.init == "normal":
+                nn.init.normal_(self.down_weight, std=1e-2)
+            else:
+                nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+        self.non_linearity = cfg.non_linearity
+        self.features = d_out
+
+    def branch(self, h: Tensor) -> Tensor:
+        """U σ(D h + b_D) + b_U, in the piece's dtype."""
+        z = F.linear(h.to(self.down_weight.dtype), self.down_weight, self.down_bias)
+        return F.linear(NON_LINEARITIES[self.non_linearity](z), self.up_weight, self.up_bias)
+
+    def extra_repr(self) -> str:
+        m, d = self.down_weight.shape
+        return f"path={self.path!r}, d={d}, m={m}, {self.non_linearity}"
+
+
+class SeriesAdapterPiece(AdapterPiece):
+    position: ClassVar[str] = "output"
+
+    def __init__(self, base: nn.Module, path: str, cfg: BottleneckAdapter) -> None:
+        d = block_widths(base, path)[1]
+        super().__init__(base, path, cfg, d, d)
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        """h + U σ(D h + b_D) + b_U for the running output h."""
+        return acc + self.branch(acc).to(acc.dtype)
+
+
+class ParallelAdapterPiece(AdapterPiece):
+    """Adds s·f(x) to the block's output, x its first input."""
+
+    def __init__(self, base: nn.Module, path: str, cfg: ParallelAdapter) -> None:
+        super().__init__(base, path, cfg, *block_widths(base, path))
+        self.scaling = float(cfg.scaling)
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        return acc + (self.scaling * self.branch(x)).to(acc.dtype)
+
+
+class ParallelInputPiece(AdapterPiece):
+    """Transforms argument `input_arg` x -> x + s·f(x), for blocks that add that argument to their output."""
+
+    position: ClassVar[str] = "input"
+
+    def __init__(self, base: nn.Module, path: str, cfg: ParallelAdapter) -> None:
+        d = block_widths(base, path)[1]  # the argument joins the block's output, so it has the output's width
+        super().__init__(base, path, cfg, d, d)
+        self.scaling = float(cfg.scaling)
+        self.input_arg = cfg.input_arg
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        return acc + (self.scaling * self.branch(acc)).to(acc.dtype)

@@ -1,0 +1,225 @@
+"""Hosts: a targeted module keeps its class, parameters and state_dict keys; its deltas live in a
+`deltatune` ModuleDict on it and a forward hook adds their contributions to the module's output."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..compose.blocks import POSITIONS, Context, Node, Route, leaves, run
+from ..core.config import DeltaConfig
+from ..core.errors import TargetError
+from ..core.layouts import Layout
+from ..core.piece import Piece
+
+SLOT = "deltatune"
+
+
+class DeltaSlot(nn.ModuleDict):
+    """Named pieces on one module, which of them are active, and which are merged into its weight."""
+
+    route_bank = None  # routing.Bank: the fast Route path's stacked factors at this module
+    route_plan = None  # position -> routing.Plan: the active Route's row groups at this module
+    input_plans: tuple = ()  # (argument, plan) pairs: the input plan split by the argument its pieces transform
+
+    def __init__(self, layout: Layout | None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.active: tuple[str, ...] = ()
+        self.plans: dict[str, Node] = {}  # the active composition at this module, per position
+        self.merged: list[str] = []
+        self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged weight-dependent pieces
+        self.handle = None
+
+    def set_plan(self, node: Node | None) -> None:
+        """Restrict the model's active composition to the pieces of this module, position by position."""
+        self.plans = {}
+        self.route_plan = None
+        if node is None:
+            return
+        for pos in POSITIONS:
+            local = node if isinstance(node, str) else node.restrict(lambda n, pos=pos: n in self and self[n].position == pos)
+            if isinstance(local, str) and not (local in self and self[local].position == pos):
+                local = None
+            if local is not None:
+                self.plans[pos] = local
+        self.input_plans = ()
+        local = self.plans.get("input")
+        if local is not None:
+            where = list(dict.fromkeys(self[n].input_arg for n in leaves(local) if n in self and self[n].position == "input"))
+            self.input_plans = tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
+                lambda n, a=a: n in self and self[n].position == "input" and self[n].input_arg == a)) for a in where)
+
+    def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
+        if name in self.saved_updates:
+            return self.saved_updates[name]
+        piece = self[name]
+        return piece.delta_weight(module).to_dense(), piece.delta_bias(module)
+
+    @torch.no_grad()
+    def merge_pieces(self, module: nn.Module, names: list[str]) -> None:
+        """Add the updates of `names` to the weights. Every update is computed against the weights *without*
+        any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂)."""
+        layout, w, bias = self.layout, module.weight, getattr(module, "bias", None)
+        clean_w = clean_b = None
+        if self.merged and any(self[n].weight_dependent for n in names):
+            clean_w = layout.weight(module).detach().clone()
+            clean_b = bias.detach().clone() if bias is not None else None
+            for m in self.merged:
+                dw, db = self.merged_update(m, module)
+                clean_w -= dw.to(clean_w.dtype)
+                if db is not None and clean_b is not None:
+                    clean_b -= db.to(clean_b.dtype)
+        updates = {n: (self[n].delta_weight(module, clean_w).to_dense(), self[n].delta_bias(module, clean_b))
+                   for n in names}
+        for n, (dw, db) in updates.items():
+            w.add_(layout.to_native(dw).to(w.dtype))
+            if db is not None:
+                bias.add_(db.to(bias.dtype))
+            if self[n].weight_dependent:
+                self.saved_updates[n] = (dw, db)
+            self.merged.append(n)
+
+    @torch.no_grad()
+    def unmerge_piece(self, module: nn.Module, name: str) -> None:
+        """Subtract the update merging `name` added (any order is exact)."""
+        dw, db = self.merged_update(name, module)
+        w = module.weight
+        w.sub_(self.layout.to_native(dw).to(w.dtype))
+        if db is not None:
+            module.bias.sub_(db.to(module.bias.dtype))
+        self.saved_updates.pop(name, None)
+        self.merged.remove(name)
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def _argument(module: nn.Module, args: tuple, kwargs: dict, where: int | str) -> int | str:
+    """Where argument `where` (an index or a parameter name of module.forward) was passed: an index into args or a
+    key of kwargs. Argument 0 passed by keyword is the first keyword argument."""
+    if isinstance(where, int) and where < len(args):
+        return where
+    if where == 0 and kwargs:
+        return next(iter(kwargs))
+    names = list(inspect.signature(module.forward).parameters)
+    name = where if isinstance(where, str) else names[where] if where < len(names) else None
+    if name in kwargs:
+        return name  # type: ignore[return-value]
+    if name in names and names.index(name) < len(args):
+        return names.index(name)
+    raise TargetError(f"an input-position delta on a {type(module).__name__} transforms its argument {where!r}, which "
+                      f"this call did not pass (forward{inspect.signature(module.forward)}); target modules whose "
+                      f"forward receives that argument, or set the delta's input argument to one it receives")
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    slot: DeltaSlot = getattr(module, SLOT)
+    if "input" not in slot.plans:
+        return None
+    for where, plan in slot.input_plans:
+        key = _argument(module, args, kwargs, where)
+        x = args[key] if isinstance(key, int) else kwargs[key]
+        x = run(plan, x, Context(x, None, module, slot, "input"))
+        args, kwargs = ((*args[:key], x, *args[key + 1:]), kwargs) if isinstance(key, int) else (args, {**kwargs, key: x})
+    return args, kwargs
+
+
+def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+    slot: DeltaSlot = getattr(module, SLOT)
+    plans = slot.plans
+    if not plans:
+        return output
+    x = _first_input(args, kwargs)
+    plan = plans.get("weight")
+    if isinstance(plan, str):  # one weight delta: it may add into the base output directly
+        if plan not in slot.merged:
+            output = slot[plan](x, output, output, module)
+    elif plan is not None:
+        in_place = isinstance(plan, Route) and not torch.is_grad_enabled()
+        output = plan.run(output if in_place else output.clone(), Context(x, output, module, slot, "weight"))
+    plan = plans.get("output")
+    if plan is not None:
+        output = run(plan, output, Context(x, output, module, slot, "output"))
+    return output
+
+
+def is_piece_module(path: str) -> bool:
+    return SLOT in path.split(".")
+
+
+def slot_of(module: nn.Module) -> DeltaSlot | None:
+    slot = module._modules.get(SLOT)
+    return slot if isinstance(slot, DeltaSlot) else None
+
+
+def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
+    slot = slot_of(module)
+    if slot is None:
+        slot = DeltaSlot(layout)
+        module.add_module(SLOT, slot)
+        slot.handle = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                       module.register_forward_hook(_hook, with_kwargs=True))
+    elif slot.layout is None and layout is not None:  # the first piece here had no weight view (an adapter)
+        slot.layout = layout
+    return slot
+
+
+def remove_slot(module: nn.Module) -> None:
+    slot = slot_of(module)
+    if slot is not None:
+        for handle in slot.handle or ():
+            handle.remove()
+        del module._modules[SLOT]
+
+
+@dataclass
+class DeltaRecord:
+    name: str
+    config: DeltaConfig
+    paths: list[str]
+    trainable: bool
+    #: (path, position, mergeable, routable) of each piece: what compositions check without walking the model
+    roles: tuple[tuple[str, str, bool, bool], ...] = ()
+
+
+@dataclass
+class ModelState:
+    """What deltatune keeps on a model: attached deltas, the active set, merged names, the base's grad flags."""
+
+    deltas: dict[str, DeltaRecord] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    block: Node | None = None  # the active composition (active = its delta names)
+    merged: list[str] = field(default_factory=list)
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)
+    call_hooks: tuple = ()  # handles of the top model's hooks that take task_ids= / deltas= off its calls
+
+
+_STATE = "_deltatune_state"
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    return model.__dict__.get(_STATE)
+
+
+def ensure_state(model: nn.Module) -> ModelState:
+    st = state_of(model)
+    if st is None:
+        from .calls import install_call_hooks
+
+        st = ModelState()
+        st.call_hooks = install_call_hooks(model)
+        model.__dict__[_STATE] = st
+    return st
+
+
+def drop_state(model: nn.Module) -> None:
+    st = model.__dict__.pop(_STATE, None)
+    for handle in st.call_hooks if st is not None else ():
+        handle.remove()
