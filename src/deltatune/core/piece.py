@@ -10,74 +10,146 @@ from torch import Tensor, nn
 
 from .config import DeltaConfig
 from .errors import UnsupportedError
-from .layouts import Layout
+from .layouts import Layout, layout_of
 from .tensors import DeltaTensor
 
 
-class Piece(nn.Module, ABC):
-    """One delta's trainable state on one module of the model.
+POSITIONS = ("input", "weight", "output", "attention")
 
-    Subclasses implement `forward`, and, when the update is a change of the module's weight and bias,
-    `delta_weight`/`delta_bias` — that single capability buys merge/unmerge, arithmetic, merging of many
-    deltas, compression and the multi-delta serving path.
+
+class Piece(nn.Module, ABC):
+    """One delta's state on one module of the model: the contract every method honours.
+
+    Generic code (the runtime's hooks, merging, files, arithmetic, composition blocks) uses only what is listed
+    here. A method declares what it can do in class attributes; nothing is inferred from which methods a subclass
+    overrides. Declarations are checked when the class is defined, so a contradiction fails at import, naming the
+    class.
+
+    Declared (class attributes):
+
+    * ``supported`` — module types (layout names: "Linear", "Conv1D", "Embedding", "Norm") the method adapts; the
+      base ``__init__`` sets ``self.layout`` from it (a TargetError naming the module otherwise). ``None``: any
+      module, no weight view (bottleneck adapters on a block, prompts); ``self.layout`` is then None.
+    * ``position`` — where the piece acts: "weight" (adds f(x) to the module's output), "output" (h -> g(h)),
+      "input" (x -> s(x) before the module runs), "attention" (extra keys/values or tokens, by the method's own
+      ``install`` hooks). Composition blocks have one formula per position (docs/composition.md).
+    * ``mergeable`` — the piece is a change (ΔW, Δb) of the module's weight and bias, given by ``update``. It buys
+      merge/unmerge, ``Delta.tensors()`` and arithmetic, merging of many deltas, compression and extraction.
+    * ``needs_base`` — ``update`` needs the base weight and bias (DoRA, full copies, (IA)3, SSF): merges then keep
+      the exact update they added, and detached deltas need ``base=`` to express it.
+    * ``low_rank`` — ``update`` may return a ``LowRankDelta`` that does not depend on the base: Route's batched fast
+      path stacks such factors (requires mergeable, not needs_base).
+    * ``routable`` — False for pieces that pick their own update per example (Poly by task id).
+    * ``fuses`` — the piece is a fusion layer: ``fuse(h, candidates)`` mixes the outputs of several deltas (Fuse).
+    * ``keywords`` — per-call keywords the piece reads with ``call_value`` (``model(x, task_ids=t)``); the runtime
+      takes them off the model's call while such a piece is attached.
+    * ``input_arg`` — for "input" pieces, which argument of the module's forward they transform (may be set per
+      instance: BertOutput's residual input is 1).
+    * ``zero_if_missing`` — saved entries that may be absent from a file and then mean zero.
+
+    Must provide: ``forward``; ``update`` when mergeable; ``fuse`` when fuses. May provide: ``tensors_to_state``
+    (storage kinds), ``fast_params``, ``before_step`` / ``after_optimizer_step`` / ``regularizer`` (training),
+    ``link`` (state shared across one delta's pieces), ``install`` / ``uninstall`` (mechanisms of its own).
+    Everything a piece registers as a parameter or persistent buffer is saved; nothing else is.
     """
 
-    #: module types (layout names) this method can adapt
-    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
-    #: where the piece acts (DESIGN.md "positions"): "weight" — adds f(x) to the module's output, f linear in x for
-    #: mergeable pieces (LoRA, sparse, ...); "output" — transforms the module's output h -> g(h) ((IA)3 on keys,
-    #: series adapters); "input" — transforms the module's input x -> s(x) before it runs ((IA)3 on the FFN input)
-    #: or adds a parallel branch; "attention" — extra keys/values or virtual tokens, applied by the method's own
-    #: mechanism (the host's hooks skip such pieces). Composition blocks (compose.py) have one formula per position.
+    supported: ClassVar[tuple[str, ...] | None] = ("Linear", "Conv1D", "Embedding")
     position: ClassVar[str] = "weight"
-    #: False for pieces that pick their own update per example (Poly by task id): Route cannot hand them row subsets
+    mergeable: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = False
+    low_rank: ClassVar[bool] = False
     routable: ClassVar[bool] = True
-    #: for "input" pieces: which argument of the module's forward they transform, an index or a parameter name
-    #: (BertOutput(hidden_states, input_tensor): 1 is the residual input); may be set per instance
+    fuses: ClassVar[bool] = False
+    keywords: ClassVar[tuple[str, ...]] = ()
     input_arg: int | str = 0
-    #: saved entries that may be absent from a file and then mean zero (a Δb where the file has none)
     zero_if_missing: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        if cls.position not in POSITIONS:
+            raise TypeError(f"{name}.position must be one of {POSITIONS}, got {cls.position!r}")
+        if cls.mergeable and cls.update.__func__ is Piece.update.__func__:  # type: ignore[attr-defined]
+            raise TypeError(f"{name} declares mergeable = True but defines no update(state, cfg, layout, weight, bias)")
+        if (cls.needs_base or cls.low_rank) and not cls.mergeable:
+            raise TypeError(f"{name} declares needs_base or low_rank, which describe an update; declare mergeable = True")
+        if cls.low_rank and cls.needs_base:
+            raise TypeError(f"{name} declares low_rank and needs_base: the fast path needs an update independent of the base")
+        if cls.fuses and cls.fuse is Piece.fuse:
+            raise TypeError(f"{name} declares fuses = True but defines no fuse(h, candidates)")
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__()
         self.path = path
         self.cfg = cfg
+        self.layout: Layout | None = None if self.supported is None else layout_of(base, path, self.supported)
 
     @abstractmethod
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        """Return `acc` plus this piece's contribution for input x.
+        """Return `acc` plus this piece's contribution for input x (weight position), or the transformed value
+        (input/output position: `acc` is the running value).
 
         `base_out` is the frozen module's output and must not be written; `acc` may be updated in place
         when grad is disabled (the host passes the same tensor for both when this piece is alone).
         """
 
-    # --- linear mergeability --------------------------------------------------------------------
-    @property
-    def mergeable(self) -> bool:
-        return type(self).delta_weight is not Piece.delta_weight
+    # --- the update: one formula, used live and detached ------------------------------------------
+    @classmethod
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """(ΔW in the [out, in] view, Δb or None) from the piece's saved tensors `state` (parameters and persistent
+        buffers, detached) and its module's config. `weight` / `bias` are the base module's ([out, in] view); they
+        are given exactly when the class declares `needs_base`.
 
-    @property
-    def weight_dependent(self) -> bool:
-        """True when ΔW depends on the base weight (DoRA, full copies); merges then keep the exact update."""
-        return False
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        """ΔW in the [out, in] view, computed against `weight` (default: the module's current weight).
-
-        Optional capability: pieces that are not a weight update keep this default (`mergeable` is False)."""
-        raise UnsupportedError(f"{type(self).__name__} at {self.path!r} is not a weight update; it cannot be "
+        The one place a mergeable method writes its update: attached pieces (merge, Route's bank, Arrow) and
+        detached deltas (files, merging, compression, extraction) both call it."""
+        raise UnsupportedError(f"{cls.__name__} is not a weight update (it declares mergeable = False); it cannot be "
                                f"merged or expressed as ΔW")
 
+    def saved_state(self) -> dict[str, Tensor]:
+        """The tensors a file holds for this piece, detached: what `update` receives on the live path."""
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items()}
+
+    def live_update(self, base: nn.Module, weight: Tensor | None = None,
+                    bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """`update` for this attached piece; `weight`/`bias` (default: the module's current ones) matter only when the
+        class declares needs_base."""
+        if not self.mergeable:
+            type(self).update({}, self.cfg, self.layout)  # raises the clear error
+        if self.needs_base:
+            layout = self.layout
+            weight = (layout.weight(base) if weight is None else weight).detach()
+            if bias is None:
+                bias = layout.bias(base)
+                bias = None if bias is None else bias.detach()
+        else:
+            weight = bias = None
+        return self.update(self.saved_state(), self.cfg, self.layout, weight, bias)  # type: ignore[arg-type]
+
+    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
+        """ΔW in the [out, in] view (see `live_update`)."""
+        return self.live_update(base, weight)[0]
+
     def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        """Δb, computed against `bias` (default: the module's current bias); None when the piece has none.
-        Default: the piece's own `bias` tensor (see `add_bias_delta`), which is a Δb."""
-        b = getattr(self, "bias", None)
-        return None if b is None else b.detach()
+        """Δb, or None when the piece does not change the bias (see `live_update`)."""
+        return self.live_update(base, None, bias)[1]
 
     def add_bias_delta(self, base_bias: Tensor | None, wanted: bool, dtype: torch.dtype) -> None:
         """A trainable Δb (zeros) as `self.bias`, when `wanted` and the module has a bias to change."""
         if wanted and base_bias is not None:
             self.bias = nn.Parameter(torch.zeros_like(base_bias, dtype=dtype))
+
+    @classmethod
+    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+        """The saved state of a piece whose update is exactly (dw, db): the inverse of `update`, for methods whose
+        config declares `stores` (they can hold any update of one delta-tensor type; see `Delta.from_tensors`)."""
+        raise UnsupportedError(f"{cls.__name__} cannot store an arbitrary {type(dw).__name__}")
+
+    # --- fusion -----------------------------------------------------------------------------------
+    def fuse(self, h: Tensor, candidates: list[Tensor]) -> Tensor:
+        """For pieces that declare `fuses`: the value after attending over `candidates` (each delta's output) given
+        the value h before them."""
+        raise UnsupportedError(f"{type(self).__name__} at {self.path!r} is not a fusion layer (fuses = False)")
 
     # --- training helpers -------------------------------------------------------------------------
     def fast_params(self) -> Iterable[nn.Parameter]:
@@ -108,22 +180,6 @@ class Piece(nn.Module, ABC):
 
     def uninstall(self, model: nn.Module, module: nn.Module) -> None:
         """Undo `install`; called before the piece leaves the model (detach, unload, a failed attach)."""
-
-    # --- files without a model ------------------------------------------------------------------
-    @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout,
-                       weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
-        """(ΔW, Δb) from a saved state, without a model.
-
-        `weight`/`bias` are the base module's ([out, in] view), when the caller has them; pieces whose update
-        depends on the base (weight_dependent) return (None, None) without them. Default: not a weight update."""
-        return None, None
-
-    @classmethod
-    def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
-        """The saved state of a piece whose update is exactly (dw, db): the inverse of state_to_delta, for
-        methods that can store any update of one delta-tensor kind (see `Delta.from_tensors`)."""
-        raise UnsupportedError(f"{cls.__name__} cannot store an arbitrary {type(dw).__name__}")
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"
