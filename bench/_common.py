@@ -45,7 +45,7 @@ def with_peft(base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dora:
 def randomize_and_copy(peft_model: nn.Module, ours: nn.Module, seed: int = 1) -> int:
     """Give peft's adapters random non-zero B (and perturbed DoRA magnitudes), then copy every adapter tensor
     into deltatune's pieces so both compute the same function. Returns the number of adapted modules."""
-    from deltatune.runtime.slot import slot_of
+    from deltatune.runtime import slot_of
 
     gen = torch.Generator().manual_seed(seed)
     params = dict(peft_model.named_parameters())

@@ -66,7 +66,7 @@ CASES = [Case("decode", 64, 1, [16], 64), Case("mixed ranks", 64, 1, [8, 16, 64]
 def _libraries(base: nn.Module, ranks: list[int], n: int, seed: int):
     """deltatune and peft copies of `base` carrying the same n LoRAs (rank ranks[i % len(ranks)])."""
     import deltatune as dt
-    from deltatune.runtime.slot import slot_of
+    from deltatune.runtime import slot_of
     from peft import LoraConfig, get_peft_model
 
     gen = torch.Generator().manual_seed(seed)

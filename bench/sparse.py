@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TARGETS, Timing, allocator_peak, build_llama, interleaved, live_state, storage_bytes  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.runtime.slot import slot_of  # noqa: E402
+from deltatune.runtime import slot_of  # noqa: E402
 from deltatune.methods.sparse.autograd import use_csr  # noqa: E402
 from deltatune.core.progress import Progress  # noqa: E402
 from deltatune.runtime.step_hooks import after_optimizer_step, before_step  # noqa: E402

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from deltatune.core.config import DeltaConfig
 from deltatune.core.errors import ConfigError, DeltaTuneError, TargetError
-from deltatune.runtime.slot import slot_of, state_of
+from deltatune.runtime import slot_of, state_of
 
 
 # --- tiny models ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import deltatune as dt
-from deltatune.runtime.slot import slot_of, state_of
+from deltatune.runtime import slot_of, state_of
 
 VOCAB = 64
 

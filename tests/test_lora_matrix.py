@@ -713,7 +713,7 @@ def test_merge_refuses_tied_embedding_and_leaves_model_intact() -> None:
 
 def test_merge_that_fails_midway_takes_back_what_it_added(monkeypatch) -> None:
     """All or nothing: an error while merging the third module leaves every weight as before."""
-    from deltatune.runtime.slot import DeltaSlot
+    from deltatune.runtime import DeltaSlot
 
     tiny = build_tiny("llama")
     model = tiny.model

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.core.errors import ConfigError, ShapeMismatchError, TargetError
-from deltatune.runtime.slot import state_of
+from deltatune.runtime import state_of
 from deltatune.methods.vera import projections as rp
 from deltatune.methods.vera.randlora import RandLoRAPiece, ScaledBases
 
@@ -460,10 +460,6 @@ def test_dropout_only_in_train_mode(method: str) -> None:
 # --- 10. mixed batches (per-example routing) ----------------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_mixed_batch_rows_follow_their_delta(method: str) -> None:
-    from deltatune.runtime import api
-
-    if not hasattr(api, "route"):
-        pytest.skip("per-example routing (dt.route) is not in this checkout")
     tiny = build_tiny("llama")
     model = tiny.model
     dt.attach(model, dt.LoRA(r=2), "l")
@@ -474,7 +470,7 @@ def test_mixed_batch_rows_follow_their_delta(method: str) -> None:
         y_a = tiny.logits()
     with dt.active(model, "l"):
         y_l = tiny.logits()
-    with api.route(model, ["a", "l"]):
+    with dt.route(model, ["a", "l"]):
         y = tiny.logits()
     torch.testing.assert_close(y[0], y_a[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(y[1], y_l[1], atol=ATOL, rtol=0)

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 from deltatune.core.errors import CorruptFileError, ShapeMismatchError, UnsupportedError  # noqa: E402
-from deltatune.runtime.slot import state_of  # noqa: E402
+from deltatune.runtime import state_of  # noqa: E402
 
 from conftest import Tiny, build_tiny, build_tiny_with_biases  # noqa: E402
 

@@ -165,13 +165,13 @@ def test_arrow_with_one_delta_is_that_delta_and_caches_prototypes():
     dt.activate(tiny.model, dt.Arrow("a", "b", top_k=1))
     out = tiny.logits()
     slot = tiny.model.model.layers[0].mlp.up_proj.deltatune
-    protos = slot.arrow_cache[1]
+    protos = slot.internal.cache[dt.Arrow][1]
     assert protos.shape == (1, 16)  # one prototype there: only "a" acts on up_proj
     torch.testing.assert_close(tiny.logits(), out, atol=0, rtol=0)
-    assert slot.arrow_cache[1] is protos  # reused across forwards
+    assert slot.internal.cache[dt.Arrow][1] is protos  # reused across forwards
     _randomize(tiny.model, "a", 9)  # an in-place change: prototypes are recomputed
     tiny.logits()
-    assert slot.arrow_cache[1] is not protos
+    assert slot.internal.cache[dt.Arrow][1] is not protos
 
 
 def test_per_call_keywords_clean_up_and_refuse_checkpointing():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.compose import route_run as routing
+from deltatune.compose import route as routing
 from deltatune.core.errors import ConfigError
 from conftest import build_tiny, randomize_delta
 
@@ -61,7 +61,7 @@ def test_fast_path_is_taken_for_low_rank_and_not_for_others():
     with dt.route(tiny.model, rows), torch.no_grad():
         out = tiny.model(input_ids=ids).logits
         slot = tiny.model.model.layers[0].self_attn.q_proj.deltatune
-        plan = slot.route_plan["weight"]
+        plan = slot.internal.plan_cache[(dt.Route, "weight")]
         assert plan.fast and all(g.batched for g in plan.fast)
         assert sorted(g.At.shape[-1] for g in plan.fast) == [2, 4, 8]  # one group per rank, no padding
         assert sorted(n for n, _ in plan.slow) == ["dora", "sp"]

@@ -1,9 +1,9 @@
 """deltatune: parameter-efficient fine-tuning as named, composable, saveable deltas on frozen models."""
 from . import errors
-from .runtime.api import activate, active, active_block, active_names, attach, detach, merge, route, summary, unload, unmerge
+from .runtime import activate, active, active_block, active_names, attach, detach, merge, route, summary, unload, unmerge
 from .methods import IA3, Fusion, Poly
-from .runtime.calls import batch
-from .compose.blocks import Arrow, Average, Fuse, Route, Stack, Sum
+from .core.calls import batch
+from .compose import Arrow, Average, Fuse, Route, Stack, Sum
 from .core.config import DeltaConfig
 from .io.delta import Delta
 from .io.files import load, save

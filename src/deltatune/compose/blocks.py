@@ -12,13 +12,15 @@ at the module is the identity there. The blocks:
     Route(rows)(h)[b]     = rows[b](h[b])       (row b of the batch; None = identity)
     Arrow(a, b, k)(h)[t]  = h[t] + Σ_{i ∈ top-k} softmax(|x[t]·v_i| / T)_i c_i(x[t])   (weight position only)
 
+Stack, Sum and Average live here with the generic tree functions; Fuse, Route and Arrow have a file each.
+
 For weight-position leaves (additive), Sum and Stack coincide: W + ΔW_a + ΔW_b.
 """
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -39,6 +41,15 @@ class Block(ABC):
     additive: bool = True
     #: the positions (Piece.position) this block is defined for; others are an error at activation
     positions: tuple[str, ...] = ("input", "weight", "output", "attention")
+    #: a block left with one child is that child (Sum, Stack)
+    collapses: bool = False
+    #: without one of its children the block still means what was asked (Sum, Stack, Average); others are dropped
+    #: whole when a child is detached
+    survives_detach: bool = True
+    #: at the weight position, child(h) - h may depend on h (attention over the candidates): no sequential shortcut
+    reads_value: bool = False
+    #: the block may add into the running value in place when grad is off (the host then hands over its own output)
+    in_place: bool = False
 
     def names(self) -> list[str]:
         """Every delta name below this block, in order."""
@@ -55,6 +66,24 @@ class Block(ABC):
             elif not isinstance(c, str) or not c:
                 raise ConfigError(f"{type(self).__name__} children are delta names or blocks, got {c!r}")
 
+    def check_deltas(self, deltas: Mapping[str, Any]) -> None:
+        """ConfigError unless this block can run over the attached deltas it names; called at activation, before
+        anything changes. `deltas` maps every attached name to its record (`.config`, `.paths`, and `.pieces`:
+        path -> Piece class, whose declared capabilities say what the piece can do). Default: every direct child's
+        pieces act at a position this block is defined for. Blocks with more requirements extend this."""
+        for name in self.children:
+            if not isinstance(name, str):
+                continue
+            for path, piece in deltas[name].pieces.items():
+                if piece.position not in self.positions:
+                    raise ConfigError(f"{type(self).__name__} is not defined for {piece.position}-position deltas such as "
+                                      f"{name!r} at {path!r} ({type(self).__name__} takes {', '.join(self.positions)}); "
+                                      f"see docs/composition.md")
+
+    def blocks(self) -> list["Block"]:
+        """This block and every block below it."""
+        return [self, *[b for c in self.children if isinstance(c, Block) for b in c.blocks()]]
+
     def restrict(self, present: Callable[[str], bool]) -> Node | None:
         """This block at one module and position: children with nothing there dropped (None if nothing is left)."""
         return self.map(lambda c: _restrict(c, present))
@@ -65,7 +94,7 @@ class Block(ABC):
         kept = [k for k in (fn(c) for c in self.children) if k is not None]
         if not kept:
             return None
-        return kept[0] if len(kept) == 1 and type(self) in (Sum, Stack) else self._with(kept)
+        return kept[0] if len(kept) == 1 and self.collapses else self._with(kept)
 
     def _with(self, children: list[Node]) -> "Block":
         clone = object.__new__(type(self))
@@ -102,6 +131,8 @@ def _init_children(block: Block, children: Sequence[Node]) -> None:
 class Stack(Block):
     """Children applied one after another: Stack(a, b)(h) = b(a(h))."""
 
+    collapses = True
+
     def __init__(self, *children: Node) -> None:
         _init_children(self, children)
 
@@ -113,6 +144,8 @@ class Stack(Block):
 
 class Sum(Block):
     """Children applied to the same value, their changes added: h + Σ (child(h) - h)."""
+
+    collapses = True
 
     def __init__(self, *children: Node) -> None:
         _init_children(self, children)
@@ -156,113 +189,6 @@ class Average(Block):
         return f"Average({', '.join(map(repr, self.children))}, weights={list(self.weights)})"
 
 
-class Fuse(Block):
-    """AdapterFusion: attention over the children's outputs with the trained fusion delta `fusion` (dt.Fusion)."""
-
-    additive = False
-    positions = POSITIONS
-
-    def __init__(self, *children: Node, fusion: str) -> None:
-        _init_children(self, children)
-        if len(children) < 2:
-            raise ConfigError(f"Fuse needs at least two deltas to attend over, got {list(children)}")
-        if not isinstance(fusion, str) or not fusion:
-            raise ConfigError(f"Fuse(..., fusion=) names the attached dt.Fusion delta, got {fusion!r}")
-        object.__setattr__(self, "fusion", fusion)
-
-    def check(self, inside: tuple[type, ...] = ()) -> None:
-        super().check(inside)
-        nested = [c for c in self.children if not isinstance(c, str)]
-        if nested:
-            raise ConfigError(f"Fuse attends over deltas, not blocks ({nested[0]!r}); fuse delta names")
-
-    def restrict(self, present: Callable[[str], bool]) -> Node | None:
-        # absent children are the identity at this module but still take part in the attention
-        return self if any(present(c) for c in self.children) else None  # type: ignore[arg-type]
-
-    def names(self) -> list[str]:
-        return [*super().names(), self.fusion]
-
-    def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        fusion = ctx.piece(self.fusion, any_position=True)
-        if fusion is None:
-            raise ConfigError(f"Fuse: the fusion delta {self.fusion!r} has no piece at {ctx.path!r}, where the fused "
-                              f"deltas act; attach dt.Fusion(deltas=...) after the deltas it fuses")
-        candidates = [run(c, h.clone(), ctx) for c in self.children]
-        return fusion.fuse(h, candidates)
-
-    def __repr__(self) -> str:
-        return f"Fuse({', '.join(map(repr, self.children))}, fusion={self.fusion!r})"
-
-
-class Route(Block):
-    """One delta (or None: the bare model) per example of the batch: Route(rows)(h)[b] = rows[b](h[b])."""
-
-    additive = False
-
-    def __init__(self, rows: Sequence[str | None]) -> None:
-        rows = tuple(rows)
-        if not rows:
-            raise ConfigError("Route needs one delta name (or None) per example; got an empty list")
-        bad = [r for r in rows if r is not None and (not isinstance(r, str) or not r)]
-        if bad:
-            raise ConfigError(f"Route rows are delta names or None, got {bad[0]!r}")
-        object.__setattr__(self, "rows", rows)
-        object.__setattr__(self, "children", tuple(dict.fromkeys(r for r in rows if r is not None)))
-
-    def check(self, inside: tuple[type, ...] = ()) -> None:
-        bad = [t.__name__ for t in inside if t not in (Sum, Stack)]
-        if bad:
-            raise ConfigError(f"Route inside {bad[0]} makes no sense: per-example routing can only be stacked or summed "
-                              f"with other deltas")
-
-    def restrict(self, present: Callable[[str], bool]) -> Node | None:
-        return self if any(present(c) for c in self.children) else None  # type: ignore[arg-type]
-
-    def _with(self, children: list[Node]) -> "Block":
-        return self
-
-    def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        from .route_run import route_run
-
-        return route_run(self, h, ctx)
-
-    def __repr__(self) -> str:
-        return f"Route({list(self.rows)!r})"
-
-    def __hash__(self) -> int:
-        return hash((Route, self.rows))
-
-
-class Arrow(Block):
-    """Training-free per-token routing among weight-position deltas by their top right-singular vectors."""
-
-    additive = False
-    positions = ("weight",)
-
-    def __init__(self, *children: str, top_k: int = 1, temperature: float = 1.0) -> None:
-        _init_children(self, children)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(children):
-            raise ConfigError(f"Arrow.top_k must be an integer in [1, {len(children)}], got {top_k!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"Arrow.temperature must be a positive number, got {temperature!r}")
-        object.__setattr__(self, "top_k", top_k)
-        object.__setattr__(self, "temperature", float(temperature))
-
-    def check(self, inside: tuple[type, ...] = ()) -> None:
-        nested = [c for c in self.children if not isinstance(c, str)]
-        if nested:
-            raise ConfigError(f"Arrow routes among deltas, not blocks ({nested[0]!r})")
-
-    def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        from .arrow_run import arrow_run
-
-        return arrow_run(self, h, ctx)
-
-    def __repr__(self) -> str:
-        return f"Arrow({', '.join(map(repr, self.children))}, top_k={self.top_k})"
-
-
 @dataclass
 class Context:
     """What a block needs at one module: the module's input and base output, its slot, the position."""
@@ -281,7 +207,7 @@ class Context:
     def piece(self, name: str, any_position: bool = False):
         """The running piece of `name` at this module and position, or None (identity)."""
         slot = self.slot
-        if name not in slot or name in slot.merged:
+        if name not in slot or name in slot.internal.merged:
             return None
         p = slot[name]
         return p if any_position or p.position == self.position else None
@@ -333,13 +259,13 @@ def leaves(node: Node) -> list[str]:
 
 
 def without(node: Node | None, name: str) -> Node | None:
-    """The composition after delta `name` is detached: Sum/Stack/Average lose that child; a Fuse, Route or Arrow
-    that uses it is dropped whole (it no longer means what was asked)."""
+    """The composition after delta `name` is detached: Sum/Stack/Average lose that child; a block that does not
+    survive the loss of a child (Fuse, Route, Arrow) is dropped whole (it no longer means what was asked)."""
     if node is None or node == name:
         return None
     if isinstance(node, str) or name not in node.names():
         return node
-    if isinstance(node, (Fuse, Route, Arrow)):
+    if not node.survives_detach:
         return None
     return node.map(lambda c: without(c, name))
 
@@ -348,7 +274,7 @@ def _h_free(node: Node) -> bool:
     """At the weight position, whether node(h) - h does not depend on h (so children can run one after another)."""
     if isinstance(node, str):
         return True
-    return not isinstance(node, Fuse) and all(_h_free(c) for c in node.children)
+    return not node.reads_value and all(_h_free(c) for c in node.children)
 
 
 def additive_names(node: Node) -> set[str]:

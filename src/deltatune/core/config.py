@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .errors import ConfigError, UnsupportedError
+from .targeting import matches
 
 Targets = str | tuple[str, ...]
 
@@ -40,6 +41,23 @@ def storage_kind(tensor_type: type) -> str:
     if len(kinds) != 1:
         raise ConfigError(f"no single delta kind stores {tensor_type.__name__} updates (found {kinds}); pass kind=")
     return kinds[0]
+
+
+def packed_kind(tensor_type: type) -> str:
+    """The registered kind that packs updates of `tensor_type` of one magnitude per module (declares `packs`)."""
+    kinds = [k for k, c in _REGISTRY.items() if c.packs is tensor_type]
+    if len(kinds) != 1:
+        raise ConfigError(f"no single delta kind packs {tensor_type.__name__} updates (found {kinds})")
+    return kinds[0]
+
+
+def whole_module_config() -> type["DeltaConfig"]:
+    """The registered config that keeps modules whole (declares `keeps_whole_modules`), for `modules_to_save`."""
+    found = [c for c in _REGISTRY.values() if c.keeps_whole_modules]
+    if len(found) != 1:
+        raise UnsupportedError(f"modules_to_save needs exactly one registered method that keeps modules whole; found "
+                               f"{[c.__name__ for c in found]}")
+    return found[0]
 
 
 def check_count_or_fraction(owner: str, count: tuple[str, Any, str], fraction: tuple[str, Any, str]) -> None:
@@ -116,6 +134,11 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     #: the DeltaTensor class this method stores any update of exactly (dense, sparse, low-rank), if any:
     #: `Delta.from_tensors` picks the kind by it
     stores: ClassVar[type | None] = None
+    #: a DeltaTensor class some of whose updates (one magnitude per module: ±scale on a mask) this method stores more
+    #: compactly than the `stores` kind (sign bits); `Delta.from_tensors(..., kind=packed_kind(SparseDelta))`
+    packs: ClassVar[type | None] = None
+    #: True for the one method that trains and saves modules whole: `modules_to_save` paths of any config use it
+    keeps_whole_modules: ClassVar[bool] = False
 
     targets: Targets = "all-linear"
     exclude: Targets | None = None
@@ -148,17 +171,14 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         return self
 
     def for_module(self, path: str) -> "DeltaConfig":
-        """The config that builds the piece at `path`: a `Full` copy for `modules_to_save`, else `resolve(path)`."""
+        """The config that builds the piece at `path`: for `modules_to_save` paths, the registered config that keeps
+        modules whole (`keeps_whole_modules`), else `resolve(path)`."""
         if self.saves_whole(path):
-            from ..methods.full import Full
-
-            return Full(targets=(path,))
+            return whole_module_config()(targets=(path,))
         return self.resolve(path)
 
     def saves_whole(self, path: str) -> bool:
         """True for `modules_to_save` paths: modules trained and saved whole (e.g. a new head), not as a ΔW."""
-        from .targeting import matches
-
         return bool(self.modules_to_save) and matches(tuple(self.modules_to_save), path)
 
     def follows(self) -> tuple[str, ...]:

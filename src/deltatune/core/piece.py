@@ -14,7 +14,7 @@ from .layouts import Layout, layout_of
 from .tensors import DeltaTensor
 
 
-POSITIONS = ("input", "weight", "output", "attention")
+POSITIONS = ("input", "weight", "output", "attention", "block")  # block: run only by a composition block (a fusion layer)
 
 
 class Piece(nn.Module, ABC):

@@ -5,13 +5,25 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from .config import DeltaConfig, Targets
 from .errors import TargetError
 from .layouts import is_norm
 
+if TYPE_CHECKING:
+    from .config import DeltaConfig, Targets
+
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+#: the attribute under which the runtime keeps a module's deltas (`<module>.deltatune.<delta name>.<param>`)
+SLOT = "deltatune"
+
+
+def is_piece_module(path: str) -> bool:
+    """True for module paths inside deltatune's own slots (never targets)."""
+    return SLOT in path.split(".")
 
 
 def linear_types() -> tuple[type, ...]:
@@ -81,8 +93,6 @@ def _candidates(model: nn.Module, cfg: DeltaConfig) -> Iterator[tuple[str, nn.Mo
 
 def resolve_targets(model: nn.Module, cfg: DeltaConfig) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs `cfg` applies to, in model order. Raises TargetError if none match."""
-    from ..runtime.slot import is_piece_module
-
     found, seen_layers = [], set()
     for path, module in _candidates(model, cfg):
         if is_piece_module(path):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from ..runtime.api import _check_new_name, build_pieces, install
+from ..runtime import check_new_name, build_pieces, install
 from ..core.errors import ConfigError
 from ..core.layouts import Layout, layout_of
 from ..methods.lora.lora import LoRA, LoRAPiece
@@ -25,7 +25,7 @@ def check_lora(model: nn.Module, cfg: LoRA, name: str, owner: str) -> None:
         raise ConfigError(f"{owner} initialises LoRA factors; pass a dt.LoRA config, got {type(cfg).__name__}")
     if cfg.init not in ("default", "given"):
         raise ConfigError(f"{owner} sets the LoRA factors itself; leave LoRA.init at 'default' (got {cfg.init!r})")
-    _check_new_name(model, name)
+    check_new_name(model, name)
 
 
 def build_lora(model: nn.Module, cfg: LoRA, paths: list[str] | None = None) -> tuple[Built, dict[str, tuple[nn.Module, Layout]]]:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..runtime.api import attach, detach
+from ..runtime import attach, detach
 from ..core.errors import ConfigError, ShapeMismatchError, TargetError
-from ..runtime.slot import slot_of
+from ..runtime import slot_of
 from ..core.layouts import layout_of
 from ..methods.sparse.sparse import Sparse, SparsePiece
 from ..core.targeting import resolve_targets

@@ -5,29 +5,21 @@ act on via `tensors()`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, config_class, storage_kind
 from ..core.errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, TargetError, UnsupportedError
-from ..runtime.slot import slot_of, state_of
+from ..runtime import slot_of, state_of
 from ..core.layouts import layout_by_name, layout_of
 from ..core.piece import Piece
-from .atomic import write_files
-from .safetensors_io import check_finite, read_tensors
+from .formats import format_named, format_of
 from ..core.tensors import DeltaTensor
 
-FORMAT = "deltatune.delta"
-FORMAT_VERSION = 1
-CONFIG_FILE = "delta.json"
-TENSOR_FILE = "delta.safetensors"
 
 
 @dataclass
@@ -151,41 +143,14 @@ class Delta:
 
     # --- files -------------------------------------------------------------------------------------
     def write(self, path: str | Path) -> Path:
-        """Write delta.safetensors and delta.json atomically as a pair; the JSON records the tensor file's hash."""
-        path = Path(path)
-        flat = {f"{p}.{k}": t for p, st in self.state.items() for k, t in st.items()}
-        data = st_save(flat, metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "kind": self.config.kind,
-            "config": self.config.to_dict(),
-            "base": self.base,
-            "modules": {p: {"type": self.module_types.get(p, "?"), "params": sorted(st)} for p, st in self.state.items()},
-            "tensors": {"file": TENSOR_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-        }
-        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # before touching any file
-        # both files or neither: a failed save leaves the previous delta in the directory loadable
-        write_files({path / TENSOR_FILE: data, path / CONFIG_FILE: text.encode("utf-8")})
-        return path
+        """Write this delta in the native format (delta.safetensors and delta.json, atomically as a pair)."""
+        return format_named("native").write(self, Path(path))
 
     @classmethod
     def read(cls, path: str | Path) -> "Delta":
-        """Read a native delta directory, or a PEFT adapter directory, without a model."""
+        """Read a delta directory of any registered format (native, PEFT, ...) without a model."""
         path = Path(path)
-        if not path.exists():
-            raise DeltaNotFoundError(f"delta path {str(path)!r} does not exist")
-        if path.is_file():
-            raise DeltaNotFoundError(f"{str(path)!r} is a file; a delta is a directory — pass the directory that holds "
-                                     f"{CONFIG_FILE} (deltatune) or adapter_config.json (PEFT), e.g. {str(path.parent)!r}")
-        if (path / CONFIG_FILE).is_file():
-            return _read_native(path)
-        if (path / "adapter_config.json").is_file():
-            from .peft import read_peft
-
-            return read_peft(path)
-        raise DeltaNotFoundError(f"{str(path)!r} holds neither {CONFIG_FILE} (deltatune) nor adapter_config.json (PEFT)")
+        return format_of(path).read(path)
 
 
 BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | Any | None
@@ -225,43 +190,3 @@ def model_class_name(model: nn.Module) -> str:
 def _full(t: Tensor) -> Tensor:
     """A sharded (FSDP2 / DTensor) tensor gathered to its full value; plain tensors as they are."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _read_native(path: Path) -> Delta:
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} is not a deltatune delta file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} has format_version {version!r}; expected an integer")
-    if version > FORMAT_VERSION:
-        raise UnsupportedError(f"{str(path)!r} has format version {meta['format_version']}; this deltatune reads up to "
-                               f"{FORMAT_VERSION} — upgrade deltatune")
-    try:
-        config = DeltaConfig.from_dict(meta["config"])
-        modules = meta["modules"]
-    except KeyError as e:
-        raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} lacks the key {e}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{str(path / CONFIG_FILE)!r}: {e}") from None
-    flat, data = read_tensors(path / TENSOR_FILE)
-    expect = meta.get("tensors", {})
-    if expect.get("bytes") is not None and (expect["bytes"] != len(data) or expect.get("sha256") != hashlib.sha256(data).hexdigest()):
-        raise CorruptFileError(f"{str(path / TENSOR_FILE)!r} does not match the size/hash recorded in {CONFIG_FILE}; "
-                               f"the file was truncated, modified or belongs to another save")
-    check_finite(flat, str(path / TENSOR_FILE))
-    state: dict[str, dict[str, Tensor]] = {p: {} for p in modules}
-    for key, t in flat.items():
-        mod, _, param = key.rpartition(".")
-        if mod not in state:
-            raise CorruptFileError(f"tensor {key!r} in {str(path / TENSOR_FILE)!r} belongs to no module listed in {CONFIG_FILE}")
-        state[mod][param] = t
-    for p, info in modules.items():
-        missing = sorted(set(info.get("params", [])) - set(state[p]))
-        if missing:
-            raise CorruptFileError(f"{str(path / TENSOR_FILE)!r} lacks {missing} for module {p!r}")
-    types = {p: info.get("type", "?") for p, info in modules.items()}
-    return Delta(meta.get("name") or path.name, config, state, types, meta.get("base", {}))

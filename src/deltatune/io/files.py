@@ -7,23 +7,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..runtime.api import _check_new_name, build_pieces, install
+from ..runtime import check_new_name, build_pieces, install
 from .delta import Delta, model_class_name
+from .formats import format_named
 from ..core.errors import ConfigError, ShapeMismatchError, TargetError
 
-FORMATS = ("native", "peft")
-
-
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
-    """Write delta `name` of `model` to directory `path` (created if needed). Returns the path."""
-    if format not in FORMATS:
-        raise ConfigError(f"unknown format {format!r}; choose one of {FORMATS}")
+    """Write delta `name` of `model` to directory `path` (created if needed) in a registered format ("native",
+    "peft", ...). Returns the path."""
+    fmt = format_named(format)
     delta = Delta.from_model(model, name)
-    if format == "peft":
-        from .peft import write_peft
-
-        return write_peft(delta, Path(path))
-    return delta.write(path)
+    return fmt.write(delta, Path(path))
 
 
 def check_fits(model: nn.Module, delta: Delta) -> None:
@@ -50,7 +44,7 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
           activate: bool = True) -> nn.Module:
     """Attach a detached Delta to `model` with its saved tensors; all checks happen before any change."""
     name = name or delta.name
-    _check_new_name(model, name)
+    check_new_name(model, name)
     check_fits(model, delta)
     delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))

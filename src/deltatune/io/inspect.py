@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from .delta import Delta
+from .formats import format_of
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     delta = Delta.read(path)
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    fmt = "native" if (path / "delta.json").is_file() else "peft"
+    fmt = format_of(path).name
     suffixes = Counter(p.rsplit(".", 1)[-1] for p in delta.state)
     return {
         "path": str(path),

@@ -45,6 +45,7 @@ from ..methods.full import Full
 from ..methods.lora.lora import LoRA
 from ..core.targeting import matches, pattern_value
 from .atomic import write_files
+from .formats import Format, register_format
 from .safetensors_io import check_finite, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -436,3 +437,6 @@ def write_peft(delta: Delta, path: Path) -> Path:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     write_files({path / WEIGHTS_FILE: data, path / CONFIG_FILE: text.encode("utf-8")})
     return path
+
+
+register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)"))

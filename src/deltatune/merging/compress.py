@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.config import storage_kind
+from ..core.config import packed_kind, storage_kind
 from ..io.delta import BaseWeights, Delta, base_lookup
 from ..core.errors import ConfigError, UnsupportedError
 from ..core.tensors import DeltaTensor, LowRankDelta, SparseDelta
@@ -174,7 +174,7 @@ def _dense_ternary(x: Tensor, density: float, alpha: float) -> Tensor:
 
 
 def compeft_delta_w(dw: DeltaTensor, density: float, alpha: float) -> tuple[SparseDelta, None]:
-    """ComPEFT on the whole update ΔW: a SparseDelta of values ±α·σ (stored as kind "ternary"; nothing left unwritten)."""
+    """ComPEFT on the whole update ΔW: a SparseDelta of values ±α·σ (stored by the kind that packs such updates, ternary; nothing left unwritten)."""
     index, values = ternary(dw.to_dense(), density, alpha)
     return SparseDelta(index, values, dw.shape), None
 
@@ -274,7 +274,7 @@ def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alp
     title = f"compeft: density {density}, alpha {alpha}, on {on}"
     if on == "factors":
         return convert(delta, lambda path, dw: compeft_factors(dw, density, alpha, path), title, base, progress)
-    return convert(delta, lambda path, dw: compeft_delta_w(dw, density, alpha), title, base, progress, kind="ternary")
+    return convert(delta, lambda path, dw: compeft_delta_w(dw, density, alpha), title, base, progress, kind=packed_kind(SparseDelta))
 
 
 def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, base: BaseWeights = None,

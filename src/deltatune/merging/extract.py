@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, Targets
+from ..core.config import DeltaConfig, Targets, storage_kind
 from ..io.delta import Delta
 from ..core.errors import (ConfigError, CorruptFileError, DeltaNotFoundError, NonFiniteError, ShapeMismatchError, TargetError,
                       UnsupportedError)
@@ -198,7 +198,7 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, *, rank: int | None = N
             tensors[item.path] = low
             if db is not None:
                 bias_deltas[item.path] = db
-            rows.append(ModuleReport(item.path, "lora", original, 0, norm, error, rank=low.rank))
+            rows.append(ModuleReport(item.path, storage_kind(LowRankDelta), original, 0, norm, error, rank=low.rank))
             bar.update(i + 1)
     if not tensors:
         raise ConfigError(f"no targeted module differs between {str(base.path)!r} and {str(tuned.path)!r} (or all are "

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from ..runtime.api import active
+from ..runtime import active
 from ..core.errors import ConfigError, CorruptFileError, DeltaNameError, StateError, TargetError
-from ..runtime.slot import state_of
+from ..runtime import state_of
 from ..io.atomic import write_bytes
 from ..io.safetensors_io import check_finite, read_tensors
 from ..core.layouts import layout_of

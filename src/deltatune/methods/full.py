@@ -22,6 +22,7 @@ from ..core.tensors import DeltaTensor, DenseDelta
 class Full(DeltaConfig):
     """Train the targeted modules' weights and biases in full."""
 
+    keeps_whole_modules: ClassVar[bool] = True
     targets: Any = ()
 
     def piece_class(self, module: Any = None) -> type[Piece]:

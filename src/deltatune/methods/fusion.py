@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compose.blocks import POSITIONS
+from ..compose import POSITIONS
 from ..core.config import DeltaConfig, register
 from ..core.errors import ConfigError, TargetError
-from ..runtime.slot import slot_of
+from ..runtime import slot_of
 from ..core.piece import Piece, master_dtype
 
 
@@ -63,7 +63,7 @@ def value_features(piece: Piece, module: nn.Module) -> int:
 
 
 class FusionPiece(Piece):
-    position: ClassVar[str] = "fusion"  # used only by Fuse blocks, never on its own
+    position: ClassVar[str] = "block"  # run only by Fuse blocks, never on its own
 
     def __init__(self, base: nn.Module, path: str, cfg: Fusion) -> None:
         super().__init__(base, path, cfg)

@@ -127,6 +127,7 @@ class Ternary(DeltaConfig):
     kind="ternary")`, e.g. by ComPEFT. `k` is the number of non-zero entries per module, `k_pattern` overrides it per
     module (so the pieces know their sign-bit count before a file is read); `bias` adds a stored Δb."""
 
+    packs: ClassVar[type] = SparseDelta
     k: int = 0
     k_pattern: dict[str, int] = field(default_factory=dict)
     bias: bool = False

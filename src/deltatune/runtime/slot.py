@@ -4,39 +4,57 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..compose.blocks import POSITIONS, Context, Node, Route, leaves, run
-from ..core.config import DeltaConfig
+from ..compose import POSITIONS, Context, Node, leaves, run
+from ..core.targeting import SLOT, is_piece_module  # noqa: F401  (is_piece_module: re-exported)
 from ..core.errors import TargetError
 from ..core.layouts import Layout
-from ..core.piece import Piece
 
-SLOT = "deltatune"
+
+
+
+
+@dataclass
+class SlotState:
+    """Everything the runtime keeps at one module besides the pieces: one object, so no delta name can collide with it
+    (delta names are the slot's keys)."""
+
+    layout: Layout | None
+    active: tuple[str, ...] = ()
+    plans: dict[str, Node] = field(default_factory=dict)  # the active composition at this module, per position
+    input_plans: tuple = ()  # (argument, plan) pairs: the input plan split by the argument its pieces transform
+    merged: list[str] = field(default_factory=list)
+    saved_updates: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # exact updates of merged
+    # pieces that declare needs_base
+    handles: tuple = ()
+    #: caches of composition blocks at this module, keyed by their owner (e.g. a block class), kept across activations;
+    #: each owner checks its entry's validity itself
+    cache: dict[Any, Any] = field(default_factory=dict)
+    #: caches valid for the current activation only, cleared whenever the active composition changes
+    plan_cache: dict[Any, Any] = field(default_factory=dict)
 
 
 class DeltaSlot(nn.ModuleDict):
-    """Named pieces on one module, which of them are active, and which are merged into its weight."""
-
-    route_bank = None  # routing.Bank: the fast Route path's stacked factors at this module
-    route_plan = None  # position -> routing.Plan: the active Route's row groups at this module
-    input_plans: tuple = ()  # (argument, plan) pairs: the input plan split by the argument its pieces transform
+    """Named pieces on one module (the keys are delta names); `internal` holds which of them are active and merged."""
 
     def __init__(self, layout: Layout | None) -> None:
         super().__init__()
-        self.layout = layout
-        self.active: tuple[str, ...] = ()
-        self.plans: dict[str, Node] = {}  # the active composition at this module, per position
-        self.merged: list[str] = []
-        self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged weight-dependent pieces
-        self.handle = None
+        self.internal = SlotState(layout)
+
+    @property
+    def layout(self) -> Layout | None:
+        return self.internal.layout
 
     def set_plan(self, node: Node | None) -> None:
         """Restrict the model's active composition to the pieces of this module, position by position."""
-        self.plans = {}
-        self.route_plan = None
+        st = self.internal
+        st.plans = {}
+        st.plan_cache = {}
+        st.input_plans = ()
         if node is None:
             return
         for pos in POSITIONS:
@@ -44,44 +62,46 @@ class DeltaSlot(nn.ModuleDict):
             if isinstance(local, str) and not (local in self and self[local].position == pos):
                 local = None
             if local is not None:
-                self.plans[pos] = local
-        self.input_plans = ()
-        local = self.plans.get("input")
+                st.plans[pos] = local
+        local = st.plans.get("input")
         if local is not None:
             where = list(dict.fromkeys(self[n].input_arg for n in leaves(local) if n in self and self[n].position == "input"))
-            self.input_plans = tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
+            st.input_plans = tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
                 lambda n, a=a: n in self and self[n].position == "input" and self[n].input_arg == a)) for a in where)
 
     def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
-        if name in self.saved_updates:
-            return self.saved_updates[name]
-        piece = self[name]
-        return piece.delta_weight(module).to_dense(), piece.delta_bias(module)
+        if name in self.internal.saved_updates:
+            return self.internal.saved_updates[name]
+        dw, db = self[name].live_update(module)
+        return dw.to_dense(), db
 
     @torch.no_grad()
     def merge_pieces(self, module: nn.Module, names: list[str]) -> None:
         """Add the updates of `names` to the weights. Every update is computed against the weights *without*
         any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂)."""
-        layout, w, bias = self.layout, module.weight, getattr(module, "bias", None)
+        st = self.internal
+        layout, w, bias = st.layout, module.weight, getattr(module, "bias", None)
         clean_w = clean_b = None
-        if self.merged and any(self[n].weight_dependent for n in names):
+        if st.merged and any(self[n].needs_base for n in names):
             clean_w = layout.weight(module).detach().clone()
             clean_b = bias.detach().clone() if bias is not None else None
-            for m in self.merged:
+            for m in st.merged:
                 dw, db = self.merged_update(m, module)
                 clean_w -= dw.to(clean_w.dtype)
                 if db is not None and clean_b is not None:
                     clean_b -= db.to(clean_b.dtype)
-        updates = {n: (self[n].delta_weight(module, clean_w).to_dense(), self[n].delta_bias(module, clean_b))
-                   for n in names}
+        updates = {}
+        for n in names:
+            dw, db = self[n].live_update(module, clean_w, clean_b)
+            updates[n] = (dw.to_dense(), db)
         for n, (dw, db) in updates.items():
             w.add_(layout.to_native(dw).to(w.dtype))
             if db is not None:
                 bias.add_(db.to(bias.dtype))
-            if self[n].weight_dependent:
-                self.saved_updates[n] = (dw, db)
-            self.merged.append(n)
+            if self[n].needs_base:
+                st.saved_updates[n] = (dw, db)
+            st.merged.append(n)
 
     @torch.no_grad()
     def unmerge_piece(self, module: nn.Module, name: str) -> None:
@@ -91,8 +111,13 @@ class DeltaSlot(nn.ModuleDict):
         w.sub_(self.layout.to_native(dw).to(w.dtype))
         if db is not None:
             module.bias.sub_(db.to(module.bias.dtype))
-        self.saved_updates.pop(name, None)
-        self.merged.remove(name)
+        self.internal.saved_updates.pop(name, None)
+        self.internal.merged.remove(name)
+
+
+def reserved_name(name: str) -> bool:
+    """True for names a delta cannot take because the slot (an nn.ModuleDict) already has such an attribute."""
+    return name in _RESERVED
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:
@@ -121,9 +146,9 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, where: int | str) ->
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     slot: DeltaSlot = getattr(module, SLOT)
-    if "input" not in slot.plans:
+    if "input" not in slot.internal.plans:
         return None
-    for where, plan in slot.input_plans:
+    for where, plan in slot.internal.input_plans:
         key = _argument(module, args, kwargs, where)
         x = args[key] if isinstance(key, int) else kwargs[key]
         x = run(plan, x, Context(x, None, module, slot, "input"))
@@ -133,25 +158,21 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
     slot: DeltaSlot = getattr(module, SLOT)
-    plans = slot.plans
+    plans = slot.internal.plans
     if not plans:
         return output
     x = _first_input(args, kwargs)
     plan = plans.get("weight")
     if isinstance(plan, str):  # one weight delta: it may add into the base output directly
-        if plan not in slot.merged:
+        if plan not in slot.internal.merged:
             output = slot[plan](x, output, output, module)
     elif plan is not None:
-        in_place = isinstance(plan, Route) and not torch.is_grad_enabled()
+        in_place = plan.in_place and not torch.is_grad_enabled()
         output = plan.run(output if in_place else output.clone(), Context(x, output, module, slot, "weight"))
     plan = plans.get("output")
     if plan is not None:
         output = run(plan, output, Context(x, output, module, slot, "output"))
     return output
-
-
-def is_piece_module(path: str) -> bool:
-    return SLOT in path.split(".")
 
 
 def slot_of(module: nn.Module) -> DeltaSlot | None:
@@ -164,62 +185,19 @@ def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
     if slot is None:
         slot = DeltaSlot(layout)
         module.add_module(SLOT, slot)
-        slot.handle = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-                       module.register_forward_hook(_hook, with_kwargs=True))
-    elif slot.layout is None and layout is not None:  # the first piece here had no weight view (an adapter)
-        slot.layout = layout
+        slot.internal.handles = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                                 module.register_forward_hook(_hook, with_kwargs=True))
+    elif slot.internal.layout is None and layout is not None:  # the first piece here had no weight view (an adapter)
+        slot.internal.layout = layout
     return slot
 
 
 def remove_slot(module: nn.Module) -> None:
     slot = slot_of(module)
     if slot is not None:
-        for handle in slot.handle or ():
+        for handle in slot.internal.handles:
             handle.remove()
         del module._modules[SLOT]
 
 
-@dataclass
-class DeltaRecord:
-    name: str
-    config: DeltaConfig
-    paths: list[str]
-    trainable: bool
-    #: (path, position, mergeable, routable) of each piece: what compositions check without walking the model
-    roles: tuple[tuple[str, str, bool, bool], ...] = ()
-
-
-@dataclass
-class ModelState:
-    """What deltatune keeps on a model: attached deltas, the active set, merged names, the base's grad flags."""
-
-    deltas: dict[str, DeltaRecord] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    block: Node | None = None  # the active composition (active = its delta names)
-    merged: list[str] = field(default_factory=list)
-    base_requires_grad: dict[str, bool] = field(default_factory=dict)
-    call_hooks: tuple = ()  # handles of the top model's hooks that take task_ids= / deltas= off its calls
-
-
-_STATE = "_deltatune_state"
-
-
-def state_of(model: nn.Module) -> ModelState | None:
-    return model.__dict__.get(_STATE)
-
-
-def ensure_state(model: nn.Module) -> ModelState:
-    st = state_of(model)
-    if st is None:
-        from .calls import install_call_hooks
-
-        st = ModelState()
-        st.call_hooks = install_call_hooks(model)
-        model.__dict__[_STATE] = st
-    return st
-
-
-def drop_state(model: nn.Module) -> None:
-    st = model.__dict__.pop(_STATE, None)
-    for handle in st.call_hooks if st is not None else ():
-        handle.remove()
+_RESERVED = frozenset(dir(DeltaSlot(None)))

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .slot import slot_of, state_of
+from .slot import slot_of
+from .state import state_of
 from ..core.piece import Piece
 
 
@@ -29,7 +30,7 @@ def trained_pieces(model: nn.Module, names: Iterable[str] | None = None) -> list
     for module in model.modules():
         slot = slot_of(module)
         if slot is not None:
-            out.extend(slot[n] for n in wanted if n in slot and n not in slot.merged)
+            out.extend(slot[n] for n in wanted if n in slot and n not in slot.internal.merged)
     return out
 
 

@@ -8,7 +8,7 @@ import random
 
 from torch import nn
 
-from ..runtime.slot import slot_of
+from ..runtime import slot_of
 from ..core.targeting import layer_index
 from .checkpoint import jsonable, untuple
 

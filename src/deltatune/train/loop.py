@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime.api import attach
+from ..runtime import attach
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..io.files import save as save_delta
 from ..io.delta import Delta
-from ..runtime.slot import slot_of, state_of
+from ..runtime import slot_of, state_of
 from .optim import param_groups
 from ..core.targeting import head_paths
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime.api import attach, detach
+from ..runtime import attach, detach
 from ..core.errors import ConfigError
-from ..runtime.slot import slot_of, state_of
+from ..runtime import slot_of, state_of
 from ..init.sparse_masks import attach_sparse, check_budget, entry_budget, select_entries, sparse_config_for
 from ..io.atomic import write_text
 from ..core.layouts import layout_of

@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from ..runtime.slot import slot_of
+from ..runtime import slot_of
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, lr_ratio: float = 1.0) -> list[dict[str, Any]]:

@@ -147,7 +147,7 @@ class AdaptFormer(ParallelAdapter):
 def block_widths(module: nn.Module, path: str) -> tuple[int, int]:
     """(input, output) features of a Linear / Conv1D module, or of a block of them: its first one's input width
     and its last one's output width (LlamaMLP, GPT2MLP, BertOutput)."""
-    from ...runtime.slot import is_piece_module
+    from ...core.targeting import is_piece_module
 
     linears = [m for p, m in module.named_modules() if not is_piece_module(p) and isinstance(m, linear_types())]
     if not linears:

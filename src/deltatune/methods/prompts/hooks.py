@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ...compose.blocks import Route, Stack, Sum
+from ...compose import Route, Stack, Sum
 from ...core.errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ...runtime.slot import slot_of, state_of
-from ...compose.route_run import _rows as route_rows
+from ...runtime import slot_of, state_of
+from ...compose.route import _rows as route_rows
 
 _HOOKS = "_deltatune_attention_hooks"
 

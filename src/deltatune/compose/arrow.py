@@ -11,12 +11,52 @@ Prototypes are computed once per module and cached until a delta's parameters ch
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .blocks import Arrow, Context, run
-from ..core.errors import UnsupportedError
+from ..core.errors import ConfigError, UnsupportedError
 from ..core.tensors import LowRankDelta
+from .blocks import Block, Context, _init_children, run
+
+
+class Arrow(Block):
+    """Training-free per-token routing among weight-position deltas by their top right-singular vectors."""
+
+    additive = False
+    positions = ("weight",)
+    survives_detach = False
+
+    def __init__(self, *children: str, top_k: int = 1, temperature: float = 1.0) -> None:
+        _init_children(self, children)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(children):
+            raise ConfigError(f"Arrow.top_k must be an integer in [1, {len(children)}], got {top_k!r}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"Arrow.temperature must be a positive number, got {temperature!r}")
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "temperature", float(temperature))
+
+    def check(self, inside: tuple[type, ...] = ()) -> None:
+        nested = [c for c in self.children if not isinstance(c, str)]
+        if nested:
+            raise ConfigError(f"Arrow routes among deltas, not blocks ({nested[0]!r})")
+
+    def check_deltas(self, deltas: Mapping[str, Any]) -> None:
+        super().check_deltas(deltas)
+        for name in self.children:
+            for path, piece in deltas[name].pieces.items():
+                if not piece.mergeable:
+                    raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {path!r} is not a weight update")
+
+    def run(self, h: Tensor, ctx: "Context") -> Tensor:
+        from .arrow_run import arrow_run
+
+        return arrow_run(self, h, ctx)
+
+    def __repr__(self) -> str:
+        return f"Arrow({', '.join(map(repr, self.children))}, top_k={self.top_k})"
 
 
 def top_right_singular(dw) -> Tensor:
@@ -37,12 +77,12 @@ def _prototypes(arrow: Arrow, names: list[str], ctx: Context) -> Tensor:
     slot = ctx.slot
     key = (arrow.children, tuple(names), ctx.x.dtype,
            tuple((q.data_ptr(), q._version) for n in names for q in slot[n].parameters()))
-    cache = getattr(slot, "arrow_cache", None)
+    cache = slot.internal.cache.get(Arrow)
     if cache is not None and cache[0] == key:
         return cache[1]
     with torch.no_grad():
         protos = torch.stack([top_right_singular(slot[n].delta_weight(ctx.module)) for n in names]).to(ctx.x.dtype)
-    slot.arrow_cache = (key, protos)
+    slot.internal.cache[Arrow] = (key, protos)
     return protos
 
 

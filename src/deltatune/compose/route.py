@@ -16,14 +16,66 @@ runs per group: its rows are selected, the piece runs on them, and the result is
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .blocks import Context, Route, run
 from ..core.errors import ConfigError
 from ..core.tensors import LowRankDelta
+from .blocks import Block, Context, Node, run
+
+
+class Route(Block):
+    """One delta (or None: the bare model) per example of the batch: Route(rows)(h)[b] = rows[b](h[b])."""
+
+    additive = False
+    survives_detach = False
+    in_place = True
+
+    def __init__(self, rows: Sequence[str | None]) -> None:
+        rows = tuple(rows)
+        if not rows:
+            raise ConfigError("Route needs one delta name (or None) per example; got an empty list")
+        bad = [r for r in rows if r is not None and (not isinstance(r, str) or not r)]
+        if bad:
+            raise ConfigError(f"Route rows are delta names or None, got {bad[0]!r}")
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "children", tuple(dict.fromkeys(r for r in rows if r is not None)))
+
+    def check(self, inside: tuple[type, ...] = ()) -> None:
+        bad = [t.__name__ for t in inside if t not in (Sum, Stack)]
+        if bad:
+            raise ConfigError(f"Route inside {bad[0]} makes no sense: per-example routing can only be stacked or summed "
+                              f"with other deltas")
+
+    def check_deltas(self, deltas: Mapping[str, Any]) -> None:
+        super().check_deltas(deltas)
+        for name in self.children:
+            for path, piece in deltas[name].pieces.items():
+                if not piece.routable:
+                    raise ConfigError(f"{name!r} picks its own update per example ({path!r}), so Route cannot give it a "
+                                      f"subset of the rows; activate it alone or in Sum/Stack")
+
+    def restrict(self, present: Callable[[str], bool]) -> Node | None:
+        return self if any(present(c) for c in self.children) else None  # type: ignore[arg-type]
+
+    def _with(self, children: list[Node]) -> "Block":
+        return self
+
+    def run(self, h: Tensor, ctx: "Context") -> Tensor:
+        from .route_run import route_run
+
+        return route_run(self, h, ctx)
+
+    def __repr__(self) -> str:
+        return f"Route({list(self.rows)!r})"
+
+    def __hash__(self) -> int:
+        return hash((Route, self.rows))
+
 
 SEGMENT_ROWS_PER_DELTA = 4
 
@@ -60,8 +112,7 @@ class Plan:
 
 def _fast_piece(slot, name: str) -> bool:
     p = slot[name]
-    return (p.position == "weight" and p.mergeable and not p.weight_dependent
-            and getattr(getattr(p, "layout", None), "dense_input", False))
+    return p.position == "weight" and p.low_rank and getattr(p.layout, "dense_input", False)
 
 
 def _versions(slot, names: list[str]) -> tuple:
@@ -69,9 +120,9 @@ def _versions(slot, names: list[str]) -> tuple:
 
 
 def _bank(slot, module, dtype: torch.dtype, device: torch.device) -> Bank:
-    names = [n for n in slot.keys() if n not in slot.merged and _fast_piece(slot, n)]
+    names = [n for n in slot.keys() if n not in slot.internal.merged and _fast_piece(slot, n)]
     key = (dtype, device, _versions(slot, names))
-    bank = getattr(slot, "route_bank", None)
+    bank = slot.internal.cache.get(Route)
     if bank is not None and bank.key == key:
         return bank
     bank = Bank(key)
@@ -89,7 +140,7 @@ def _bank(slot, module, dtype: torch.dtype, device: torch.device) -> Bank:
                 [b if b is not None else torch.zeros(d.B.shape[0], dtype=d.B.dtype, device=d.B.device) for (_, d, _), b in zip(items, biases)]).to(device, dtype)
             for i, (n, _, _) in enumerate(items):
                 bank.where[n] = (r, i)
-    slot.route_bank = bank
+    slot.internal.cache[Route] = bank
     return bank
 
 
@@ -107,7 +158,7 @@ def _rows(route: Route, batch: int) -> tuple[str | None, ...]:
 def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: torch.device, fast_ok: bool) -> Plan:
     slot = ctx.slot
     key = (id(route), route.rows, batch, dtype, device, ctx.position, fast_ok)
-    cached = slot.route_plan.get(ctx.position) if slot.route_plan else None
+    cached = slot.internal.plan_cache.get((Route, ctx.position))
     if cached is not None and cached.key == key:
         return cached
     rows = _rows(route, batch)
@@ -138,9 +189,7 @@ def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: to
                                 bank.Bt[r].index_select(0, sel),
                                 None if bank.bias[r] is None else bank.bias[r].index_select(0, sel), batched=True))
     plan = Plan(key, groups, slow)
-    if slot.route_plan is None:
-        slot.route_plan = {}
-    slot.route_plan[ctx.position] = plan
+    slot.internal.plan_cache[(Route, ctx.position)] = plan
     return plan
 
 
@@ -193,3 +242,6 @@ def route_run(route: Route, h: Tensor, ctx: Context) -> Tensor:
     return h
 
 
+def per_row(rows: Sequence[str | None]) -> Route:
+    """The composition that runs row b of every batch through delta rows[b] (None: the bare model)."""
+    return Route(rows)
