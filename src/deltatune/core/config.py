@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from .errors import ConfigError, UnsupportedError
 from .targeting import matches
+from .schema import Fraction, ModuleSpec, NonNegativeInt, PositiveInt, check, validate_fields
 
+#: a targeting spec: a full-match regex (a string) or module-name suffixes (a tuple)
 Targets = str | tuple[str, ...]
+#: the annotation of a `targets` field: a targeting spec, not an empty list (subclasses redeclare targets with it)
+TargetSpec = Annotated[Targets, ModuleSpec(nonempty=True)]
 
 _REGISTRY: dict[str, type["DeltaConfig"]] = {}
 
@@ -62,57 +64,19 @@ def whole_module_config() -> type["DeltaConfig"]:
 
 def check_count_or_fraction(owner: str, count: tuple[str, Any, str], fraction: tuple[str, Any, str]) -> None:
     """ConfigError unless exactly one of (name, value, meaning) `count` (a positive integer) and `fraction` (a number
-    in (0, 1]) is given — the "k or density" choice several methods share."""
+    in (0, 1]) is given — the "k or density" choice several methods share (a cross-field rule for validate())."""
     (cname, c, cmeaning), (fname, f, fmeaning) = count, fraction
     if (c is None) == (f is None):
         raise ConfigError(f"{owner} needs exactly one of {cname} ({cmeaning}) or {fname} ({fmeaning}), got "
                           f"{cname}={c!r}, {fname}={f!r}")
-    if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
-        raise ConfigError(f"{owner}.{cname} must be a positive integer, got {c!r}")
-    if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f <= 1.0):
-        raise ConfigError(f"{owner}.{fname} must be a number in (0, 1], got {f!r}")
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    """ConfigError unless `value` is an integer (not a bool) >= minimum."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        want = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
-        raise ConfigError(f"{owner}.{name} must be {want}, got {value!r}")
-
-
-def check_finite(owner: str, name: str, value: Any, nonzero: bool = False) -> None:
-    """ConfigError unless `value` is a finite number (not a bool), non-zero when asked."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (nonzero and value == 0):
-        raise ConfigError(f"{owner}.{name} must be a finite{' non-zero' if nonzero else ''} number, got {value!r}")
-
-
-def check_dropout(owner: str, p: Any) -> None:
-    """ConfigError unless `p` is a probability in [0, 1)."""
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-        raise ConfigError(f"{owner}.dropout must be a number in [0, 1), got {p!r}")
+    if c is not None:
+        check(owner, cname, c, PositiveInt)
+    if f is not None:
+        check(owner, fname, f, Fraction)
 
 
 def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _check_spec(owner: str, name: str, spec: Any) -> None:
-    """A targeting field is None, a full-match regex (a string) or a list of module-name suffixes."""
-    if spec is None:
-        return
-    if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as e:
-            raise ConfigError(f"{owner}.{name}={spec!r} is not a valid regular expression ({e}); a string is a "
-                              f"full-match regex, a list is name suffixes such as ['q_proj', 'v_proj']") from None
-        return
-    if not isinstance(spec, tuple) or not all(isinstance(s, str) and s for s in spec):
-        raise ConfigError(f"{owner}.{name} must be a regex string or a list of module-name suffixes, got {spec!r}")
 
 
 class _CheckedKeywords(type):
@@ -140,31 +104,19 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     #: True for the one method that trains and saves modules whole: `modules_to_save` paths of any config use it
     keeps_whole_modules: ClassVar[bool] = False
 
-    targets: Targets = "all-linear"
-    exclude: Targets | None = None
-    layers: tuple[int, ...] | None = None
-    modules_to_save: tuple[str, ...] = ()
+    targets: TargetSpec = "all-linear"
+    exclude: Annotated[Targets | None, ModuleSpec()] = None
+    layers: tuple[NonNegativeInt, ...] | None = None
+    modules_to_save: Annotated[tuple[str, ...], ModuleSpec(suffixes=True)] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.modules_to_save, str):
-            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
-        for name in ("targets", "exclude", "layers", "modules_to_save"):
-            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
-        if isinstance(self.targets, tuple) and not self.targets:
-            raise ConfigError(f"{type(self).__name__}.targets is an empty list; give module names, a regex or 'all-linear'")
-        for name in ("targets", "exclude", "modules_to_save"):
-            _check_spec(type(self).__name__, name, getattr(self, name))
-        if self.layers is not None:
-            if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-                object.__setattr__(self, "layers", (self.layers,))
-            if not isinstance(self.layers, tuple) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
-                raise ConfigError(f"{type(self).__name__}.layers must be non-negative integers, got {self.layers!r}")
+        validate_fields(self)  # every field against its annotation (core/schema.py); lists become tuples
         self.validate()
 
     # --- contract -----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ConfigError for invalid field values. Subclasses extend."""
+        """Raise ConfigError for invalid combinations of field values (cross-field rules; each field's own
+        constraints are declared in its annotation and checked before this). Subclasses extend."""
 
     def resolve(self, path: str) -> "DeltaConfig":
         """The config that applies to the module at `path` (per-module overrides). Default: self."""

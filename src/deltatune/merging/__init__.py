@@ -4,7 +4,8 @@ from . import methods_basic, methods_sparsify  # noqa: F401  (registers every me
 from .fisher import estimate_fisher, load_fisher, save_fisher
 from .methods_basic import mwa_weights
 from .methods_sparsify import tall_masks
-from .registry import MergeMethod, PerInput, generator, get_method, list_methods, merge_method
+from .registry import (Fraction, MergeMethod, NonNegative, NonNegativeInt, PerInput, Positive, PositiveInt, Range, Unit,
+                       generator, get_method, list_methods, merge_method)
 from .soups import Soup, greedy_soup
 # the pipeline: deltas module by module, full checkpoints key by key, YAML recipes
 from .combine import merge_deltas

@@ -13,8 +13,10 @@ How the signature becomes the schema:
   registry converts delta tensors to dense and any floating dtype to float32; the result is returned as float32).
 * Every keyword-only parameter is a method parameter. Its annotation gives the type — ``float``, ``int``,
   ``bool``, ``str``, ``Literal[...]`` or ``Tensor`` — optionally wrapped in ``Annotated[..., Range(...)]``
-  (ready-made: ``Fraction`` = (0, 1], ``Unit`` = [0, 1], ``Positive`` = (0, ∞), ``NonNegative`` = [0, ∞)).
-  ``X | None`` allows None. A parameter without a default is required.
+  (ready-made: ``Fraction`` = (0, 1], ``Unit`` = [0, 1], ``Positive`` = (0, ∞), ``NonNegative`` = [0, ∞),
+  ``NonNegativeInt``). ``X | None`` allows None. A parameter without a default is required. The annotations and
+  their checks are the schema delta configs use (core/schema.py): a parameter's values are checked by the same
+  nodes as a config field's, and described the same way ("a number in (0, 1]").
 * ``PerInput[X]`` marks a per-input parameter: it takes a list with one value per input, or one value that is
   used for every input; the method always receives the list. A method that needs a tensor per input (Fisher
   merging: one Fisher tensor of the task vector's shape per input) declares ``fisher: PerInput[Tensor]``; the
@@ -31,18 +33,21 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 from ..core.errors import ConfigError, ShapeMismatchError
+from ..core.schema import Fraction, Invalid, Node, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, Unit, node_for
 from ..core.tensors import DeltaTensor
+
+__all__ = ["Fraction", "MergeMethod", "NonNegative", "NonNegativeInt", "Param", "PerInput", "Positive", "PositiveInt",
+           "Range", "Unit", "generator", "get_method", "list_methods", "merge_method"]
 
 T = TypeVar("T")
 
@@ -50,34 +55,6 @@ T = TypeVar("T")
 class PerInput(Generic[T]):
     """Annotation marker: one value per input (a list), or one value broadcast to every input."""
 
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed interval of a numeric parameter; None is unbounded."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, x: float) -> bool:
-        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
-            return False
-        if self.high is not None and (x >= self.high if self.high_open else x > self.high):
-            return False
-        return True
-
-    def __str__(self) -> str:
-        lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
-
-
-Fraction = Annotated[float, Range(0.0, 1.0, low_open=True)]
-Unit = Annotated[float, Range(0.0, 1.0)]
-Positive = Annotated[float, Range(0.0, None, low_open=True)]
-NonNegative = Annotated[float, Range(0.0, None)]
-NonNegativeInt = Annotated[int, Range(0, None)]
 
 _NO_DEFAULT = inspect.Parameter.empty
 _CONTEXT = ("key",)
@@ -94,6 +71,7 @@ class Param:
     per_input: bool = False
     optional: bool = False    # None is allowed
     range: Range | None = None
+    node: Node | None = field(default=None, repr=False, compare=False)  # the shared schema's checker of one value
 
     @property
     def required(self) -> bool:
@@ -106,9 +84,7 @@ class Param:
         elif self.type is Tensor:
             what = "a tensor of the inputs' shape"
         else:
-            what = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[self.type]
-            if self.range is not None:
-                what += f" in {self.range}"
+            what = (self.node or node_for(self.type)).describe()
         return what + (" or None" if self.optional else "")
 
 
@@ -257,13 +233,19 @@ def _param(arg: str, ann: Any, default: Any, method: str) -> Param:
     per_input = typing.get_origin(ann) is PerInput
     if per_input:
         ann = typing.get_args(ann)[0]
-    rng = None
+    annotated, rng = ann, None
     if typing.get_origin(ann) is Annotated:
         ann, *meta = typing.get_args(ann)
         rng = next((m for m in meta if isinstance(m, Range)), None)
     if not (ann in (float, int, bool, str, Tensor) or typing.get_origin(ann) is Literal):
         raise TypeError(f"merge method {method!r}: parameter {arg!r} has unsupported type {ann!r}")
-    return Param(arg.rstrip("_") or arg, arg, ann, default, per_input, optional, rng)
+    if rng is not None and rng.refs:
+        raise TypeError(f"merge method {method!r}: parameter {arg!r} has a Range bound naming a field {rng.refs}")
+    try:
+        node = node_for(annotated)
+    except TypeError as e:
+        raise TypeError(f"merge method {method!r}: parameter {arg!r}: {e}") from None
+    return Param(arg.rstrip("_") or arg, arg, ann, default, per_input, optional, rng, node)
 
 
 # --- value checks -------------------------------------------------------------------------------------
@@ -283,43 +265,16 @@ def _check_param(p: Param, value: Any, n: int, where: str) -> Any:
 
 
 def _check_value(p: Param, v: Any, field: str, where: str, n: int) -> Any:
-    def bad(problem: str) -> ConfigError:
-        return ConfigError(f"{where}: parameter {field} = {_short(v)} {problem}; expected {_expected(p, n)}")
-
     if v is None:
         if p.optional:
             return None
-        raise bad("is not allowed")
-    if typing.get_origin(p.type) is Literal:
-        if not any(type(v) is type(a) and v == a for a in typing.get_args(p.type)):
-            raise bad("is not an allowed choice")
-        return v
-    if p.type is Tensor:
-        if isinstance(v, DeltaTensor):
-            v = v.to_dense()
-        if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise bad("is not a floating-point tensor")
-        return v
-    if p.type is bool:
-        if not isinstance(v, bool):
-            raise bad("is not a boolean")
-        return v
-    if p.type is str:
-        if not isinstance(v, str):
-            raise bad("is not a string")
-        return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad("is not a number")
-    if p.type is int:
-        if not isinstance(v, int):
-            raise bad("is not an integer")
-    else:
-        v = float(v)
-        if not math.isfinite(v):
-            raise bad("is not finite")
-    if p.range is not None and v not in p.range:
-        raise bad("is out of range")
-    return v
+        raise ConfigError(f"{where}: parameter {field} = None is not allowed; expected {_expected(p, n)}")
+    if p.type is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)  # methods receive floats (configs keep what was given: their JSON round-trips)
+    try:
+        return (p.node or node_for(p.type)).check(v)
+    except Invalid as e:  # the shared schema's check, in this registry's wording
+        raise ConfigError(f"{where}: parameter {field} = {_short(v)} {e.problem}; expected {_expected(p, n)}") from None
 
 
 def _short(v: Any) -> str:

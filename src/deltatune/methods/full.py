@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, register
+from ..core.config import DeltaConfig, TargetSpec, register
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece
 from ..core.tensors import DeltaTensor, DenseDelta
@@ -23,7 +23,7 @@ class Full(DeltaConfig):
     """Train the targeted modules' weights and biases in full."""
 
     keeps_whole_modules: ClassVar[bool] = True
-    targets: Any = ()
+    targets: TargetSpec = ()  # no default: name the modules
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return FullPiece

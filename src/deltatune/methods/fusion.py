@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,15 @@ from torch import Tensor, nn
 
 from ..compose import POSITIONS
 from ..core.config import DeltaConfig, register
+from ..core.schema import Check, Positive
 from ..core.errors import ConfigError, TargetError
 from ..runtime import slot_of
 from ..core.piece import Piece, master_dtype
+
+
+#: Fusion.deltas: the attached deltas fused (a list, kept as a tuple)
+DeltaNames = Annotated[tuple[str, ...], Check(lambda names: len(names) >= 2 and all(names),
+                                              "the names of at least two attached deltas")]
 
 
 @register("fusion")
@@ -30,19 +36,9 @@ from ..core.piece import Piece, master_dtype
 class Fusion(DeltaConfig):
     """Attention over the deltas `deltas` at each module where they act (targets come from them)."""
 
-    deltas: tuple[str, ...] = ()
-    temperature: float = 1.0
-    init_std: float = 0.02
-
-    def validate(self) -> None:
-        if isinstance(self.deltas, list):
-            object.__setattr__(self, "deltas", tuple(self.deltas))
-        if not isinstance(self.deltas, tuple) or len(self.deltas) < 2 or not all(isinstance(n, str) and n for n in self.deltas):
-            raise ConfigError(f"Fusion.deltas must name at least two attached deltas, got {self.deltas!r}")
-        for field_name in ("temperature", "init_std"):
-            v = getattr(self, field_name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"Fusion.{field_name} must be a positive number, got {v!r}")
+    deltas: DeltaNames = ()
+    temperature: Positive = 1.0
+    init_std: Positive = 0.02
 
     def follows(self) -> tuple[str, ...]:
         return self.deltas

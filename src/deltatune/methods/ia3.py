@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, Targets, _check_spec, register
+from ..core.config import DeltaConfig, Targets, TargetSpec, register
+from ..core.schema import ModuleSpec
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, master_dtype
 from ..core.targeting import matches
@@ -21,13 +22,8 @@ class IA3(DeltaConfig):
     (the FFN's down projection); every l starts at 1 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning
     is Better and Cheaper than In-Context Learning")."""
 
-    targets: Targets = ("k_proj", "v_proj", "down_proj")
-    feedforward: Targets = ("down_proj",)
-
-    def validate(self) -> None:
-        if isinstance(self.feedforward, list):
-            object.__setattr__(self, "feedforward", tuple(self.feedforward))
-        _check_spec(type(self).__name__, "feedforward", self.feedforward)
+    targets: TargetSpec = ("k_proj", "v_proj", "down_proj")
+    feedforward: Annotated[Targets, ModuleSpec()] = ("down_proj",)
 
     def scales_input(self, path: str) -> bool:
         return bool(self.feedforward) and matches(self.feedforward, path)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, register
+from ..core.config import DeltaConfig, TargetSpec, register
 from ..core.errors import ConfigError
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, master_dtype
@@ -27,12 +27,8 @@ from ..core.tensors import DeltaTensor, DenseDelta
 class LNTuning(DeltaConfig):
     """Train Δγ (and Δβ where the module has a bias and `bias` is on) of every targeted normalisation module."""
 
-    targets: Any = "all-norm"
+    targets: TargetSpec = "all-norm"
     bias: bool = True
-
-    def validate(self) -> None:
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"LNTuning.bias must be true or false, got {self.bias!r}")
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return LNTuningPiece

@@ -9,12 +9,13 @@ it costs less than forming ΔW, and ΔW otherwise; `delta_weight` is the same Lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.config import DeltaConfig, register
+from ..core.schema import Finite, PositiveInt
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, add_product, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta
@@ -26,12 +27,8 @@ from .lora.inits import kaiming_a
 class LoHa(DeltaConfig):
     """ΔW = alpha/r · (B₁A₁) ⊙ (B₂A₂) on each targeted Linear / Conv1D weight (A₂ starts at zero)."""
 
-    r: int = 8
-    alpha: float = 8.0
-
-    def validate(self) -> None:
-        check_int("LoHa", "r", self.r)
-        check_finite("LoHa", "alpha", self.alpha, nonzero=True)
+    r: PositiveInt = 8
+    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
 
     @property
     def scale(self) -> float:

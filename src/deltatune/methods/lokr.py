@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.config import DeltaConfig, register
+from ..core.schema import Check, Finite, PositiveInt
 from ..core.errors import ConfigError
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 from .lora.inits import kaiming_a
 
-INITS = ("default", "lycoris")
+Init = Literal["default", "lycoris"]
+INITS = get_args(Init)
+Factor = Annotated[int, Check(lambda f: f == -1 or f >= 1, "-1 (balanced split) or a positive integer")]
 
 
 @register("lokr")
@@ -36,21 +39,11 @@ class LoKr(DeltaConfig):
     `init`: "default" starts W₁ at zero (peft), "lycoris" starts W₂ (its A factor when low-rank) at zero.
     """
 
-    r: int = 8
-    alpha: float = 8.0
-    factor: int = -1
+    r: PositiveInt = 8
+    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
+    factor: Factor = -1
     decompose_both: bool = False
-    init: str = "default"
-
-    def validate(self) -> None:
-        check_int("LoKr", "r", self.r)
-        check_finite("LoKr", "alpha", self.alpha, nonzero=True)
-        if not isinstance(self.factor, int) or isinstance(self.factor, bool) or (self.factor < 1 and self.factor != -1):
-            raise ConfigError(f"LoKr.factor must be -1 (balanced split) or a positive integer, got {self.factor!r}")
-        if not isinstance(self.decompose_both, bool):
-            raise ConfigError(f"LoKr.decompose_both must be true or false, got {self.decompose_both!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"LoKr.init must be one of {INITS}, got {self.init!r}")
+    init: Init = "default"
 
     @property
     def scale(self) -> float:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..runtime.calls import batch_value
-from ..core.config import DeltaConfig, check_int, register
+from ..core.config import DeltaConfig, register
+from ..core.schema import PositiveInt
 from ..core.errors import ConfigError, TargetError
 from ..core.layouts import layout_of
 from ..core.piece import Piece, master_dtype
@@ -34,14 +35,10 @@ EPS = 1e-12
 class Poly(DeltaConfig):
     """Per module n_skills LoRA pairs of rank r, mixed per task (n_tasks routing rows); n_splits > 1 is MHR."""
 
-    r: int = 8
-    n_skills: int = 4
-    n_tasks: int = 1
-    n_splits: int = 1
-
-    def validate(self) -> None:
-        for name in ("r", "n_skills", "n_tasks", "n_splits"):
-            check_int("Poly", name, getattr(self, name))
+    r: PositiveInt = 8
+    n_skills: PositiveInt = 4
+    n_tasks: PositiveInt = 1
+    n_splits: PositiveInt = 1
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return PolyPiece

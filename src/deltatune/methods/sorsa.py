@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig, check_finite, check_int, register
+from ..core.config import DeltaConfig, register
+from ..core.schema import Finite, PositiveInt, Range
 from ..core.errors import ConfigError, TargetError
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, master_dtype
@@ -28,14 +29,8 @@ class SORSA(DeltaConfig):
     """Train the top-r singular vectors and values of each targeted Linear / Conv1D weight; `gamma` weighs the
     orthonormality penalty (per module, summed over modules; 0 turns it off)."""
 
-    r: int = 8
-    gamma: float = 4e-4
-
-    def validate(self) -> None:
-        check_int("SORSA", "r", self.r)
-        if not isinstance(self.gamma, (int, float)) or isinstance(self.gamma, bool) or not math.isfinite(self.gamma) \
-                or self.gamma < 0:
-            raise ConfigError(f"SORSA.gamma must be a finite number >= 0, got {self.gamma!r}")
+    r: PositiveInt = 8
+    gamma: Annotated[float, Finite(), Range(0)] = 4e-4
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return SORSAPiece

@@ -19,12 +19,13 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
+from ..core.schema import Patterns, Range
 from ..core.errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
 from ..core.layouts import Layout, layout_of
 from ..core.piece import Piece, add_product
@@ -128,19 +129,9 @@ class Ternary(DeltaConfig):
     module (so the pieces know their sign-bit count before a file is read); `bias` adds a stored Δb."""
 
     packs: ClassVar[type] = SparseDelta
-    k: int = 0
-    k_pattern: dict[str, int] = field(default_factory=dict)
+    k: Annotated[int, Range(0, unit="non-zero entries per module")] = 0
+    k_pattern: Annotated[dict[str, int], Patterns(Range(0, unit="non-zero entries"))] = field(default_factory=dict)
     bias: bool = False
-
-    def validate(self) -> None:
-        def count(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-        if not count(self.k):
-            raise ConfigError(f"Ternary.k must be a non-negative integer (non-zero entries per module), got {self.k!r}")
-        if not isinstance(self.k_pattern, dict) or not all(isinstance(p, str) and count(v) for p, v in self.k_pattern.items()):
-            raise ConfigError(f"Ternary.k_pattern must map module-name patterns to non-negative integers, got "
-                              f"{self.k_pattern!r}")
 
     def entries(self, path: str, numel: int) -> int:
         k = int(pattern_value(self.k_pattern, path, self.k))

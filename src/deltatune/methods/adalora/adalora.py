@@ -14,13 +14,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, StateError, TargetError
+from ...core.schema import Finite, NonNegative, Patterns, PositiveInt, Range
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
@@ -28,14 +29,8 @@ from ...core.tensors import DeltaTensor, LowRankDelta
 from .budget import RankAllocator, resize
 
 INIT_STD = 0.02
-
-
-def _int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+Steps = Annotated[int, Range(0, unit="steps")]
+Smoothing = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
 
 
 @register("adalora")
@@ -48,51 +43,22 @@ class AdaLoRA(DeltaConfig):
     the importance scores, `orth_reg_weight` is γ. `total_step` overrides the training loop's planned step count.
     `rank_pattern` (module-name regex → rank) holds the ranks left after pruning; saves fill it in."""
 
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 8.0
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    init_r: PositiveInt = 12
+    target_r: Annotated[int, Range(1, "init_r")] = 8
+    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
+    tinit: Steps = 0
+    tfinal: Steps = 0
+    deltaT: Annotated[int, Range(1, unit="steps")] = 1
+    beta1: Smoothing = 0.85
+    beta2: Smoothing = 0.85
+    orth_reg_weight: NonNegative = 0.5
+    total_step: Annotated[int | None, Range(1, unit="steps")] = None
+    rank_pattern: Annotated[dict[str, int], Patterns(Range(0, "init_r"))] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not _int(self.init_r, 1):
-            raise ConfigError(f"AdaLoRA.init_r must be a positive integer, got {self.init_r!r}")
-        if not _int(self.target_r, 1) or self.target_r > self.init_r:
-            raise ConfigError(f"AdaLoRA.target_r must be an integer in [1, init_r={self.init_r}], got {self.target_r!r}")
-        if not _number(self.alpha) or self.alpha == 0:
-            raise ConfigError(f"AdaLoRA.alpha must be a finite non-zero number, got {self.alpha!r}")
-        for name in ("tinit", "tfinal"):
-            if not _int(getattr(self, name), 0):
-                raise ConfigError(f"AdaLoRA.{name} must be a non-negative number of steps, got {getattr(self, name)!r}")
-        if not _int(self.deltaT, 1):
-            raise ConfigError(f"AdaLoRA.deltaT must be a positive number of steps, got {self.deltaT!r}")
-        for name in ("beta1", "beta2"):
-            if not _number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"AdaLoRA.{name} must be a number in (0, 1), got {getattr(self, name)!r}")
-        if not _number(self.orth_reg_weight) or self.orth_reg_weight < 0:
-            raise ConfigError(f"AdaLoRA.orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
-        if self.total_step is not None and not _int(self.total_step, 1):
-            raise ConfigError(f"AdaLoRA.total_step must be a positive number of steps or None, got {self.total_step!r}")
         if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(f"AdaLoRA: tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
                               f"total_step={self.total_step} (need tinit < total_step − tfinal)")
-        if not isinstance(self.rank_pattern, dict):
-            raise ConfigError(f"AdaLoRA.rank_pattern must map module-name patterns to ranks, got {self.rank_pattern!r}")
-        for key, r in self.rank_pattern.items():
-            if not isinstance(key, str) or not key:
-                raise ConfigError(f"AdaLoRA.rank_pattern keys must be module-name patterns, got {key!r}")
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ConfigError(f"AdaLoRA.rank_pattern key {key!r} is not a valid regular expression ({e})") from None
-            if not _int(r, 0) or r > self.init_r:
-                raise ConfigError(f"AdaLoRA.rank_pattern[{key!r}] must be an integer in [0, init_r={self.init_r}], got {r!r}")
 
     @property
     def scale(self) -> float:

@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.config import DeltaConfig, register
+from ...core.config import DeltaConfig, TargetSpec, register
 from ...core.errors import ConfigError, TargetError
+from ...core.schema import Check, Finite, NoneMeans, OneOf, Positive, PositiveInt
 from ...core.layouts import layout_of
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import linear_types
@@ -35,13 +36,18 @@ NON_LINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 #: D's initialisation (U and both biases start at zero): "normal" N(0, 0.01²) as Houlsby et al.; "kaiming" the
 #: uniform init of nn.Linear (a = √5), as the parallel adapter and AdaptFormer implementations
-INITS = ("normal", "kaiming")
+Init = Literal["normal", "kaiming"]
+INITS = get_args(Init)
+NonLinearity = Annotated[str, OneOf(sorted(NON_LINEARITIES))]
 
 
-def _number(owner: str, name: str, v: Any) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
-    return float(v)
+def _argument(a: int | str) -> bool:
+    return (isinstance(a, int) and a >= 0) or (isinstance(a, str) and a.isidentifier())
+
+
+#: ParallelAdapter.input_arg: where the targeted module takes the block's input
+Argument = Annotated[int | str, Check(_argument, "an argument index (0 = the first) or a parameter name of the targeted "
+                                                 "module's forward")]
 
 
 @dataclass(frozen=True)
@@ -49,26 +55,14 @@ class BottleneckAdapter(DeltaConfig):
     """What every bottleneck adapter shares. Not registered itself: use Houlsby, Pfeiffer, ParallelAdapter or
     AdaptFormer. `bottleneck` (m), when given, overrides `reduction_factor` (m = d // reduction_factor)."""
 
-    targets: Any = "auto"
-    reduction_factor: float = 16.0
-    bottleneck: int | None = None
-    non_linearity: str = "relu"
-    init: str = "normal"
+    targets: TargetSpec = "auto"
+    reduction_factor: Positive = 16.0
+    bottleneck: Annotated[PositiveInt | None, NoneMeans("use reduction_factor")] = None
+    non_linearity: NonLinearity = "relu"
+    init: Init = "normal"
 
     #: the roles of adapter_map.py that targets="auto" adapts
     roles: ClassVar[tuple[str, ...]] = ()
-
-    def validate(self) -> None:
-        owner = type(self).__name__
-        if _number(owner, "reduction_factor", self.reduction_factor) <= 0:
-            raise ConfigError(f"{owner}.reduction_factor must be positive, got {self.reduction_factor!r}")
-        b = self.bottleneck
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-            raise ConfigError(f"{owner}.bottleneck must be a positive integer (or null to use reduction_factor), got {b!r}")
-        if self.non_linearity not in NON_LINEARITIES:
-            raise ConfigError(f"{owner}.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"{owner}.init must be one of {list(INITS)}, got {self.init!r}")
 
     def size(self, d: int) -> int:
         """The bottleneck width m for features d."""
@@ -92,7 +86,7 @@ class _Series(BottleneckAdapter):
 class Houlsby(_Series):
     """Series adapters after the attention output projection and after the FFN output projection of every layer."""
 
-    non_linearity: str = "swish"
+    non_linearity: NonLinearity = "swish"
     roles: ClassVar[tuple[str, ...]] = ("attention_output", "ffn_output")
 
 
@@ -109,21 +103,12 @@ class Pfeiffer(_Series):
 class ParallelAdapter(BottleneckAdapter):
     """A branch s·U σ(D x) parallel to each FFN block, x the block's input (argument `input_arg` of the module)."""
 
-    reduction_factor: float = 2.0
-    init: str = "kaiming"
-    scaling: float = 4.0
-    input_arg: int | str = 0
+    reduction_factor: Positive = 2.0
+    init: Init = "kaiming"
+    scaling: Annotated[float, Finite()] = 4.0
+    input_arg: Argument = 0
 
     roles: ClassVar[tuple[str, ...]] = ("ffn",)
-
-    def validate(self) -> None:
-        super().validate()
-        owner = type(self).__name__
-        _number(owner, "scaling", self.scaling)
-        a = self.input_arg
-        if not ((isinstance(a, int) and not isinstance(a, bool) and a >= 0) or (isinstance(a, str) and a.isidentifier())):
-            raise ConfigError(f"{owner}.input_arg must be an argument index (0 = the first) or a parameter name of the "
-                              f"targeted module's forward, got {a!r}")
 
     def for_model(self, model: nn.Module) -> DeltaConfig:
         if self.targets != "auto":
@@ -140,8 +125,8 @@ class ParallelAdapter(BottleneckAdapter):
 class AdaptFormer(ParallelAdapter):
     """AdaptFormer's AdaptMLP: the parallel adapter with a fixed scale 0.1, ReLU, no LayerNorm."""
 
-    reduction_factor: float = 12.0
-    scaling: float = 0.1
+    reduction_factor: Positive = 12.0
+    scaling: Annotated[float, Finite()] = 0.1
 
 
 def block_widths(module: nn.Module, path: str) -> tuple[int, int]:

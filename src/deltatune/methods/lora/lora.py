@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
+from ...core.schema import Finite, Patterns, PositiveInt, Range
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
@@ -19,16 +20,14 @@ from ...core.tensors import DeltaTensor, DenseDelta, LowRankDelta
 from .autograd import LoRAFunction
 from .inits import kaiming_a, qr_factors, svd_factors
 
-INITS = ("default", "gaussian", "pissa", "milora", "olora", "given")
+Init = Literal["default", "gaussian", "pissa", "milora", "olora", "given"]
+Bias = Literal["none", "lora_only"]
+INITS = get_args(Init)
 WEIGHT_INITS = ("pissa", "milora", "olora")
 # inits whose starting factors (A0, B0) are kept as frozen buffers and subtracted, so ΔW(0) = 0: the weight-derived
 # ones, and "given" (factors set by a data-driven initialiser through `set_factors`; alone it starts as "default")
 OFFSET_INITS = WEIGHT_INITS + ("given",)
-BIASES = ("none", "lora_only")
-
-
-def _finite_nonzero(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x != 0
+BIASES = get_args(Bias)
 
 
 @register("lora")
@@ -36,43 +35,16 @@ def _finite_nonzero(x: Any) -> bool:
 class LoRA(DeltaConfig):
     """ΔW = s · B A with s = alpha / r (or alpha / √r with rslora); DoRA rescales rows to a learned magnitude."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: PositiveInt = 8
+    alpha: Annotated[float, Finite(nonzero=True)] = 16.0
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     rslora: bool = False
     dora: bool = False
-    bias: str = "none"
-    init: str = "default"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: Bias = "none"
+    init: Init = "default"
+    rank_pattern: Annotated[dict[str, int], Patterns(Range(1))] = field(default_factory=dict)
+    alpha_pattern: Annotated[dict[str, float], Patterns(Finite(nonzero=True))] = field(default_factory=dict)
     stores: ClassVar[type] = LowRankDelta
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"LoRA.r must be a positive integer, got {self.r!r}")
-        if not _finite_nonzero(self.alpha):
-            raise ConfigError(f"LoRA.alpha must be a finite non-zero number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"LoRA.init must be one of {INITS}, got {self.init!r}")
-        if self.bias not in BIASES:
-            raise ConfigError(f"LoRA.bias must be one of {BIASES}, got {self.bias!r}")
-        for field_name in ("rank_pattern", "alpha_pattern"):
-            patterns = getattr(self, field_name)
-            if not isinstance(patterns, dict) or not all(isinstance(k, str) and k for k in patterns):
-                raise ConfigError(f"LoRA.{field_name} must map module-name patterns to values, got {patterns!r}")
-            for key in patterns:
-                try:
-                    re.compile(key)
-                except re.error as e:
-                    raise ConfigError(f"LoRA.{field_name} key {key!r} is not a valid regular expression ({e})") from None
-        for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise ConfigError(f"LoRA.rank_pattern[{key!r}] must be a positive integer, got {r!r}")
-        for key, a in self.alpha_pattern.items():
-            if not _finite_nonzero(a):
-                raise ConfigError(f"LoRA.alpha_pattern[{key!r}] must be a finite non-zero number, got {a!r}")
 
     @property
     def scale(self) -> float:

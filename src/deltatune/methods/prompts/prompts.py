@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ...core.config import DeltaConfig, check_int, register
+from ...core.config import DeltaConfig, TargetSpec, register
+from ...core.schema import NonNegativeInt, PositiveInt
 from ...core.errors import ConfigError, StateError, TargetError
 from ...core.layouts import layout_of
 from ...core.piece import Piece, master_dtype
 from .hooks import acquire, forward_parameters, prefix_hooks, prompt_hooks, release
 
-PROMPT_INITS = ("vocab", "random")
+PromptInit = Literal["vocab", "random"]
+PROMPT_INITS = get_args(PromptInit)
 #: the input embeddings of common transformers models (the piece checks it is the model's input embedding)
 INPUT_EMBEDDINGS = r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)"
 #: the self-attention modules of common transformers models (Llama/Mistral/Qwen, GPT-2, BERT, Falcon)
@@ -40,16 +42,10 @@ class PromptTuning(DeltaConfig):
     """n_tokens virtual tokens inserted into the input embeddings at `insert_at` (0: before the input; 1: after a
     leading [CLS], so a BERT-style pooler still reads it); init "vocab" copies the embeddings of random tokens."""
 
-    targets: Any = INPUT_EMBEDDINGS
-    n_tokens: int = 20
-    init: str = "vocab"
-    insert_at: int = 0
-
-    def validate(self) -> None:
-        check_int("PromptTuning", "n_tokens", self.n_tokens)
-        check_int("PromptTuning", "insert_at", self.insert_at, 0)
-        if self.init not in PROMPT_INITS:
-            raise ConfigError(f"PromptTuning.init must be one of {PROMPT_INITS}, got {self.init!r}")
+    targets: TargetSpec = INPUT_EMBEDDINGS
+    n_tokens: PositiveInt = 20
+    init: PromptInit = "vocab"
+    insert_at: NonNegativeInt = 0
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return PromptPiece
@@ -96,13 +92,9 @@ class PrefixTuning(DeltaConfig):
     """n_tokens trainable keys and values in front of every targeted self-attention's own; `projection` > 0 trains
     them through a per-layer MLP of that hidden size (Li & Liang's reparameterisation), saved as plain prefixes."""
 
-    targets: Any = SELF_ATTENTION
-    n_tokens: int = 20
-    projection: int = 0
-
-    def validate(self) -> None:
-        check_int("PrefixTuning", "n_tokens", self.n_tokens)
-        check_int("PrefixTuning", "projection", self.projection, 0)
+    targets: TargetSpec = SELF_ATTENTION
+    n_tokens: PositiveInt = 20
+    projection: NonNegativeInt = 0
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return PrefixPiece

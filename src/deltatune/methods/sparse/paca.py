@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, check_count_or_fraction, register
+from ...core.schema import Fraction, PositiveInt
 from ...core.errors import ConfigError, TargetError, UnsupportedError
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
@@ -29,8 +30,8 @@ DEFAULT_R = 8
 class PaCA(DeltaConfig):
     """r trainable input columns per targeted weight (default 8), or `fraction` of the columns, drawn from `seed`."""
 
-    r: int | None = None
-    fraction: float | None = None
+    r: PositiveInt | None = None
+    fraction: Fraction | None = None
     seed: int = 0
     bias: bool = False
 
@@ -41,8 +42,6 @@ class PaCA(DeltaConfig):
 
     def validate(self) -> None:
         check_count_or_fraction("PaCA", ("r", self.r, "columns per weight"), ("fraction", self.fraction, "of the columns"))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"PaCA.seed must be an integer, got {self.seed!r}")
 
     def columns(self, path: str, d_in: int) -> int:
         """r for the module at `path` whose weight has `d_in` input columns."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, check_count_or_fraction, register
+from ...core.schema import Fraction, NoneMeans, OneOf, Patterns, PositiveInt, Range
 from ...core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, add_product, master_dtype
@@ -24,7 +25,8 @@ from ...core.tensors import DeltaTensor, SparseDelta
 from . import spiel
 from .autograd import SparseLinearFunction, scatter_dense
 
-MASKS = ("random", "magnitude")
+Mask = Literal["random", "magnitude"]
+MASKS = get_args(Mask)
 
 
 @register("sparse")
@@ -41,45 +43,21 @@ class Sparse(DeltaConfig):
     p starts at `regrow_fraction` and decays to 0 over training by `regrow_decay` ("linear", "cosine",
     "constant"). Training loops call the pieces' step hooks (dt.train and train.callback.DeltaCallback do)."""
 
-    k: int | None = None
-    density: float | None = None
-    mask: str = "random"
+    k: PositiveInt | None = None
+    density: Fraction | None = None
+    mask: Mask = "random"
     seed: int = 0
     bias: bool = False
-    k_pattern: dict[str, int] = field(default_factory=dict)
+    k_pattern: Annotated[dict[str, int], Patterns(Range(1))] = field(default_factory=dict)
     stores: ClassVar[type] = SparseDelta
-    regrow_every: int | None = None
-    regrow: str = "accumulated"
-    regrow_fraction: float = 0.2
-    regrow_decay: str = "linear"
-    regrow_window: int = 5
+    regrow_every: Annotated[int | None, Range(1, unit="steps"), NoneMeans("no regrowth")] = None
+    regrow: Annotated[str, OneOf(spiel.REGROWS)] = "accumulated"
+    regrow_fraction: Fraction = 0.2
+    regrow_decay: Annotated[str, OneOf(spiel.DECAYS)] = "linear"
+    regrow_window: Annotated[int, Range(1, unit="steps")] = 5
 
     def validate(self) -> None:
         check_count_or_fraction("Sparse", ("k", self.k, "entries per weight"), ("density", self.density, "fraction"))
-        if self.mask not in MASKS:
-            raise ConfigError(f"Sparse.mask must be one of {MASKS}, got {self.mask!r}")
-        if not isinstance(self.k_pattern, dict) or not all(
-                isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                for key, v in self.k_pattern.items()):
-            raise ConfigError(f"Sparse.k_pattern must map module-name patterns to positive integers, got {self.k_pattern!r}")
-        self._validate_regrow()
-
-    def _validate_regrow(self) -> None:
-        def positive_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-        if self.regrow_every is not None and not positive_int(self.regrow_every):
-            raise ConfigError(f"Sparse.regrow_every must be a positive number of steps or None (no regrowth), got "
-                              f"{self.regrow_every!r}")
-        if self.regrow not in spiel.REGROWS:
-            raise ConfigError(f"Sparse.regrow must be one of {spiel.REGROWS}, got {self.regrow!r}")
-        if self.regrow_decay not in spiel.DECAYS:
-            raise ConfigError(f"Sparse.regrow_decay must be one of {spiel.DECAYS}, got {self.regrow_decay!r}")
-        if (not isinstance(self.regrow_fraction, (int, float)) or isinstance(self.regrow_fraction, bool)
-                or not 0.0 < self.regrow_fraction <= 1.0):
-            raise ConfigError(f"Sparse.regrow_fraction must be a number in (0, 1], got {self.regrow_fraction!r}")
-        if not positive_int(self.regrow_window):
-            raise ConfigError(f"Sparse.regrow_window must be a positive number of steps, got {self.regrow_window!r}")
         if self.regrow_every is not None and self.regrow_window > self.regrow_every:
             raise ConfigError(f"Sparse.regrow_window={self.regrow_window} exceeds regrow_every={self.regrow_every}; "
                               f"statistics are gathered within each interval — lower regrow_window")

@@ -13,13 +13,14 @@ numbers per module — about a rank-r LoRA file — although only r² of them ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.config import DeltaConfig, check_dropout, check_finite, check_int, register
+from ...core.config import DeltaConfig, register
+from ...core.schema import Finite, PositiveInt, Range
 from ...core.errors import TargetError
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
@@ -31,14 +32,9 @@ from ...core.tensors import DeltaTensor, LowRankDelta
 class LoRAXS(DeltaConfig):
     """ΔW = alpha/r · U_r R Σ_r V_rᵀ from the weight's rank-r SVD; trains only R [r, r] (starts at 0)."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        check_int("LoRAXS", "r", self.r, 1)
-        check_finite("LoRAXS", "alpha", self.alpha, nonzero=True)
-        check_dropout("LoRAXS", self.dropout)
+    r: PositiveInt = 8
+    alpha: Annotated[float, Finite(nonzero=True)] = 16.0
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
 
     @property
     def scale(self) -> float:

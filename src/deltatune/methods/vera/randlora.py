@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.config import DeltaConfig, check_dropout, check_finite, check_int, register
+from ...core.config import DeltaConfig, register
+from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, DenseDelta
@@ -40,16 +41,10 @@ UNIT = math.sqrt(3.0)  # U(-√3, √3) has variance 1
 class RandLoRA(DeltaConfig):
     """ΔW = alpha/r · Σ_i B_i diag(λ_i) A diag(γ_i) over ⌈min(in, out)/r⌉ frozen random bases; trains λ_i and γ_i."""
 
-    r: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_int("RandLoRA", "r", self.r, 1)
-        check_finite("RandLoRA", "alpha", self.alpha, nonzero=True)
-        check_dropout("RandLoRA", self.dropout)
-        check_int("RandLoRA", "seed", self.seed, 0)
+    r: PositiveInt = 32
+    alpha: Annotated[float, Finite(nonzero=True)] = 640.0
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    seed: NonNegativeInt = 0
 
     @property
     def scale(self) -> float:

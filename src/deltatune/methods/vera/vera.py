@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.config import DeltaConfig, check_dropout, check_finite, check_int, register
+from ...core.config import DeltaConfig, register
+from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
 from ...core.errors import ShapeMismatchError
 from ...core.layouts import Layout, layout_of
 from ...core.piece import Piece, master_dtype
@@ -32,16 +33,10 @@ from . import projections as rp
 class VeRA(DeltaConfig):
     """ΔW = diag(b) B diag(d) A with frozen seeded random A [r, in], B [out, r]; trains d (r) and b (out)."""
 
-    r: int = 256
-    d_initial: float = 0.1
-    dropout: float = 0.0
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_int("VeRA", "r", self.r, 1)
-        check_finite("VeRA", "d_initial", self.d_initial, nonzero=True)  # d = b = 0 would get no gradient
-        check_dropout("VeRA", self.dropout)
-        check_int("VeRA", "seed", self.seed, 0)
+    r: PositiveInt = 256
+    d_initial: Annotated[float, Finite(nonzero=True)] = 0.1  # d = b = 0 would get no gradient
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    seed: NonNegativeInt = 0
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return VeRAPiece
