@@ -98,7 +98,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: list[tuple[str
         for path, module, piece in built:
             if slot_of(module) is None:
                 created.append(module)
-            slot = ensure_slot(module, getattr(piece, "layout", None))
+            slot = ensure_slot(module, piece.layout)
             piece.train(module.training)
             for p in piece.parameters():
                 p.requires_grad_(trainable)
@@ -188,7 +188,7 @@ def _weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[s
         if slot is None:
             continue
         here = [m for m in merged if m in slot]
-        running = [n for n in active if n in slot and n not in merged and slot[n].weight_dependent]
+        running = [n for n in active if n in slot and n not in merged and slot[n].needs_base]
         if here and running:
             return (f"at {slot[running[0]].path!r}, active delta(s) {running} compute their update from the weight, "
                     f"which would then include merged delta(s) {here}")

@@ -30,7 +30,7 @@ class DeltaSlot(nn.ModuleDict):
         self.active: tuple[str, ...] = ()
         self.plans: dict[str, Node] = {}  # the active composition at this module, per position
         self.merged: list[str] = []
-        self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged weight-dependent pieces
+        self.saved_updates: dict[str, tuple[Tensor, Tensor | None]] = {}  # exact updates of merged needs_base pieces
         self.handle = None
 
     def set_plan(self, node: Node | None) -> None:
@@ -56,8 +56,8 @@ class DeltaSlot(nn.ModuleDict):
         """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
         if name in self.saved_updates:
             return self.saved_updates[name]
-        piece = self[name]
-        return piece.delta_weight(module).to_dense(), piece.delta_bias(module)
+        dw, db = self[name].live_update(module)
+        return dw.to_dense(), db
 
     @torch.no_grad()
     def merge_pieces(self, module: nn.Module, names: list[str]) -> None:
@@ -65,7 +65,7 @@ class DeltaSlot(nn.ModuleDict):
         any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂)."""
         layout, w, bias = self.layout, module.weight, getattr(module, "bias", None)
         clean_w = clean_b = None
-        if self.merged and any(self[n].weight_dependent for n in names):
+        if self.merged and any(self[n].needs_base for n in names):
             clean_w = layout.weight(module).detach().clone()
             clean_b = bias.detach().clone() if bias is not None else None
             for m in self.merged:
@@ -73,13 +73,15 @@ class DeltaSlot(nn.ModuleDict):
                 clean_w -= dw.to(clean_w.dtype)
                 if db is not None and clean_b is not None:
                     clean_b -= db.to(clean_b.dtype)
-        updates = {n: (self[n].delta_weight(module, clean_w).to_dense(), self[n].delta_bias(module, clean_b))
-                   for n in names}
+        updates = {}
+        for n in names:
+            dw, db = self[n].live_update(module, clean_w, clean_b)
+            updates[n] = (dw.to_dense(), db)
         for n, (dw, db) in updates.items():
             w.add_(layout.to_native(dw).to(w.dtype))
             if db is not None:
                 bias.add_(db.to(bias.dtype))
-            if self[n].weight_dependent:
+            if self[n].needs_base:
                 self.saved_updates[n] = (dw, db)
             self.merged.append(n)
 
