@@ -296,7 +296,7 @@ def test_paca_merge_save_load_and_param_count(kind: str, tmp_path) -> None:
     torch.testing.assert_close(tiny.logits(other), y, atol=1e-6, rtol=0)
     for p, (_, piece) in pieces(other, "p").items():
         assert torch.equal(piece.cols, ps[p][1].cols) and torch.equal(piece.block, ps[p][1].block)
-    # without a model: the file's tensors are the same updates, and tensors_to_state inverts state_to_delta
+    # without a model: the file's tensors are the same updates, and tensors_to_state inverts update
     read = dt.Delta.read(tmp_path / "p")
     for p, t in read.tensors().items():
         assert torch.equal(t.to_dense(), updates[p])

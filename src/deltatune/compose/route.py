@@ -1,7 +1,7 @@
 """Route: one delta (or none) per example of the batch, at serving speed.
 
-At a module, the rows of the batch are grouped by their delta. Weight-position pieces whose update is low-rank
-(`delta_weight` returns a LowRankDelta and does not depend on the base weight) take the fast path, without
+At a module, the rows of the batch are grouped by their delta. Weight-position pieces that declare `low_rank` (their
+update is a LowRankDelta that does not depend on the base weight) take the fast path, without
 Python loops over deltas:
 
 * gather: the factors of the row's delta are gathered per row, `[n, in, r]` and `[n, r, out]`, and two batched
@@ -112,7 +112,7 @@ class Plan:
 
 def _fast_piece(slot, name: str) -> bool:
     p = slot[name]
-    return p.position == "weight" and p.low_rank and getattr(p.layout, "dense_input", False)
+    return p.position == "weight" and p.low_rank and p.layout is not None and p.layout.dense_input
 
 
 def _versions(slot, names: list[str]) -> tuple:
@@ -129,9 +129,9 @@ def _bank(slot, module, dtype: torch.dtype, device: torch.device) -> Bank:
     per_rank: dict[int, list[tuple[str, LowRankDelta, Tensor | None]]] = {}
     with torch.no_grad():
         for n in names:
-            dw = slot[n].delta_weight(module)
-            if isinstance(dw, LowRankDelta):
-                per_rank.setdefault(int(dw.A.shape[0]), []).append((n, dw, slot[n].delta_bias(module)))
+            dw, db = slot[n].live_update(module)
+            if isinstance(dw, LowRankDelta):  # low_rank pieces may still return a dense form (LoHa)
+                per_rank.setdefault(int(dw.A.shape[0]), []).append((n, dw, db))
         for r, items in per_rank.items():
             bank.At[r] = torch.stack([d.A.t() for _, d, _ in items]).to(device=device, dtype=dtype).contiguous()
             bank.Bt[r] = torch.stack([(d.B * d.scale).t() for _, d, _ in items]).to(device=device, dtype=dtype).contiguous()

@@ -37,6 +37,9 @@ class Piece(nn.Module, ABC):
       merge/unmerge, ``Delta.tensors()`` and arithmetic, merging of many deltas, compression and extraction.
     * ``needs_base`` — ``update`` needs the base weight and bias (DoRA, full copies, (IA)3, SSF): merges then keep
       the exact update they added, and detached deltas need ``base=`` to express it.
+    * ``needs_shape`` — ``update`` needs only the base weight's shape (BitFit: ΔW = 0, Δb saved): it receives
+      `weight`/`bias` as with needs_base and detached deltas need ``base=``, but merges treat the update as
+      independent of the base (merged deltas unmerge in any order).
     * ``low_rank`` — ``update`` may return a ``LowRankDelta`` that does not depend on the base: Route's batched fast
       path stacks such factors (requires mergeable, not needs_base).
     * ``routable`` — False for pieces that pick their own update per example (Poly by task id).
@@ -57,6 +60,7 @@ class Piece(nn.Module, ABC):
     position: ClassVar[str] = "weight"
     mergeable: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
+    needs_shape: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
     routable: ClassVar[bool] = True
     fuses: ClassVar[bool] = False
@@ -71,8 +75,9 @@ class Piece(nn.Module, ABC):
             raise TypeError(f"{name}.position must be one of {POSITIONS}, got {cls.position!r}")
         if cls.mergeable and cls.update.__func__ is Piece.update.__func__:  # type: ignore[attr-defined]
             raise TypeError(f"{name} declares mergeable = True but defines no update(state, cfg, layout, weight, bias)")
-        if (cls.needs_base or cls.low_rank) and not cls.mergeable:
-            raise TypeError(f"{name} declares needs_base or low_rank, which describe an update; declare mergeable = True")
+        if (cls.needs_base or cls.needs_shape or cls.low_rank) and not cls.mergeable:
+            raise TypeError(f"{name} declares needs_base, needs_shape or low_rank, which describe an update; declare "
+                            f"mergeable = True")
         if cls.low_rank and cls.needs_base:
             raise TypeError(f"{name} declares low_rank and needs_base: the fast path needs an update independent of the base")
         if cls.fuses and cls.fuse is Piece.fuse:
@@ -99,7 +104,7 @@ class Piece(nn.Module, ABC):
                bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         """(ΔW in the [out, in] view, Δb or None) from the piece's saved tensors `state` (parameters and persistent
         buffers, detached) and its module's config. `weight` / `bias` are the base module's ([out, in] view); they
-        are given exactly when the class declares `needs_base`.
+        are given exactly when the class declares `needs_base` (or `needs_shape`).
 
         The one place a mergeable method writes its update: attached pieces (merge, Route's bank, Arrow) and
         detached deltas (files, merging, compression, extraction) both call it."""
@@ -113,10 +118,10 @@ class Piece(nn.Module, ABC):
     def live_update(self, base: nn.Module, weight: Tensor | None = None,
                     bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         """`update` for this attached piece; `weight`/`bias` (default: the module's current ones) matter only when the
-        class declares needs_base."""
+        class declares needs_base or needs_shape."""
         if not self.mergeable:
             type(self).update({}, self.cfg, self.layout)  # raises the clear error
-        if self.needs_base:
+        if self.needs_base or self.needs_shape:
             layout = self.layout
             weight = (layout.weight(base) if weight is None else weight).detach()
             if bias is None:

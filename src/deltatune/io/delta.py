@@ -38,21 +38,20 @@ class Delta:
         them (DoRA, full copies): a model, or a callable path -> (weight [out, in], bias or None). With
         with_bias=False, Δb may be left out (None) where computing it would need the base."""
         local = self.config.for_module(path)
-        piece = local.piece_class()
-        if piece.delta_weight is Piece.delta_weight:  # not a weight update (bottleneck adapters, prompts)
+        piece_cls = local.piece_class()
+        if not piece_cls.mergeable:  # not a weight update (bottleneck adapters, prompts)
             raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} is not a weight update, so it has "
                                    f"no ΔW for arithmetic, merging, compression or extraction; use it as a delta on a model")
         layout = layout_by_name(self.module_types.get(path, "Linear"))
-        dw, db = piece.state_to_delta(self.state[path], local, layout)
-        lookup = base_lookup(base, self.module_types)
-        if dw is None and lookup is not None:  # the base is read only for updates that depend on it
+        weight = bias = None
+        if piece_cls.needs_base or piece_cls.needs_shape:  # the base is read only for updates that depend on it
+            lookup = base_lookup(base, self.module_types)
+            if lookup is None:
+                raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights to "
+                                       f"express its update (e.g. DoRA, full copies); pass base= (a model or a model "
+                                       f"directory's weights)")
             weight, bias = lookup(path)
-            dw, db = piece.state_to_delta(self.state[path], local, layout, weight, bias)
-        if dw is None:
-            raise UnsupportedError(f"delta {self.name!r} ({self.config.kind}) at {path!r} needs the base weights to "
-                                   f"express its update (e.g. DoRA, full copies); pass base= (a model or a model "
-                                   f"directory's weights)")
-        return dw, db
+        return piece_cls.update(self.state[path], local, layout, weight, bias)
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
@@ -93,11 +92,13 @@ class Delta:
         types = {p: (module_types or {}).get(p, "Linear") for p in [*tensors, *whole]}
         state = {p: dict(st) for p, st in whole.items()}
         for path, dw in tensors.items():
-            piece = config.for_module(path).piece_class()
-            if types[path] not in piece.supported:
+            piece_cls = config.for_module(path).piece_class()
+            if not piece_cls.mergeable:
+                raise UnsupportedError(f"a {config.kind!r} delta is not a weight update; it cannot store ΔW at {path!r}")
+            if piece_cls.supported is not None and types[path] not in piece_cls.supported:
                 raise UnsupportedError(f"{path!r} is a {types[path]}; a {config.kind!r} delta's pieces adapt only "
-                                       f"{', '.join(piece.supported)} modules — store it low-rank or dense, or leave it out")
-            state[path] = piece.tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
+                                       f"{', '.join(piece_cls.supported)} modules — store it low-rank or dense, or leave it out")
+            state[path] = piece_cls.tensors_to_state(dw, biases.get(path), layout_by_name(types[path]))
         shapes = {p: list(layout_by_name(types[p]).to_native(torch.empty(t.shape, device="meta")).shape)
                   for p, t in tensors.items() if p in (module_types or {})}  # only where the layout is known
         shapes.update({p: list(st["weight"].shape) for p, st in whole.items() if "weight" in st})
@@ -131,7 +132,7 @@ class Delta:
             module = modules[path]
             piece = slot_of(module)[name]
             state[path] = {k: _full(v).detach().contiguous() for k, v in piece.state_dict().items()}
-            layout = getattr(piece, "layout", None)
+            layout = piece.layout
             types[path] = layout.module_type if layout is not None else type(module).__name__
             if getattr(module, "weight", None) is not None:
                 shapes[path] = list(module.weight.shape)

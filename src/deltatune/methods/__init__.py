@@ -2,7 +2,7 @@
 from .dense import Dense, DensePiece
 from .full import Full, FullPiece
 from .fusion import Fusion, FusionPiece
-from .ia3 import IA3, IA3Piece
+from .ia3 import IA3, IA3InputPiece, IA3Piece
 from .lora.lora import LoRA, LoRAPiece
 from .loha import LoHa, LoHaPiece
 from .lokr import LoKr, LoKrPiece
@@ -27,7 +27,7 @@ __all__ += ["LoHa", "LoHaPiece", "LoKr", "LoKrPiece", "SORSA", "SORSAPiece"]
 __all__ += ["SSF", "SSFPiece", "BitFit", "BitFitPiece", "LNTuning", "LNTuningPiece"]
 __all__ += ["VeRA", "VeRAPiece", "LoRAXS", "LoRAXSPiece", "RandLoRA", "RandLoRAPiece"]
 __all__ += ["AdaLoRA", "AdaLoRAPiece"]
-__all__ += ["IA3", "IA3Piece"]
+__all__ += ["IA3", "IA3Piece", "IA3InputPiece"]
 __all__ += ["Fusion", "FusionPiece"]
 __all__ += ["PrefixPiece", "PrefixTuning", "PromptPiece", "PromptTuning"]
 __all__ += ["AdaptFormer", "Houlsby", "ParallelAdapter", "Pfeiffer"]

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
-from ..core.errors import TargetError
-from ..core.layouts import Layout, layout_of
+from ..core.errors import TargetError, UnsupportedError
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, SparseDelta
 
@@ -36,10 +36,11 @@ def zero_update(shape: tuple[int, ...], like: Tensor) -> SparseDelta:
 
 class BitFitPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Norm")
+    mergeable: ClassVar[bool] = True
+    needs_shape: ClassVar[bool] = True  # ΔW = 0 has the base weight's shape; the file holds Δb alone
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         b = self.layout.bias(base)
         if b is None:
             raise TargetError(f"module {path!r} ({type(base).__name__}) has no bias, and BitFit trains biases only; "
@@ -52,15 +53,10 @@ class BitFitPiece(Piece):
             return acc.add_(self.bias)
         return (acc + self.bias).to(acc.dtype)  # in the piece's precision, rounded once
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        w = self.layout.weight(base) if weight is None else weight
-        return zero_update(tuple(w.shape), self.bias)
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
-        """ΔW is zero, but its shape ([out, in]) is the base weight's: without it, (None, None) as for updates that
-        depend on the base (pass `base=` to `Delta.update`)."""
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """ΔW is zero, but its shape ([out, in]) is the base weight's, which the saved Δb does not give."""
         if weight is None:
-            return None, None
+            raise UnsupportedError("BitFit's ΔW is zero of the base weight's shape; pass the base (base=)")
         return zero_update(tuple(weight.shape), state["bias"]), state["bias"]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
 from ..core.errors import UnsupportedError
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 
@@ -32,11 +32,11 @@ class Dense(DeltaConfig):
 
 class DensePiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    mergeable: ClassVar[bool] = True
     zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Dense) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         dtype = master_dtype(w.dtype)
         self.delta = nn.Parameter(torch.zeros(w.shape, dtype=dtype, device=w.device))  # [out, in] view
@@ -48,13 +48,9 @@ class DensePiece(Piece):
             out = out + self.bias
         return acc + out.to(acc.dtype)
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return DenseDelta(self.delta.detach())
-
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return DenseDelta(state["delta"]), state.get("bias")
 
     @classmethod

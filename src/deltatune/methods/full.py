@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec, register
-from ..core.layouts import Layout, layout_of
+from ..core.errors import UnsupportedError
+from ..core.layouts import Layout
 from ..core.piece import Piece
 from ..core.tensors import DeltaTensor, DenseDelta
 
@@ -31,10 +32,11 @@ class Full(DeltaConfig):
 
 class FullPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    mergeable: ClassVar[bool] = True
+    needs_base: ClassVar[bool] = True  # ΔW = W_trained − W_base
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         self.weight = nn.Parameter(base.weight.detach().clone())
         bias = self.layout.bias(base)
         if bias is not None:
@@ -50,23 +52,12 @@ class FullPiece(Piece):
             return out
         return acc + (out - base_out)
 
-    weight_dependent = True
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        w = self.layout.weight(base) if weight is None else weight
-        return DenseDelta(self.layout.from_native(self.weight.detach()) - w.detach())
-
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        if not hasattr(self, "bias"):
-            return None
-        b = self.layout.bias(base) if bias is None else bias
-        return self.bias.detach() - b.detach()
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         if weight is None:
-            return None, None
-        dw = DenseDelta(layout.from_native(state["weight"]) - weight.to(state["weight"].dtype))
+            raise UnsupportedError("a module trained in full is a change against the base weight; pass it (base=)")
+        w = state["weight"]
+        dw = DenseDelta(layout.from_native(w) - weight.to(w.dtype))
         db = state["bias"] - bias.to(state["bias"].dtype) if "bias" in state and bias is not None else None
         return dw, db

@@ -52,7 +52,7 @@ def value_features(piece: Piece, module: nn.Module) -> int:
     f = getattr(piece, "features", None)
     if f is not None:
         return int(f)
-    layout = getattr(piece, "layout", None)
+    layout = piece.layout
     if layout is not None:
         return layout.shape(module)[0 if piece.position != "input" else 1]
     raise TargetError(f"cannot tell the width of {type(piece).__name__} at {piece.path!r}; set `features` on the piece")
@@ -60,6 +60,8 @@ def value_features(piece: Piece, module: nn.Module) -> int:
 
 class FusionPiece(Piece):
     position: ClassVar[str] = "block"  # run only by Fuse blocks, never on its own
+    supported: ClassVar[tuple[str, ...] | None] = None  # any module where the fused deltas act
+    fuses: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: Fusion) -> None:
         super().__init__(base, path, cfg)

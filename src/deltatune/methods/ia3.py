@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, Targets, TargetSpec, register
+from ..core.errors import ConfigError, UnsupportedError
 from ..core.schema import ModuleSpec
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.targeting import matches
 from ..core.tensors import DeltaTensor, DenseDelta
@@ -33,17 +34,24 @@ class IA3(DeltaConfig):
         return self.replace(targets=(path,), feedforward=(path,) if self.scales_input(path) else ())  # type: ignore[return-value]
 
     def piece_class(self, module: Any = None) -> type[Piece]:
-        return IA3Piece
+        # the config is the module's own (see resolve): `feedforward` is set exactly when it scales the input
+        return IA3InputPiece if self.feedforward else IA3Piece
 
 
 class IA3Piece(Piece):
+    """l ⊙ h on the module's output; W' = diag(l) W, b' = l ⊙ b: an update that depends on W."""
+
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    position: ClassVar[str] = "output"
+    mergeable: ClassVar[bool] = True
+    needs_base: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: IA3) -> None:
+        if cfg.scales_input(path) != (self.position == "input"):
+            raise ConfigError(f"{type(self).__name__} scales the module's {self.position}, not what IA3 asks at {path!r}; "
+                              f"build pieces with cfg.for_module(path).piece_class(module)")
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         d_out, d_in = self.layout.shape(base)
-        self.position = "input" if cfg.scales_input(path) else "output"
         self.features = d_in if self.position == "input" else d_out
         self.ia3_l = nn.Parameter(torch.ones(self.features, dtype=master_dtype(self.layout.weight(base).dtype),
                                              device=base.weight.device))
@@ -51,30 +59,20 @@ class IA3Piece(Piece):
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         return acc * self.ia3_l.to(acc.dtype)
 
-    # W' = diag(l) W (outputs) or W diag(l) (inputs): a weight update that depends on W
-    @property
-    def weight_dependent(self) -> bool:
-        return True
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        w = (self.layout.weight(base) if weight is None else weight).detach()
-        return _update(self.ia3_l.detach(), self.position, w)
-
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        b = self.layout.bias(base) if bias is None else bias
-        if b is None or self.position == "input":
-            return None
-        return ((self.ia3_l.detach() - 1) * b.detach().to(self.ia3_l.dtype))
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: IA3, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: IA3, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         if weight is None:
-            return None, None
+            raise UnsupportedError("(IA)3's update rescales the base weight; pass it (base=)")
         l = state["ia3_l"]
-        position = "input" if cfg.feedforward else "output"  # cfg is the module's own (see resolve)
-        db = None if bias is None or position == "input" else (l - 1) * bias.to(l.dtype)
-        return _update(l, position, weight), db
+        db = None if bias is None or cls.position == "input" else (l - 1) * bias.to(l.dtype)
+        return _update(l, cls.position, weight), db
+
+
+class IA3InputPiece(IA3Piece):
+    """l ⊙ x on the module's input (the FFN's down projection); W' = W diag(l), the bias unchanged."""
+
+    position: ClassVar[str] = "input"
 
 
 def _update(l: Tensor, position: str, w: Tensor) -> DenseDelta:

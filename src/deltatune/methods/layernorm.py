@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec, register
 from ..core.errors import ConfigError
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 
@@ -36,10 +36,10 @@ class LNTuning(DeltaConfig):
 
 class LNTuningPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Norm",)
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: LNTuning) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         dtype = master_dtype(w.dtype)
         self.delta = nn.Parameter(torch.zeros_like(w, dtype=dtype))  # Δγ
@@ -56,10 +56,7 @@ class LNTuningPiece(Piece):
             return out.to(acc.dtype)
         return acc + (out - base_out.to(out.dtype)).to(acc.dtype)
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return DenseDelta(self.delta.detach())
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return DenseDelta(state["delta"]), state.get("bias")

@@ -4,7 +4,7 @@ rank-r products, s = alpha / r. It reaches rank up to r² with 2r(in + out) para
 The product is itself one low-rank update with r² factors: (B₁A₁) ⊙ (B₂A₂) = B A where B [out, r²] holds every
 product B₁[:, i] B₂[:, j] of a column of B₁ and a column of B₂, and A [r², in] every product A₁[i] A₂[j] of a row
 of A₁ and a row of A₂ (the face-splitting / Khatri–Rao product). The forward uses that form (x → r² → out) when
-it costs less than forming ΔW, and ΔW otherwise; `delta_weight` is the same LowRankDelta, or DenseDelta.
+it costs less than forming ΔW, and ΔW otherwise; `update` gives the same LowRankDelta, or DenseDelta.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
 from ..core.schema import Finite, PositiveInt
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, add_product, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta
 from .lora.inits import kaiming_a
@@ -60,10 +60,11 @@ def loha_update(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float) ->
 
 class LoHaPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True  # rank r² factors where they are the smaller form
 
     def __init__(self, base: nn.Module, path: str, cfg: LoHa) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         d_out, d_in = (int(s) for s in w.shape)
         dtype, dev, r = master_dtype(w.dtype), w.device, cfg.r
@@ -81,12 +82,9 @@ class LoHaPiece(Piece):
             return add_product(acc, x.to(a.dtype) @ a.t(), b * self.scale)
         return add_product(acc, x, (self.b1 @ self.a1) * (self.b2 @ self.a2) * self.scale)
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return loha_update(self.a1.detach(), self.b1.detach(), self.a2.detach(), self.b2.detach(), self.scale)
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoHa, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: LoHa, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return loha_update(state["a1"], state["b1"], state["a2"], state["b2"], cfg.scale), None
 
     def extra_repr(self) -> str:

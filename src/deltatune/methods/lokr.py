@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig, register
 from ..core.schema import Check, Finite, PositiveInt
 from ..core.errors import ConfigError
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 from .lora.inits import kaiming_a
@@ -78,10 +78,10 @@ def kron_factor(state: dict[str, Tensor] | nn.Module, name: str) -> Tensor:
 
 class LoKrPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: LoKr) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         a, b, c, d, low1, low2 = kron_shapes(int(w.shape[0]), int(w.shape[1]), cfg)
         self.blocks = (a, b, c, d)
@@ -115,13 +115,9 @@ class LoKrPiece(Piece):
             return acc + y.to(acc.dtype)
         return acc.add_(y.to(acc.dtype))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        with torch.no_grad():
-            return DenseDelta(torch.kron(kron_factor(self, "w1"), kron_factor(self, "w2")) * self.scale)
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoKr, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: LoKr, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return DenseDelta(torch.kron(kron_factor(state, "w1"), kron_factor(state, "w2")) * cfg.scale), None
 
     def extra_repr(self) -> str:

@@ -20,11 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from ..runtime.calls import batch_value
+from ..core.calls import batch_value
 from ..core.config import DeltaConfig, register
 from ..core.schema import PositiveInt
 from ..core.errors import ConfigError, TargetError
-from ..core.layouts import layout_of
 from ..core.piece import Piece, master_dtype
 
 EPS = 1e-12
@@ -47,10 +46,10 @@ class Poly(DeltaConfig):
 class PolyPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
     routable: ClassVar[bool] = False  # it routes itself, by task id
+    keywords: ClassVar[tuple[str, ...]] = ("task_ids",)
 
     def __init__(self, base: nn.Module, path: str, cfg: Poly) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         d_out, d_in = self.layout.shape(base)
         q, s, r = cfg.n_splits, cfg.n_skills, cfg.r
         if d_in % q or d_out % q:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig, register
 from ..core.schema import Finite, PositiveInt, Range
 from ..core.errors import ConfigError, TargetError
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, LowRankDelta
 
@@ -43,10 +43,11 @@ def sorsa_update(u: Tensor, s: Tensor, vh: Tensor, u0: Tensor, s0: Tensor, vh0: 
 
 class SORSAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: SORSA) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base).detach()
         if cfg.r > min(w.shape):
             raise TargetError(f"SORSA rank r={cfg.r} exceeds min(out={w.shape[0]}, in={w.shape[1]}) of module {path!r}; "
@@ -77,12 +78,9 @@ class SORSAPiece(Piece):
         eye = torch.eye(self.S.shape[0], dtype=self.U.dtype, device=self.U.device)
         return self.gamma * ((self.U.t() @ self.U - eye).square().sum() + (self.Vh @ self.Vh.t() - eye).square().sum())
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return sorsa_update(*(t.detach() for t in (self.U, self.S, self.Vh, self.U0, self.S0, self.Vh0)))
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: SORSA, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: SORSA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return sorsa_update(*(state[k] for k in ("U", "S", "Vh", "U0", "S0", "Vh0"))), None
 
     def extra_repr(self) -> str:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
-from ..core.layouts import Layout, layout_of
+from ..core.errors import UnsupportedError
+from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 
@@ -49,10 +50,11 @@ def bias_update(scale: Tensor, shift: Tensor, bias: Tensor | None) -> Tensor:
 
 class SSFPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Norm")
+    mergeable: ClassVar[bool] = True
+    needs_base: ClassVar[bool] = True  # ΔW = diag(γ − 1) W
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         dtype = master_dtype(w.dtype)
         self.scale = nn.Parameter(torch.ones(w.shape[0], dtype=dtype, device=w.device))   # γ
@@ -67,19 +69,9 @@ class SSFPiece(Piece):
         change = base_out.to(self.scale.dtype) * (self.scale - 1) + self.shift
         return acc + change.to(acc.dtype)
 
-    weight_dependent = True  # ΔW = diag(γ − 1) W
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        w = self.layout.weight(base) if weight is None else weight
-        return weight_update(self.scale.detach(), w.detach())
-
-    def delta_bias(self, base: nn.Module, bias: Tensor | None = None) -> Tensor | None:
-        b = self.layout.bias(base) if bias is None else bias
-        return bias_update(self.scale.detach(), self.shift.detach(), None if b is None else b.detach())
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         if weight is None:
-            return None, None
+            raise UnsupportedError("SSF's update rescales the base weight; pass it (base=)")
         return weight_update(state["scale"], weight), bias_update(state["scale"], state["shift"], bias)

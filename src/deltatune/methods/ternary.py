@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig, register
 from ..core.schema import Patterns, Range
 from ..core.errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
-from ..core.layouts import Layout, layout_of
+from ..core.layouts import Layout
 from ..core.piece import Piece, add_product
 from ..core.targeting import pattern_value
 from ..core.tensors import DeltaTensor, SparseDelta
@@ -156,11 +156,11 @@ class Ternary(DeltaConfig):
 
 class TernaryPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
     zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Ternary) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         k = cfg.entries(path, w.numel())
@@ -201,11 +201,6 @@ class TernaryPiece(Piece):
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         return add_product(acc, x, self.dense_weight(), getattr(self, "bias", None))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        self._dense = None  # asked for ΔW (merge, export): drop the forward's decoded copy; rebuilt when needed
-        return to_sparse({"mask": self.mask, "signs": self.signs, "scale": self.scale, "shape": self.shape}, self.path)
-
-
     def extra_repr(self) -> str:
         return f"path={self.path!r}, shape={self.dims}, signs={self.signs.numel()} bytes"
 
@@ -222,8 +217,8 @@ class TernaryPiece(Piece):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return to_sparse(state, "a ternary module"), state.get("bias")
 
     @classmethod

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, StateError, TargetError
 from ...core.schema import Finite, NonNegative, Patterns, PositiveInt, Range
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
 from ...core.tensors import DeltaTensor, LowRankDelta
@@ -79,10 +79,11 @@ class AdaLoRA(DeltaConfig):
 
 class AdaLoRAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: AdaLoRA) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         d_out, d_in = (int(s) for s in w.shape)
         r = cfg.rank(path)
@@ -122,12 +123,10 @@ class AdaLoRAPiece(Piece):
         y = (x.to(q.dtype) @ q.t()) @ self.P.t()
         return acc + (y * self.scale).to(acc.dtype)
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return LowRankDelta((self.Q * self.Lambda[:, None]).detach(), self.P.detach(), self.scale)
-
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: AdaLoRA, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: AdaLoRA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """s · P diag(Λ) Q at the triplets the state holds (pruned ones are gone; masked ones have λ = 0)."""
         return LowRankDelta(state["Q"] * state["Lambda"][:, None], state["P"], cfg.scale), None
 
     def regularizer(self) -> Tensor | None:

@@ -145,6 +145,8 @@ def block_widths(module: nn.Module, path: str) -> tuple[int, int]:
 class AdapterPiece(Piece):
     """The bottleneck U σ(D h + b_D) + b_U, in the module's precision (float32 for half-precision modules)."""
 
+    supported: ClassVar[tuple[str, ...] | None] = None  # projections or the blocks that hold them (block_widths)
+
     def __init__(self, base: nn.Module, path: str, cfg: BottleneckAdapter, d_in: int, d_out: int) -> None:
         super().__init__(base, path, cfg)
         m = cfg.size(d_out)

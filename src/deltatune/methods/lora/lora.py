@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
 from ...core.schema import Finite, Patterns, PositiveInt, Range
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
 from ...core.tensors import DeltaTensor, DenseDelta, LowRankDelta
@@ -58,7 +58,7 @@ class LoRA(DeltaConfig):
         return self.replace(r=r, alpha=float(alpha), rank_pattern={}, alpha_pattern={})  # type: ignore[return-value]
 
     def piece_class(self, module: Any = None) -> type[Piece]:
-        return LoRAPiece
+        return DoRAPiece if self.dora else LoRAPiece
 
     @classmethod
     def for_tensors(cls, tensors: dict[str, DeltaTensor], biases: dict[str, Tensor]) -> "LoRA":
@@ -72,11 +72,13 @@ class LoRA(DeltaConfig):
 
 class LoRAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: LoRA) -> None:
+        if cfg.dora != self.needs_base:
+            raise ConfigError(f"{type(self).__name__} does not build LoRA(dora={cfg.dora}) pieces; use cfg.piece_class(module)")
         super().__init__(base, path, cfg)
-        allowed = ("Linear", "Conv1D") if cfg.dora else self.supported
-        self.layout = layout_of(base, path, allowed)
         w = self.layout.weight(base).detach()
         d_out, d_in = w.shape
         if cfg.r > min(d_out, d_in):
@@ -218,32 +220,11 @@ class LoRAPiece(Piece):
             self._norm_cache = None
         return super().train(mode)
 
-    # --- merging ---------------------------------------------------------------------------------
-    @property
-    def weight_dependent(self) -> bool:
-        return self.cfg.dora
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        a, b = self.factors()
-        low = LowRankDelta(a.detach(), b.detach(), self.scale)
-        if not self.cfg.dora:
-            return low
-        w = (self.layout.weight(base) if weight is None else weight).detach()
-        return dora_update(low, self.magnitude.detach(), w)
-
-
+    # --- the update -----------------------------------------------------------------------------
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRA, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
-        a, b = state["lora_A"], state["lora_B"]
-        if "init_A" in state:
-            a, b = torch.cat([a, state["init_A"]]), torch.cat([b, -state["init_B"]], 1)
-        low = LowRankDelta(a, b, cfg.scale)
-        if cfg.dora:
-            if weight is None:
-                return None, None
-            return dora_update(low, state["magnitude"], weight), state.get("bias")
-        return low, state.get("bias")
+    def update(cls, state: dict[str, Tensor], cfg: LoRA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        return low_rank_update(state, cfg), state.get("bias")
 
     @classmethod
     def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
@@ -253,6 +234,29 @@ class LoRAPiece(Piece):
         if db is not None:
             state["bias"] = db
         return state
+
+
+def low_rank_update(state: dict[str, Tensor], cfg: LoRA) -> LowRankDelta:
+    """s · B A from saved factors; with a frozen init offset, [A; A0] and [B, -B0] so ΔW(0) = 0."""
+    a, b = state["lora_A"], state["lora_B"]
+    if "init_A" in state:
+        a, b = torch.cat([a, state["init_A"]]), torch.cat([b, -state["init_B"]], 1)
+    return LowRankDelta(a, b, cfg.scale)
+
+
+class DoRAPiece(LoRAPiece):
+    """LoRA with dora=True: the update rescales rows of W + sBA, so it needs the base weight."""
+
+    supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    needs_base: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = False
+
+    @classmethod
+    def update(cls, state: dict[str, Tensor], cfg: LoRA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        if weight is None:
+            raise UnsupportedError("DoRA's update depends on the base weight; pass it (base=)")
+        return dora_update(low_rank_update(state, cfg), state["magnitude"], weight), state.get("bias")
 
 
 def dora_update(low: LowRankDelta, magnitude: Tensor, w: Tensor) -> DenseDelta:

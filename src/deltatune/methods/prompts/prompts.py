@@ -9,7 +9,7 @@
   is reparameterised during training as [K; V] = tanh(E W1ᵀ + b1) W2ᵀ + b2 (E [n, d_model], one MLP per layer);
   saved deltas hold the resulting plain prefixes.
 
-Neither is a weight update (no `delta_weight`): not mergeable. The pieces hold the tensors; the hooks that apply
+Neither is a weight update (mergeable = False). The pieces hold the tensors; the hooks that apply
 them live in prompt_hooks.py and read the active composition at call time.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, TargetSpec, register
 from ...core.schema import NonNegativeInt, PositiveInt
 from ...core.errors import ConfigError, StateError, TargetError
-from ...core.layouts import layout_of
 from ...core.piece import Piece, master_dtype
 from .hooks import acquire, forward_parameters, prefix_hooks, prompt_hooks, release
 
@@ -59,7 +58,6 @@ class PromptPiece(Piece):
 
     def __init__(self, base: nn.Module, path: str, cfg: PromptTuning) -> None:
         super().__init__(base, path, cfg)
-        layout_of(base, path, self.supported)
         table = base.weight.detach()
         dtype = master_dtype(table.dtype)
         if cfg.init == "vocab":  # Lester et al.: start from the embeddings of (here: uniformly) sampled tokens
@@ -125,7 +123,7 @@ def _linear(out_f: int, in_f: int, dtype: torch.dtype, device: Any) -> tuple[nn.
 class PrefixPiece(Piece):
     """Prefix keys and values [kv_heads, n, head_dim] for one attention module (or the MLP that makes them)."""
 
-    supported: ClassVar[tuple[str, ...]] = ()
+    supported: ClassVar[tuple[str, ...] | None] = None  # self-attention modules (checked by attention_shape)
     position: ClassVar[str] = "attention"
 
     def __init__(self, base: nn.Module, path: str, cfg: PrefixTuning) -> None:

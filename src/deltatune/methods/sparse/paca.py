@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, check_count_or_fraction, register
 from ...core.schema import Fraction, PositiveInt
 from ...core.errors import ConfigError, TargetError, UnsupportedError
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, SparseDelta
 from .sparse import check_index, path_seed
@@ -64,10 +64,10 @@ def initial_columns(d_in: int, r: int, seed: int, path: str) -> Tensor:
 
 class PaCAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: PaCA) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         r = cfg.columns(path, self.dims[1])
@@ -91,10 +91,6 @@ class PaCAPiece(Piece):
             return acc + contrib.to(acc.dtype)
         return acc.add_(contrib.to(acc.dtype))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return grid_delta(self.cols, self.block.detach(), self.dims)
-
-
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.r}, shape={self.dims}"
 
@@ -106,14 +102,14 @@ class PaCAPiece(Piece):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         dims = (int(state["shape"][0]), int(state["shape"][1]))
         return grid_delta(state["cols"], state["block"], dims), state.get("bias")
 
     @classmethod
     def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:
-        """The inverse of state_to_delta: a SparseDelta whose entries are exactly every row of a set of columns."""
+        """The inverse of update: a SparseDelta whose entries are exactly every row of a set of columns."""
         if not isinstance(dw, SparseDelta):
             raise UnsupportedError(f"PaCA stores column blocks as a SparseDelta over rows × columns; got a "
                                    f"{type(dw).__name__}")

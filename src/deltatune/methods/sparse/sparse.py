@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, check_count_or_fraction, register
 from ...core.schema import Fraction, NoneMeans, OneOf, Patterns, PositiveInt, Range
 from ...core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, add_product, master_dtype
 from ...core.targeting import pattern_value
 from ...core.tensors import DeltaTensor, SparseDelta
@@ -110,11 +110,11 @@ def initial_index(w: Tensor, k: int, mask: str, seed: int, path: str) -> Tensor:
 
 class SparsePiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
     zero_if_missing: ClassVar[tuple[str, ...]] = ("bias",)  # merged/compressed files hold Δb only where it is not 0
 
     def __init__(self, base: nn.Module, path: str, cfg: Sparse) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         self.register_buffer("shape", torch.tensor(self.dims, dtype=torch.int64))  # saved, so files need no model
@@ -135,10 +135,6 @@ class SparsePiece(Piece):
             return add_product(acc, x, scatter_dense(self.index, self.values, self.dims), bias)
         out = SparseLinearFunction.apply(x, acc, self.index, self.values, self.dims, self._stats)
         return out + bias.to(out.dtype) if bias is not None else out
-
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return SparseDelta(self.index.clone(), self.values.detach().clone(), self.dims)
-
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, k={self.k}, shape={self.dims}"
@@ -178,9 +174,11 @@ class SparsePiece(Piece):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
-        return SparseDelta(state["index"], state["values"], tuple(int(s) for s in state["shape"])), state.get("bias")
+    def update(cls, state: dict[str, Tensor], cfg: DeltaConfig, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        # copies: SpIEL moves entries of a live piece in place
+        dims = tuple(int(s) for s in state["shape"])
+        return SparseDelta(state["index"].clone(), state["values"].clone(), dims), state.get("bias")
 
     @classmethod
     def tensors_to_state(cls, dw: DeltaTensor, db: Tensor | None, layout: Layout) -> dict[str, Tensor]:

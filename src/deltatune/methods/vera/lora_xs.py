@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, register
 from ...core.schema import Finite, PositiveInt, Range
 from ...core.errors import TargetError
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, LowRankDelta
 
@@ -52,10 +52,11 @@ def svd_frozen_factors(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 class LoRAXSPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True  # frozen A, B are saved: the update needs no base
 
     def __init__(self, base: nn.Module, path: str, cfg: LoRAXS) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         d_out, d_in = (int(s) for s in w.shape)
         if cfg.r > min(d_out, d_in):
@@ -77,13 +78,10 @@ class LoRAXSPiece(Piece):
             return acc + (y * self.scale).to(acc.dtype)
         return acc.add_(y.mul_(self.scale).to(acc.dtype))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        return LowRankDelta(self.R.detach() @ self.A, self.B, self.scale)
-
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}"
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: LoRAXS, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: LoRAXS, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
         return LowRankDelta(state["R"] @ state["A"], state["B"], cfg.scale), None

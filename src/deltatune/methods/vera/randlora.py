@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
 from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, DenseDelta
 from . import projections as rp
@@ -100,10 +100,10 @@ def randlora_update(a: Tensor, b: Tensor, lam: Tensor, gam: Tensor, scale: float
 
 class RandLoRAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: RandLoRA) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         m = min(self.dims)
@@ -145,11 +145,6 @@ class RandLoRAPiece(Piece):
             return acc + y.to(acc.dtype)
         return acc.add_(y.to(acc.dtype))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        a, b = self.bases()
-        with torch.no_grad():
-            return DenseDelta(randlora_update(a, b, self.lambdas, self.gammas, self.scale, self.in_is_small))
-
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}, bases={self.lambdas.shape[0]}, shape={self.dims}"
 
@@ -158,8 +153,9 @@ class RandLoRAPiece(Piece):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: RandLoRA, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: RandLoRA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """s · Σ_i B_i Λ_i A Γ_i with the bases regenerated from the seed (the shared table: a live piece's own)."""
         lam, gam = state["lambdas"], state["gammas"]
         d_out, d_in = (int(v) for v in state["shape"])
         dtype = torch.promote_types(lam.dtype, torch.float32)

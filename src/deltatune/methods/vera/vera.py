@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, register
 from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
 from ...core.errors import ShapeMismatchError
-from ...core.layouts import Layout, layout_of
+from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, LowRankDelta
 from . import projections as rp
@@ -61,10 +61,11 @@ def check_saved_shape(saved: Tensor | None, dims: tuple[int, int], what: str) ->
 
 class VeRAPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    mergeable: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, path: str, cfg: VeRA) -> None:
         super().__init__(base, path, cfg)
-        self.layout = layout_of(base, path, self.supported)
         w = self.layout.weight(base)
         self.dims = (int(w.shape[0]), int(w.shape[1]))
         dtype = master_dtype(w.dtype)
@@ -89,10 +90,6 @@ class VeRAPiece(Piece):
             return acc + y.to(acc.dtype)
         return acc.add_(y.to(acc.dtype))
 
-    def delta_weight(self, base: nn.Module, weight: Tensor | None = None) -> DeltaTensor:
-        a, b = self.projections()
-        return LowRankDelta(self.lambda_d.detach()[:, None] * a, self.lambda_b.detach()[:, None] * b, 1.0)
-
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}, shape={self.dims}"
 
@@ -101,8 +98,9 @@ class VeRAPiece(Piece):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def state_to_delta(cls, state: dict[str, Tensor], cfg: VeRA, layout: Layout, weight: Tensor | None = None,
-                       bias: Tensor | None = None) -> tuple[DeltaTensor | None, Tensor | None]:
+    def update(cls, state: dict[str, Tensor], cfg: VeRA, layout: Layout, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        """Λ_b B Λ_d A with A, B regenerated from the seed (the shared table: a live piece's own copies)."""
         d, b_vec = state["lambda_d"], state["lambda_b"]
         dims = (int(state["shape"][0]), int(state["shape"][1]))
         a, b = vera_projections(cfg.seed, cfg.r, *dims, torch.promote_types(d.dtype, torch.float32), d.device)
