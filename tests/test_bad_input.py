@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-import deltatune.runtime.attach
+import deltatune.runtime.lifecycle
 import deltatune.runtime.slot
 from deltatune.core.errors import (ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, DeltaTuneError,
                               NonFiniteError, ShapeMismatchError, StateError, TargetError, UnsupportedError)
@@ -430,7 +430,7 @@ def test_failure_inside_install_rolls_back(model, monkeypatch, when):
         return slot
 
     monkeypatch.setattr(deltatune.runtime.slot, "ensure_slot", flaky)
-    monkeypatch.setattr(deltatune.runtime.attach, "ensure_slot", flaky)  # api imported it by name
+    monkeypatch.setattr(deltatune.runtime.lifecycle, "ensure_slot", flaky)  # api imported it by name
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(model, dt.LoRA(r=2), "new")
@@ -443,7 +443,7 @@ def test_failure_while_activating_rolls_back(model, monkeypatch):
     def flaky(m, names):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(deltatune.runtime.attach, "set_active", flaky)
+    monkeypatch.setattr(deltatune.runtime.lifecycle, "set_active", flaky)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(model, dt.LoRA(r=2), "new")
@@ -455,13 +455,13 @@ def test_failure_after_activating_restores_active_set(monkeypatch):
     """Even after the active set was switched to the new delta, a failure restores the previous active set."""
     m = with_delta(tiny_llama(), "a", seed=1)
     with_delta(m, "b", dt.LoRA(r=2, targets=("q_proj",)), seed=2, activate=False)
-    original = deltatune.runtime.attach.set_active
+    original = deltatune.runtime.lifecycle.set_active
 
     def flaky(model, names):
         original(model, names)
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(deltatune.runtime.attach, "set_active", flaky)
+    monkeypatch.setattr(deltatune.runtime.lifecycle, "set_active", flaky)
     before = snapshot(m)
     with pytest.raises(RuntimeError, match="injected"):
         dt.attach(m, dt.LoRA(r=2), "new")
@@ -481,7 +481,7 @@ def test_failure_inside_install_during_load(model, monkeypatch, tmp_path):
             raise RuntimeError("injected failure")
         return original(module, layout)
 
-    monkeypatch.setattr(deltatune.runtime.attach, "ensure_slot", flaky)
+    monkeypatch.setattr(deltatune.runtime.lifecycle, "ensure_slot", flaky)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected"):
         dt.load(model, d, "new")

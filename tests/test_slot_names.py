@@ -14,6 +14,7 @@ from conftest import build_tiny, randomize_delta
 
 def _two_loras(names: tuple[str, str]):
     tiny = build_tiny("llama")
+    torch.manual_seed(0)  # the same factors under either pair of names
     for i, name in enumerate(names):
         dt.attach(tiny.model, dt.LoRA(r=2, targets=("q_proj", "up_proj")), name, activate=False)
         randomize_delta(tiny.model, name, seed=i)

@@ -51,8 +51,6 @@ class Arrow(Block):
                     raise ConfigError(f"Arrow routes by each delta's ΔW; {name!r} at {path!r} is not a weight update")
 
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        from .arrow_run import arrow_run
-
         return arrow_run(self, h, ctx)
 
     def __repr__(self) -> str:

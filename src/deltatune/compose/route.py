@@ -46,7 +46,7 @@ class Route(Block):
         object.__setattr__(self, "children", tuple(dict.fromkeys(r for r in rows if r is not None)))
 
     def check(self, inside: tuple[type, ...] = ()) -> None:
-        bad = [t.__name__ for t in inside if t not in (Sum, Stack)]
+        bad = [t.__name__ for t in inside if not t.additive]  # only blocks that apply children in full (Sum, Stack)
         if bad:
             raise ConfigError(f"Route inside {bad[0]} makes no sense: per-example routing can only be stacked or summed "
                               f"with other deltas")
@@ -66,8 +66,6 @@ class Route(Block):
         return self
 
     def run(self, h: Tensor, ctx: "Context") -> Tensor:
-        from .route_run import route_run
-
         return route_run(self, h, ctx)
 
     def __repr__(self) -> str:

@@ -147,7 +147,7 @@ def _check_compeft(density: float, alpha: float, on: str) -> None:
 
 
 # --- ComPEFT ---------------------------------------------------------------------------------------
-def ternary(x: Tensor, density: float, alpha: float) -> tuple[Tensor, Tensor]:
+def ternarize(x: Tensor, density: float, alpha: float) -> tuple[Tensor, Tensor]:
     """ComPEFT on one tensor: flat indices (sorted, int64) of the k = round(density·numel) entries of largest |x|
     and their values α·σ·sign(x), σ = std of all of x (Bessel-corrected). Exactly k entries are kept (a kept entry
     that is 0 — only when x has fewer than k non-zeros — stores 0), so every tensor keeps a valid sparse shape."""
@@ -167,7 +167,7 @@ def ternary_bytes(numel: int, nnz: int) -> int:
 
 
 def _dense_ternary(x: Tensor, density: float, alpha: float) -> Tensor:
-    index, values = ternary(x, density, alpha)
+    index, values = ternarize(x, density, alpha)
     out = torch.zeros(x.numel(), dtype=values.dtype, device=x.device)
     out[index] = values
     return out.reshape(x.shape)
@@ -175,7 +175,7 @@ def _dense_ternary(x: Tensor, density: float, alpha: float) -> Tensor:
 
 def compeft_delta_w(dw: DeltaTensor, density: float, alpha: float) -> tuple[SparseDelta, None]:
     """ComPEFT on the whole update ΔW: a SparseDelta of values ±α·σ (stored by the kind that packs such updates, ternary; nothing left unwritten)."""
-    index, values = ternary(dw.to_dense(), density, alpha)
+    index, values = ternarize(dw.to_dense(), density, alpha)
     return SparseDelta(index, values, dw.shape), None
 
 
@@ -286,4 +286,4 @@ def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, 
     return convert(delta, lambda path, dw: (low_rank(dw, rank, energy), None), f"to_lora: {what}", base, progress)
 
 
-__all__ = ["METHODS", "ModuleReport", "Report", "choose_rank", "compress", "low_rank", "ternary", "to_lora"]
+__all__ = ["METHODS", "ModuleReport", "Report", "choose_rank", "compress", "low_rank", "ternarize", "to_lora"]

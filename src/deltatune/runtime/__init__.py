@@ -1,11 +1,11 @@
 """The runtime: deltas on a live model — slots and hooks, attach/detach, activation, merging, per-call keywords."""
-from .activate import activate, active, active_block, active_names, route
-from .attach import attach, detach, install, unload
+from .activation import activate, active, active_block, active_names, route
+from .lifecycle import attach, detach, install, unload
 from .build import build_pieces, check_new_name
-from .merge import merge, unmerge
+from .weights import merge, unmerge
 from .slot import DeltaSlot, slot_of
 from .state import DeltaRecord, ModelState, state_of
-from .summary import Summary, SummaryRow, summary
+from .report import Summary, SummaryRow, summary
 
 __all__ = ["DeltaRecord", "DeltaSlot", "ModelState", "Summary", "SummaryRow", "activate", "active", "active_block",
            "active_names", "attach", "build_pieces", "check_new_name", "detach", "install", "merge", "route", "slot_of",

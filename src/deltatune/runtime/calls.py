@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.calls import batch, batch_value  # noqa: F401  (batch_value: re-exported for pieces)
 from ..core.errors import ConfigError
-from .activate import route
+from .activation import route
 from .state import state_of
 
 _calls: ContextVar[tuple[ExitStack, ...]] = ContextVar("deltatune_calls", default=())

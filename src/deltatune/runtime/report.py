@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.errors import DeltaNameError
-from .merge import slots
+from .weights import slots
 from .state import state_of
 
 

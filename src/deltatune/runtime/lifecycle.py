@@ -4,10 +4,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.config import DeltaConfig
-from .activate import apply_plan, set_active
+from .activation import apply_plan, set_active
 from .build import Built, build_pieces, check_new_name
 from .calls import install_call_hooks
-from .merge import merge, names_of, slots, unmerge
+from .weights import merge, names_of, slots, unmerge
 from .slot import ensure_slot, remove_slot, slot_of
 from .state import DeltaRecord, drop_state, new_state, require_state, state_of
 from ..compose import without

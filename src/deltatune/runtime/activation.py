@@ -8,7 +8,7 @@ from torch import nn
 
 from ..compose import Block, Node, additive_names, as_node, leaves, per_row, without
 from ..core.errors import ConfigError
-from .merge import Names, names_of, unmerge, weight_conflict
+from .weights import Names, names_of, unmerge, weight_conflict
 from .slot import slot_of
 from .state import require_state, state_of
 
