@@ -75,6 +75,11 @@ def check_count_or_fraction(owner: str, count: tuple[str, Any, str], fraction: t
         check(owner, fname, f, Fraction)
 
 
+def registered() -> dict[str, type["DeltaConfig"]]:
+    """Every registered config class by kind (a copy)."""
+    return dict(_REGISTRY)
+
+
 def known_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -148,6 +153,12 @@ class DeltaConfig(metaclass=_CheckedKeywords):
         """A config of this kind whose pieces can hold exactly these updates (path -> DeltaTensor); methods that
         store arbitrary updates of one kind (dense, sparse, low-rank) support it (see `Delta.from_tensors`)."""
         return cls(targets=tuple(tensors))
+
+    @classmethod
+    def example(cls) -> "DeltaConfig":
+        """A small valid instance, for generic tests and docs (the capability matrix attaches every registered kind
+        through it). Default: the defaults; methods whose defaults are not a complete config override it."""
+        return cls()
 
     def for_model(self, model: Any) -> "DeltaConfig":
         """This config made concrete for `model` before targeting (e.g. targets="auto" resolved from a per-architecture

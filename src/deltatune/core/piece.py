@@ -32,7 +32,7 @@ class Piece(nn.Module, ABC):
       module, no weight view (bottleneck adapters on a block, prompts); ``self.layout`` is then None.
     * ``position`` — where the piece acts: "weight" (adds f(x) to the module's output), "output" (h -> g(h)),
       "input" (x -> s(x) before the module runs), "attention" (extra keys/values or tokens, by the method's own
-      ``install`` hooks). Composition blocks have one formula per position (docs/composition.md).
+      ``install`` hooks), "block" (run only by a composition block: a fusion layer under Fuse). Composition blocks have one formula per position (docs/composition.md).
     * ``mergeable`` — the piece is a change (ΔW, Δb) of the module's weight and bias, given by ``update``. It buys
       merge/unmerge, ``Delta.tensors()`` and arithmetic, merging of many deltas, compression and extraction.
     * ``needs_base`` — ``update`` needs the base weight and bias (DoRA, full copies, (IA)3, SSF): merges then keep
@@ -44,7 +44,7 @@ class Piece(nn.Module, ABC):
       path stacks such factors (requires mergeable, not needs_base).
     * ``routable`` — False for pieces that pick their own update per example (Poly by task id).
     * ``fuses`` — the piece is a fusion layer: ``fuse(h, candidates)`` mixes the outputs of several deltas (Fuse).
-    * ``keywords`` — per-call keywords the piece reads with ``call_value`` (``model(x, task_ids=t)``); the runtime
+    * ``keywords`` — per-call keywords the piece reads with ``core.calls.batch_value`` (``model(x, task_ids=t)``); the runtime
       takes them off the model's call while such a piece is attached.
     * ``input_arg`` — for "input" pieces, which argument of the module's forward they transform (may be set per
       instance: BertOutput's residual input is 1).

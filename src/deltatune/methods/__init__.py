@@ -1,34 +1,31 @@
-"""Methods: one file per family, each a config plus a Piece."""
-from .dense import Dense, DensePiece
-from .full import Full, FullPiece
-from .fusion import Fusion, FusionPiece
-from .ia3 import IA3, IA3InputPiece, IA3Piece
-from .lora.lora import LoRA, LoRAPiece
-from .loha import LoHa, LoHaPiece
-from .lokr import LoKr, LoKrPiece
-from .sparse.paca import PaCA, PaCAPiece
-from .poly import Poly, PolyPiece
-from .sorsa import SORSA, SORSAPiece
-from .sparse.sparse import Sparse, SparsePiece
-from .ternary import Ternary, TernaryPiece
-from .ssf import SSF, SSFPiece
-from .bitfit import BitFit, BitFitPiece
-from .layernorm import LNTuning, LNTuningPiece
-from .vera.vera import VeRA, VeRAPiece
-from .vera.lora_xs import LoRAXS, LoRAXSPiece
-from .vera.randlora import RandLoRA, RandLoRAPiece
-from .adalora.adalora import AdaLoRA, AdaLoRAPiece
-from .prompts.prompts import PrefixPiece, PrefixTuning, PromptPiece, PromptTuning
-from .adapters.adapters import AdaptFormer, Houlsby, ParallelAdapter, Pfeiffer
+"""Methods: a file per method, or a folder per family; each holds a registered config and its Piece classes.
 
-__all__ = ["Dense", "DensePiece", "Full", "FullPiece", "LoRA", "LoRAPiece", "PaCA", "PaCAPiece", "Sparse", "SparsePiece",
-           "Ternary", "TernaryPiece"]
-__all__ += ["LoHa", "LoHaPiece", "LoKr", "LoKrPiece", "SORSA", "SORSAPiece"]
-__all__ += ["SSF", "SSFPiece", "BitFit", "BitFitPiece", "LNTuning", "LNTuningPiece"]
-__all__ += ["VeRA", "VeRAPiece", "LoRAXS", "LoRAXSPiece", "RandLoRA", "RandLoRAPiece"]
-__all__ += ["AdaLoRA", "AdaLoRAPiece"]
-__all__ += ["IA3", "IA3Piece", "IA3InputPiece"]
-__all__ += ["Fusion", "FusionPiece"]
-__all__ += ["PrefixPiece", "PrefixTuning", "PromptPiece", "PromptTuning"]
-__all__ += ["AdaptFormer", "Houlsby", "ParallelAdapter", "Pfeiffer"]
-__all__ += ["Poly", "PolyPiece"]
+Every module in this folder is imported here, so a method is added by adding its file: its config registers
+itself (`@register(kind)`), `deltatune` exports every registered config by its class name (`dt.LoRA`), and this
+package exports those configs and every Piece class the methods define.
+"""
+import importlib
+import pkgutil
+
+from ..core.config import registered
+from ..core.piece import Piece
+
+for _info in sorted(pkgutil.walk_packages(__path__, __name__ + "."), key=lambda i: i.name):
+    importlib.import_module(_info.name)
+
+
+def _pieces() -> dict[str, type[Piece]]:
+    out: dict[str, type[Piece]] = {}
+    todo = list(Piece.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith(__name__ + "."):
+            out[cls.__name__] = cls
+    return out
+
+
+CONFIGS = {cls.__name__: cls for cls in registered().values()}
+globals().update(CONFIGS)
+globals().update(_pieces())
+__all__ = sorted([*CONFIGS, *_pieces()])

@@ -26,6 +26,10 @@ class Full(DeltaConfig):
     keeps_whole_modules: ClassVar[bool] = True
     targets: TargetSpec = ()  # no default: name the modules
 
+    @classmethod
+    def example(cls) -> "Full":
+        return cls(targets="all-linear")  # the default names no module
+
     def piece_class(self, module: Any = None) -> type[Piece]:
         return FullPiece
 

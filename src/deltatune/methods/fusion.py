@@ -43,6 +43,10 @@ class Fusion(DeltaConfig):
     def follows(self) -> tuple[str, ...]:
         return self.deltas
 
+    @classmethod
+    def example(cls) -> "Fusion":
+        return cls(deltas=("a", "b"))  # a fusion goes on attached deltas: attach "a" and "b" first
+
     def piece_class(self, module: Any = None) -> type[Piece]:
         return FusionPiece
 

@@ -140,6 +140,10 @@ class Ternary(DeltaConfig):
                               f"for another model")
         return k
 
+    @classmethod
+    def example(cls) -> "Ternary":
+        return cls(k=4)  # k=0 holds no entry: a zero update
+
     def piece_class(self, module: Any = None) -> type[Piece]:
         return TernaryPiece
 

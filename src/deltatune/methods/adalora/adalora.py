@@ -67,6 +67,10 @@ class AdaLoRA(DeltaConfig):
     def rank(self, path: str) -> int:
         return int(pattern_value(self.rank_pattern, path, self.init_r))
 
+    @classmethod
+    def example(cls) -> "AdaLoRA":
+        return cls(init_r=4, target_r=2)  # ranks that fit small modules
+
     def piece_class(self, module: Any = None) -> type[Piece]:
         return AdaLoRAPiece
 

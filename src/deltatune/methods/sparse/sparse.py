@@ -71,6 +71,10 @@ class Sparse(DeltaConfig):
             raise TargetError(f"Sparse k={k} exceeds the {numel} entries of the weight at {path!r}; lower k")
         return max(1, k)
 
+    @classmethod
+    def example(cls) -> "Sparse":
+        return cls(density=0.1)  # k or density is required
+
     def piece_class(self, module: Any = None) -> type[Piece]:
         return SparsePiece
 
