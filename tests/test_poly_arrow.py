@@ -175,7 +175,7 @@ def test_arrow_with_one_delta_is_that_delta_and_caches_prototypes():
 
 
 def test_per_call_keywords_clean_up_and_refuse_checkpointing():
-    from deltatune.runtime.calls import batch_value
+    from deltatune.core.calls import batch_value
 
     tiny = build_tiny("llama")
     dt.attach(tiny.model, dt.LoRA(r=2), name="a", activate=False)

@@ -32,6 +32,15 @@ def cls_splits(tmp_path_factory):
                         test=str(d / "test.jsonl"))
 
 
+def free_port() -> str:
+    """A TCP port nothing listens on now, so concurrent test runs on one machine do not collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def test_classification_learns_and_saves_head(cls_splits, tmp_path):
     base = tiny_bert()
     r = train({"output_dir": str(tmp_path), "max_steps": 40, "batch_size": 8, "lr": 1e-2, "eval_every": 20, **QUIET,
@@ -175,7 +184,7 @@ def test_ddp_two_processes_match_one(tmp_path):
               "--set", "log_every=1", "--set", "progress=false", "--set", "plot=false", "--set", "eval_every=100"]
     one = _cli("train", *common, "--batch-size", "8", "-o", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                 "-m", "deltatune.cli.main", "train", *common, "--batch-size", "4", "-o", str(tmp_path / "two")]
     two = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -193,7 +202,7 @@ def test_fsdp2_on_cpu_matches_unwrapped(tmp_path):
     """FSDP2 fully_shard over a model with a LoRA delta: same losses and grads as unwrapped; the delta saves whole."""
     script = Path(__file__).parent / "dist_fsdp_check.py"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29547", str(script), str(tmp_path / "delta")], capture_output=True, text=True, timeout=300)
+                          free_port(), str(script), str(tmp_path / "delta")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     model = tiny_llama()
     dt.load(model, tmp_path / "delta")

@@ -1,0 +1,1 @@
+"""The `deltatune` command line (train, eval, inspect, merge, compress, extract): `main.py`."""

@@ -16,7 +16,7 @@ runs per group: its rows are selected, the piece runs on them, and the result is
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

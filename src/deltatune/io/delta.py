@@ -13,10 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, config_class, storage_kind
-from ..core.errors import ConfigError, CorruptFileError, DeltaNameError, DeltaNotFoundError, TargetError, UnsupportedError
+from ..core.errors import ConfigError, DeltaNameError, TargetError, UnsupportedError
 from ..runtime import slot_of, state_of
 from ..core.layouts import layout_by_name, layout_of
-from ..core.piece import Piece
 from .formats import format_named, format_of
 from ..core.tensors import DeltaTensor
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..runtime import check_new_name, build_pieces, install
 from .delta import Delta, model_class_name
 from .formats import format_named
-from ..core.errors import ConfigError, ShapeMismatchError, TargetError
+from ..core.errors import ShapeMismatchError, TargetError
 
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
     """Write delta `name` of `model` to directory `path` (created if needed) in a registered format ("native",

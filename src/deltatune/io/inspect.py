@@ -40,7 +40,7 @@ def render(info: dict[str, Any]) -> str:
         f"  kind        {info['kind']}",
         f"  config      {cfg}",
         f"  targets     {info['modules']} modules: " + ", ".join(f"{k}×{v}" for k, v in info["module_names"].items()),
-        f"  types       " + ", ".join(f"{k}×{v}" for k, v in info["module_types"].items()),
+        "  types       " + ", ".join(f"{k}×{v}" for k, v in info["module_types"].items()),
         f"  parameters  {info['parameters']:,}",
         f"  on disk     {info['bytes_on_disk'] / 1e6:.3f} MB in {', '.join(info['files'])}",
         f"  base        class={info['base'].get('model_class')} name={info['base'].get('model_name')} "

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..core.config import packed_kind, storage_kind
 from ..io.delta import BaseWeights, Delta, base_lookup
-from ..core.errors import ConfigError, UnsupportedError
+from ..core.errors import ConfigError
 from ..core.tensors import DeltaTensor, LowRankDelta, SparseDelta
 
 METHODS = ("compeft", "svd")

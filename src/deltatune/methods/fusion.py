@@ -10,7 +10,6 @@ W_v starts as the identity and W_q, W_k small, so the untrained fusion is close 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from ..compose import POSITIONS
 from ..core.config import DeltaConfig, register
 from ..core.schema import Check, Positive
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import TargetError
 from ..runtime import slot_of
 from ..core.piece import Piece, master_dtype
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec, register
-from ..core.errors import ConfigError
+
 from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
 from ..core.schema import Check, Finite, PositiveInt
-from ..core.errors import ConfigError
+
 from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta

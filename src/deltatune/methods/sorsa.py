@@ -8,7 +8,6 @@ buffers, so W + ΔW = W_res + U diag(S) Vᵀ. ΔW is exactly zero at step 0, is 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
 from ..core.schema import Finite, PositiveInt, Range
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import TargetError
 from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.tensors import DeltaTensor, LowRankDelta

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
 from ..core.schema import Patterns, Range
-from ..core.errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
+from ..core.errors import CorruptFileError, ShapeMismatchError, TargetError, UnsupportedError
 from ..core.layouts import Layout
 from ..core.piece import Piece, add_product
 from ..core.targeting import pattern_value

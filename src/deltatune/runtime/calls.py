@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.calls import batch, batch_value  # noqa: F401  (batch_value: re-exported for pieces)
+from ..core.calls import batch
 from ..core.errors import ConfigError
 from .activation import route
 from .state import state_of

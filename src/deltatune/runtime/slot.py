@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compose import POSITIONS, Context, Node, leaves, run
-from ..core.targeting import SLOT, is_piece_module  # noqa: F401  (is_piece_module: re-exported)
+from ..core.targeting import SLOT
 from ..core.errors import TargetError
 from ..core.layouts import Layout
 

@@ -10,7 +10,6 @@ and load into pieces of those ranks.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, TargetSpec, register
-from ...core.errors import ConfigError, TargetError
+from ...core.errors import TargetError
 from ...core.schema import Check, Finite, NoneMeans, OneOf, Positive, PositiveInt
 from ...core.layouts import layout_of
 from ...core.piece import Piece, master_dtype

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, TargetSpec, register
 from ...core.schema import NonNegativeInt, PositiveInt
-from ...core.errors import ConfigError, StateError, TargetError
+from ...core.errors import StateError, TargetError
 from ...core.piece import Piece, master_dtype
 from .hooks import acquire, forward_parameters, prefix_hooks, prompt_hooks, release
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, check_count_or_fraction, register
 from ...core.schema import Fraction, PositiveInt
-from ...core.errors import ConfigError, TargetError, UnsupportedError
+from ...core.errors import TargetError, UnsupportedError
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, SparseDelta
