@@ -153,6 +153,8 @@ Positive = Annotated[float, Range(0.0, None, low_open=True)]
 NonNegative = Annotated[float, Range(0.0, None)]
 PositiveInt = Annotated[int, Range(1, None)]
 NonNegativeInt = Annotated[int, Range(0, None)]
+Dropout = Annotated[float, Range(0.0, 1.0, high_open=True)]  # a probability in [0, 1)
+Scale = Annotated[float, Finite(nonzero=True)]  # a finite non-zero number (alpha, initial values)
 
 
 # --- checking -------------------------------------------------------------------------------------------------------

@@ -9,13 +9,13 @@ it costs less than forming ΔW, and ΔW otherwise; `update` gives the same LowRa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
-from ..core.schema import Finite, PositiveInt
+from ..core.schema import PositiveInt, Scale
 from ..core.layouts import Layout
 from ..core.piece import Piece, add_product, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta
@@ -28,7 +28,7 @@ class LoHa(DeltaConfig):
     """ΔW = alpha/r · (B₁A₁) ⊙ (B₂A₂) on each targeted Linear / Conv1D weight (A₂ starts at zero)."""
 
     r: PositiveInt = 8
-    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
+    alpha: Scale = 8.0
 
     @property
     def scale(self) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, register
-from ..core.schema import Check, Finite, PositiveInt
+from ..core.schema import Check, PositiveInt, Scale
 
 from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
@@ -40,7 +40,7 @@ class LoKr(DeltaConfig):
     """
 
     r: PositiveInt = 8
-    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
+    alpha: Scale = 8.0
     factor: Factor = -1
     decompose_both: bool = False
     init: Init = "default"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, StateError, TargetError
-from ...core.schema import Finite, NonNegative, Patterns, PositiveInt, Range
+from ...core.schema import NonNegative, Patterns, PositiveInt, Range, Scale
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
@@ -44,7 +44,7 @@ class AdaLoRA(DeltaConfig):
 
     init_r: PositiveInt = 12
     target_r: Annotated[int, Range(1, "init_r")] = 8
-    alpha: Annotated[float, Finite(nonzero=True)] = 8.0
+    alpha: Scale = 8.0
     tinit: Steps = 0
     tfinal: Steps = 0
     deltaT: Annotated[int, Range(1, unit="steps")] = 1

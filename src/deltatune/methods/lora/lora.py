@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
 from ...core.errors import ConfigError, ShapeMismatchError, TargetError, UnsupportedError
-from ...core.schema import Finite, Patterns, PositiveInt, Range
+from ...core.schema import Dropout, Finite, Patterns, PositiveInt, Range, Scale
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.targeting import pattern_value
@@ -36,8 +36,8 @@ class LoRA(DeltaConfig):
     """ΔW = s · B A with s = alpha / r (or alpha / √r with rslora); DoRA rescales rows to a learned magnitude."""
 
     r: PositiveInt = 8
-    alpha: Annotated[float, Finite(nonzero=True)] = 16.0
-    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    alpha: Scale = 16.0
+    dropout: Dropout = 0.0
     rslora: bool = False
     dora: bool = False
     bias: Bias = "none"

@@ -13,14 +13,14 @@ numbers per module — about a rank-r LoRA file — although only r² of them ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
-from ...core.schema import Finite, PositiveInt, Range
+from ...core.schema import Dropout, PositiveInt, Scale
 from ...core.errors import TargetError
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
@@ -33,8 +33,8 @@ class LoRAXS(DeltaConfig):
     """ΔW = alpha/r · U_r R Σ_r V_rᵀ from the weight's rank-r SVD; trains only R [r, r] (starts at 0)."""
 
     r: PositiveInt = 8
-    alpha: Annotated[float, Finite(nonzero=True)] = 16.0
-    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    alpha: Scale = 16.0
+    dropout: Dropout = 0.0
 
     @property
     def scale(self) -> float:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
-from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
+from ...core.schema import Dropout, NonNegativeInt, PositiveInt, Scale
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
 from ...core.tensors import DeltaTensor, DenseDelta
@@ -42,8 +42,8 @@ class RandLoRA(DeltaConfig):
     """ΔW = alpha/r · Σ_i B_i diag(λ_i) A diag(γ_i) over ⌈min(in, out)/r⌉ frozen random bases; trains λ_i and γ_i."""
 
     r: PositiveInt = 32
-    alpha: Annotated[float, Finite(nonzero=True)] = 640.0
-    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    alpha: Scale = 640.0
+    dropout: Dropout = 0.0
     seed: NonNegativeInt = 0
 
     @property

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import DeltaConfig, register
-from ...core.schema import Finite, NonNegativeInt, PositiveInt, Range
+from ...core.schema import Dropout, NonNegativeInt, PositiveInt, Scale
 from ...core.errors import ShapeMismatchError
 from ...core.layouts import Layout
 from ...core.piece import Piece, master_dtype
@@ -34,8 +34,8 @@ class VeRA(DeltaConfig):
     """ΔW = diag(b) B diag(d) A with frozen seeded random A [r, in], B [out, r]; trains d (r) and b (out)."""
 
     r: PositiveInt = 256
-    d_initial: Annotated[float, Finite(nonzero=True)] = 0.1  # d = b = 0 would get no gradient
-    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    d_initial: Scale = 0.1  # d = b = 0 would get no gradient
+    dropout: Dropout = 0.0
     seed: NonNegativeInt = 0
 
     def piece_class(self, module: Any = None) -> type[Piece]:
