@@ -420,11 +420,11 @@ def test_failure_inside_install_rolls_back(model, monkeypatch, when):
     original = deltatune.runtime.slot.ensure_slot
     calls = []
 
-    def flaky(module, layout):
+    def flaky(module, layout, owner):
         calls.append(module)
         if len(calls) == 3 and when == "before":
             raise RuntimeError("injected failure")
-        slot = original(module, layout)
+        slot = original(module, layout, owner)
         if len(calls) == 3:
             raise RuntimeError("injected failure")
         return slot
@@ -475,11 +475,11 @@ def test_failure_inside_install_during_load(model, monkeypatch, tmp_path):
     original = deltatune.runtime.slot.ensure_slot
     calls = []
 
-    def flaky(module, layout):
+    def flaky(module, layout, owner):
         calls.append(module)
         if len(calls) == 5:
             raise RuntimeError("injected failure")
-        return original(module, layout)
+        return original(module, layout, owner)
 
     monkeypatch.setattr(deltatune.runtime.lifecycle, "ensure_slot", flaky)
     before = snapshot(model)

@@ -61,7 +61,7 @@ def test_fast_path_is_taken_for_low_rank_and_not_for_others():
     with dt.route(tiny.model, rows), torch.no_grad():
         out = tiny.model(input_ids=ids).logits
         slot = tiny.model.model.layers[0].self_attn.q_proj.deltatune
-        plan = slot.internal.plan_cache[(dt.Route, "weight")]
+        plan = slot.current()[2][(dt.Route, "weight")]  # this thread's route: its own plan cache
         assert plan.fast and all(g.batched for g in plan.fast)
         assert sorted(g.At.shape[-1] for g in plan.fast) == [2, 4, 8]  # one group per rank, no padding
         assert sorted(n for n, _ in plan.slow) == ["dora", "sp"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -198,6 +198,8 @@ class Context:
     module: Any
     slot: Any
     position: str
+    #: caches valid for this activation at this module (a per-call composition has its own)
+    cache: dict = field(default_factory=dict)
 
     @property
     def path(self) -> str:
@@ -218,7 +220,7 @@ class Context:
     def rows(self, idx: Tensor) -> "Context":
         """This context for a subset of the batch's rows."""
         return Context(self.x.index_select(0, idx), None if self.y is None else self.y.index_select(0, idx),
-                       self.module, self.slot, self.position)
+                       self.module, self.slot, self.position, self.cache)
 
 
 def run(node: Node, h: Tensor, ctx: Context) -> Tensor:

@@ -156,7 +156,7 @@ def _rows(route: Route, batch: int) -> tuple[str | None, ...]:
 def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: torch.device, fast_ok: bool) -> Plan:
     slot = ctx.slot
     key = (id(route), route.rows, batch, dtype, device, ctx.position, fast_ok)
-    cached = slot.internal.plan_cache.get((Route, ctx.position))
+    cached = ctx.cache.get((Route, ctx.position))
     if cached is not None and cached.key == key:
         return cached
     rows = _rows(route, batch)
@@ -187,7 +187,7 @@ def _plan(route: Route, ctx: Context, batch: int, dtype: torch.dtype, device: to
                                 bank.Bt[r].index_select(0, sel),
                                 None if bank.bias[r] is None else bank.bias[r].index_select(0, sel), batched=True))
     plan = Plan(key, groups, slow)
-    slot.internal.plan_cache[(Route, ctx.position)] = plan
+    ctx.cache[(Route, ctx.position)] = plan
     return plan
 
 

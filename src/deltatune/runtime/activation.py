@@ -6,11 +6,11 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..compose import Block, Node, additive_names, as_node, leaves, per_row, without
+from ..compose import Block, Node, additive_names, as_node, leaves, per_row
 from ..core.errors import ConfigError
 from .weights import Names, names_of, unmerge, weight_conflict
 from .slot import slot_of
-from .state import require_state, state_of
+from .state import lock_of, overrides, overriding, require_state, serialised, state_of
 
 
 def set_active(model: nn.Module, node: Node | Sequence[str] | None) -> None:
@@ -56,11 +56,13 @@ def check_composition(model: nn.Module, node: Node) -> None:
             block.check_deltas(records)
 
 
+@serialised
 def activate(model: nn.Module, names: Names | Block) -> nn.Module:
     """Make `names` the active composition: one name, a list of names (their Sum), a block (dt.Stack,
     dt.Average, dt.Fuse, dt.Route, dt.Arrow, nested), or None for the bare model.
 
-    If a merged delta would become inactive, every merged delta is unmerged first (as PEFT does)."""
+    If a merged delta would become inactive, every merged delta is unmerged first (as PEFT does). This changes the
+    model's shared state: for one thread or one call only, use `dt.active` / `dt.route` / `model(x, deltas=...)`."""
     if names is None:
         require_state(model)
         set_active(model, None)
@@ -72,34 +74,45 @@ def activate(model: nn.Module, names: Names | Block) -> nn.Module:
 
 
 def active_names(model: nn.Module) -> tuple[str, ...]:
+    """The active deltas' names as this thread sees them (its own `dt.active` composition, else the model's)."""
     st = state_of(model)
-    return st.active if st is not None else ()
+    if st is None:
+        return ()
+    override = overrides().get(id(st))
+    return st.active if override is None else tuple(leaves(override.node)) if override.node is not None else ()
 
 
 def active_block(model: nn.Module) -> Node | None:
-    """The active composition (a name or a block), None for the bare model."""
+    """The active composition (a name or a block) as this thread sees it, None for the bare model."""
     st = state_of(model)
-    return st.block if st is not None else None
+    if st is None:
+        return None
+    override = overrides().get(id(st))
+    return st.block if override is None else override.node
 
 
 @contextmanager
 def active(model: nn.Module, names: Names | Block) -> Iterator[nn.Module]:
-    """Temporarily activate `names` (anything `activate` takes); the previous composition is restored on exit."""
-    previous = active_block(model)
-    activate(model, names)
-    try:
+    """Activate `names` (anything `activate` takes) for the calls made inside this block by this thread (or asyncio
+    task) only: other threads keep seeing their own composition, and the model's shared state is not changed — with
+    one exception: merged deltas that `names` leaves out (or scales, or routes) are unmerged first, for good, under the
+    model's lock, since weights are shared."""
+    st = require_state(model)
+    node = None if names is None else as_node(names)
+    if node is not None:
+        check_composition(model, node)
+    kept = additive_names(node) if node is not None else set()
+    if st.merged and (any(n not in kept for n in st.merged)
+                      or weight_conflict(model, tuple(leaves(node)) if node is not None else (), st.merged)):
+        with lock_of(model):
+            unmerge(model)
+    with overriding(st, node):
         yield model
-    finally:
-        st = state_of(model)
-        if st is not None:  # deltas detached inside the block leave the restored composition too
-            for gone in [n for n in (leaves(previous) if previous is not None else []) if n not in st.deltas]:
-                previous = without(previous, gone)
-            set_active(model, previous)
 
 
 @contextmanager
 def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     """Per-example deltas: row b of every batch run inside goes through delta rows[b] (None: the bare model), in
-    forward and in generate (every decode step). The previous composition is restored on exit."""
+    forward and in generate (every decode step), for this thread only (see `active`)."""
     with active(model, per_row(rows)):
         yield model

@@ -9,10 +9,11 @@ from .build import Built, build_pieces, check_new_name
 from .calls import install_call_hooks
 from .weights import merge, names_of, slots, unmerge
 from .slot import ensure_slot, remove_slot, slot_of
-from .state import DeltaRecord, drop_state, new_state, require_state, state_of
+from .state import DeltaRecord, drop_state, new_state, require_state, serialised, state_of
 from ..compose import without
 
 
+@serialised
 def install(model: nn.Module, name: str, cfg: DeltaConfig, built: Built, trainable: bool = True,
             activate: bool = True) -> nn.Module:
     """Put built pieces on the model as delta `name`; all-or-nothing."""
@@ -29,7 +30,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: Built, trainab
         for path, module, piece in built:
             if slot_of(module) is None:
                 created.append(module)
-            slot = ensure_slot(module, piece.layout)
+            slot = ensure_slot(module, piece.layout, id(st))
             piece.train(module.training)
             for p in piece.parameters():
                 p.requires_grad_(trainable)
@@ -65,6 +66,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: Built, trainab
     return model
 
 
+@serialised
 def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, activate: bool = True,
            trainable: bool = True) -> nn.Module:
     """Attach delta `name` configured by `cfg` to every targeted module; freezes the base. Returns `model`.
@@ -95,6 +97,7 @@ def _remove(model: nn.Module, name: str) -> None:
     apply_plan(model, block)
 
 
+@serialised
 def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove delta `name` (unmerging it first if merged). The last detach restores the plain model."""
     st = require_state(model)
@@ -108,6 +111,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@serialised
 def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     """Remove every delta and hook. With merge_active=True the active deltas stay in the weights."""
     st = require_state(model)

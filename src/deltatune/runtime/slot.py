@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..compose import POSITIONS, Context, Node, leaves, run
 from ..core.targeting import SLOT
+from .state import overrides
 from ..core.errors import TargetError
 from ..core.layouts import Layout
 
@@ -31,6 +32,7 @@ class SlotState:
     saved_updates: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # exact updates of merged
     # pieces that declare needs_base
     handles: tuple = ()
+    owner: int = 0  # id of the ModelState of the model this module belongs to (context-local compositions key on it)
     #: caches of composition blocks at this module, keyed by their owner (e.g. a block class), kept across activations;
     #: each owner checks its entry's validity itself
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -52,22 +54,23 @@ class DeltaSlot(nn.ModuleDict):
     def set_plan(self, node: Node | None) -> None:
         """Restrict the model's active composition to the pieces of this module, position by position."""
         st = self.internal
-        st.plans = {}
+        st.plans, st.input_plans = local_plans(self, node)
         st.plan_cache = {}
-        st.input_plans = ()
-        if node is None:
-            return
-        for pos in POSITIONS:
-            local = node if isinstance(node, str) else node.restrict(lambda n, pos=pos: n in self and self[n].position == pos)
-            if isinstance(local, str) and not (local in self and self[local].position == pos):
-                local = None
-            if local is not None:
-                st.plans[pos] = local
-        local = st.plans.get("input")
-        if local is not None:
-            where = list(dict.fromkeys(self[n].input_arg for n in leaves(local) if n in self and self[n].position == "input"))
-            st.input_plans = tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
-                lambda n, a=a: n in self and self[n].position == "input" and self[n].input_arg == a)) for a in where)
+
+    def current(self) -> tuple[dict[str, Node], tuple, dict]:
+        """(plans per position, input plans, block caches) that apply to this forward: the calling context's own
+        composition when it set one (`dt.active`, `dt.route`, `deltas=`), else the model's."""
+        ours = overrides()
+        if ours:
+            override = ours.get(self.internal.owner)
+            if override is not None:
+                got = override.per_slot.get(id(self))
+                if got is None:
+                    here = override.node if any(n in self for n in override.names) else None
+                    got = override.per_slot[id(self)] = (*local_plans(self, here), {})
+                return got
+        st = self.internal
+        return st.plans, st.input_plans, st.plan_cache
 
     def merged_update(self, name: str, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """(ΔW [out, in], Δb) that merging `name` adds (or added) to the module."""
@@ -115,6 +118,26 @@ class DeltaSlot(nn.ModuleDict):
         self.internal.merged.remove(name)
 
 
+def local_plans(slot: DeltaSlot, node: Node | None) -> tuple[dict[str, Node], tuple]:
+    """The composition `node` restricted to `slot`'s pieces, per position, and the input plan split by the argument
+    its pieces transform."""
+    plans: dict[str, Node] = {}
+    if node is None:
+        return plans, ()
+    for pos in POSITIONS:
+        local = node if isinstance(node, str) else node.restrict(lambda n, pos=pos: n in slot and slot[n].position == pos)
+        if isinstance(local, str) and not (local in slot and slot[local].position == pos):
+            local = None
+        if local is not None:
+            plans[pos] = local
+    local = plans.get("input")
+    if local is None:
+        return plans, ()
+    where = list(dict.fromkeys(slot[n].input_arg for n in leaves(local) if n in slot and slot[n].position == "input"))
+    return plans, tuple((a, local if len(where) == 1 else local.restrict(  # type: ignore[union-attr]
+        lambda n, a=a: n in slot and slot[n].position == "input" and slot[n].input_arg == a)) for a in where)
+
+
 def reserved_name(name: str) -> bool:
     """True for names a delta cannot take because the slot (an nn.ModuleDict) already has such an attribute."""
     return name in _RESERVED
@@ -146,19 +169,20 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, where: int | str) ->
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     slot: DeltaSlot = getattr(module, SLOT)
-    if "input" not in slot.internal.plans:
+    plans, input_plans, cache = slot.current()
+    if "input" not in plans:
         return None
-    for where, plan in slot.internal.input_plans:
+    for where, plan in input_plans:
         key = _argument(module, args, kwargs, where)
         x = args[key] if isinstance(key, int) else kwargs[key]
-        x = run(plan, x, Context(x, None, module, slot, "input"))
+        x = run(plan, x, Context(x, None, module, slot, "input", cache))
         args, kwargs = ((*args[:key], x, *args[key + 1:]), kwargs) if isinstance(key, int) else (args, {**kwargs, key: x})
     return args, kwargs
 
 
 def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
     slot: DeltaSlot = getattr(module, SLOT)
-    plans = slot.internal.plans
+    plans, _, cache = slot.current()
     if not plans:
         return output
     x = _first_input(args, kwargs)
@@ -168,10 +192,10 @@ def _hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tenso
             output = slot[plan](x, output, output, module)
     elif plan is not None:
         in_place = plan.in_place and not torch.is_grad_enabled()
-        output = plan.run(output if in_place else output.clone(), Context(x, output, module, slot, "weight"))
+        output = plan.run(output if in_place else output.clone(), Context(x, output, module, slot, "weight", cache))
     plan = plans.get("output")
     if plan is not None:
-        output = run(plan, output, Context(x, output, module, slot, "output"))
+        output = run(plan, output, Context(x, output, module, slot, "output", cache))
     return output
 
 
@@ -180,10 +204,11 @@ def slot_of(module: nn.Module) -> DeltaSlot | None:
     return slot if isinstance(slot, DeltaSlot) else None
 
 
-def ensure_slot(module: nn.Module, layout: Layout | None) -> DeltaSlot:
+def ensure_slot(module: nn.Module, layout: Layout | None, owner: int = 0) -> DeltaSlot:
     slot = slot_of(module)
     if slot is None:
         slot = DeltaSlot(layout)
+        slot.internal.owner = owner
         module.add_module(SLOT, slot)
         slot.internal.handles = (module.register_forward_pre_hook(_pre_hook, with_kwargs=True),
                                  module.register_forward_hook(_hook, with_kwargs=True))

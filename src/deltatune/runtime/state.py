@@ -1,11 +1,18 @@
 """What deltatune keeps on a model: the attached deltas' records, the active composition, merged names."""
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, TypeVar
 
 from torch import nn
 
-from ..compose import Node
+from ..compose import Node, leaves
 from ..core.config import DeltaConfig
 from ..core.errors import StateError
 from ..core.piece import Piece
@@ -39,6 +46,59 @@ class ModelState:
 
 
 _STATE = "_deltatune_state"
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_CREATE_LOCK = threading.Lock()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lock_of(model: nn.Module) -> threading.RLock:
+    """The lock that serialises changes of `model`'s shared delta state (attach, load, detach, activate, merge, ...)."""
+    lock = _LOCKS.get(model)
+    if lock is None:
+        with _CREATE_LOCK:
+            lock = _LOCKS.setdefault(model, threading.RLock())
+    return lock
+
+
+def serialised(fn: F) -> F:
+    """Run `fn(model, ...)` holding the model's lock: verbs that change shared state never interleave."""
+
+    @wraps(fn)
+    def locked(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with lock_of(model):
+            return fn(model, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+@dataclass
+class Override:
+    """A composition active for the current thread / task only (`dt.active`, `dt.route`, `model(x, deltas=...)`):
+    the model's shared state is not touched; each slot restricts `node` to its pieces on first use."""
+
+    node: Node | None
+    names: frozenset[str]
+    #: id(slot) -> (plans per position, input plans, the activation's block caches) at that module
+    per_slot: dict[int, tuple[dict, tuple, dict]] = field(default_factory=dict)
+
+
+_overrides: ContextVar[dict[int, Override]] = ContextVar("deltatune_overrides", default={})
+
+
+def overrides() -> dict[int, Override]:
+    """id(ModelState) -> the composition this context has put on that model, if any."""
+    return _overrides.get()
+
+
+@contextmanager
+def overriding(st: ModelState, node: Node | None) -> Iterator[Override]:
+    """Make `node` the composition of `st`'s model for the current context only (nests; undone on exit)."""
+    override = Override(node, frozenset(leaves(node)) if node is not None else frozenset())
+    token = _overrides.set({**_overrides.get(), id(st): override})
+    try:
+        yield override
+    finally:
+        _overrides.reset(token)
 
 
 def state_of(model: nn.Module) -> ModelState | None:

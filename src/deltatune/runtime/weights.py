@@ -8,7 +8,7 @@ from torch import nn
 from ..compose import additive_names
 from ..core.errors import DeltaNameError, StateError, UnsupportedError
 from .slot import slot_of
-from .state import require_state
+from .state import require_state, serialised
 
 Names = str | Sequence[str] | None
 
@@ -56,6 +56,7 @@ def weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[st
     return None
 
 
+@serialised
 def merge(model: nn.Module, names: Names = None) -> nn.Module:
     """Add the weight updates of `names` (default: the active deltas; named ones must be active) into the base weights."""
     st = require_state(model)
@@ -111,6 +112,7 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     return model
 
 
+@serialised
 def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
     """Subtract merged deltas (default: all, newest first) from the base weights again."""
     st = require_state(model)

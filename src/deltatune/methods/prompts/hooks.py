@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from ...compose import Route, Stack, Sum
 from ...core.errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ...runtime import slot_of, state_of
+from ...runtime import active_block, slot_of
 from ...compose.route import _rows as route_rows
 
 _HOOKS = "_deltatune_attention_hooks"
@@ -106,11 +106,11 @@ def active_rows(entry: _Hooks | None, module: nn.Module, capability: str, batch:
     """The active pieces with `capability` at `module` (of the model `entry` serves), per example; None when no active
     delta has one here (or, under a Route, when `batch()` cannot tell the batch size). Rows whose Route delta has no
     such piece here get none. Under a Route the per-row assignment is kept on `entry` for the next call (decode steps)."""
-    st = state_of(entry.model) if entry is not None else None
+    block = active_block(entry.model) if entry is not None else None  # this thread's composition
     slot = slot_of(module)
-    if st is None or slot is None or st.block is None:
+    if block is None or slot is None:
         return None
-    entries = _entries(st.block, slot)
+    entries = _entries(block, slot)
     if not any(isinstance(e, Route) for e in entries):
         pieces = tuple(slot[n] for n in entries if hasattr(slot[n], capability))  # type: ignore[index]
         return Rows([pieces]) if pieces else None
@@ -118,7 +118,8 @@ def active_rows(entry: _Hooks | None, module: nn.Module, capability: str, batch:
     if size is None:
         return None
     key = (size, capability, tuple((n, id(p)) for n, p in slot.items()))
-    if not (entry.routed and entry.routed[0] is st.block and entry.routed[1] == key):  # type: ignore[union-attr]
+    routed = entry.routed  # read once: another thread may replace it meanwhile
+    if not (routed and routed[0] is block and routed[1] == key):
         per_route = {id(e): route_rows(e, size) for e in entries if isinstance(e, Route)}
         combos: dict[tuple[str, ...], int] = {}
         which = []
@@ -127,8 +128,9 @@ def active_rows(entry: _Hooks | None, module: nn.Module, capability: str, batch:
             combo = tuple(n for n in names if n is not None and _here(n, slot) and hasattr(slot[n], capability))
             which.append(combos.setdefault(combo, len(combos)))
         device = next((q.device for c in combos for n in c[:1] for q in slot[n].parameters()), None)
-        entry.routed = (st.block, key, list(combos), torch.tensor(which, device=device))  # type: ignore[union-attr]
-    _, _, combos, which = entry.routed  # type: ignore[union-attr]
+        routed = (block, key, list(combos), torch.tensor(which, device=device))
+        entry.routed = routed  # type: ignore[union-attr]
+    _, _, combos, which = routed
     if not any(combos):
         return None
     found = [tuple(slot[n] for n in c) for c in combos]
