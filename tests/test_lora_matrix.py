@@ -723,11 +723,11 @@ def test_merge_that_fails_midway_takes_back_what_it_added(monkeypatch) -> None:
     calls = {"n": 0}
     orig = DeltaSlot.merge_pieces
 
-    def flaky(self, module, names):
+    def flaky(self, module, names, known=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected failure")
-        return orig(self, module, names)
+        return orig(self, module, names, known)
 
     monkeypatch.setattr(DeltaSlot, "merge_pieces", flaky)
     with pytest.raises(RuntimeError, match="injected"):

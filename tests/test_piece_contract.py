@@ -157,3 +157,45 @@ def test_detached_update_equals_the_attached_one(case: str) -> None:
     else:  # no base needed: the same without one
         for path, (module, piece) in pieces.items():
             _close(delta.update(path)[0].to_dense(), piece.delta_weight(module).to_dense())
+
+
+def test_more_contradictions_fail_at_class_definition() -> None:
+    import pytest as _pytest
+    from deltatune.core.piece import Piece as _Piece
+
+    with _pytest.raises(TypeError, match="keywords"):
+        type("BadKeywords", (_Piece,), {"keywords": "lang", "forward": lambda self, *a: a[2]})
+    with _pytest.raises(TypeError, match="supported = None"):
+        type("NoView", (_Piece,), {"mergeable": True, "supported": None, "forward": lambda self, *a: a[2],
+                                   "update": classmethod(lambda cls, *a, **k: (None, None))})
+    with _pytest.raises(TypeError, match="classmethod"):
+        type("Static", (_Piece,), {"mergeable": True, "forward": lambda self, *a: a[2],
+                                   "update": staticmethod(lambda *a, **k: (None, None))})
+
+
+def test_none_means_none_for_modules_to_save_and_feedforward() -> None:
+    import deltatune as _dt
+
+    assert _dt.LoRA(modules_to_save=None).modules_to_save == ()
+    assert _dt.DeltaConfig.from_dict({"kind": "lora", "modules_to_save": None}).modules_to_save == ()
+    assert _dt.IA3(feedforward=None).scales_input("model.layers.0.mlp.down_proj") is False
+
+
+def test_merge_computes_each_update_once(monkeypatch) -> None:
+    """The merge's checks (a Δb on a module without bias) and the merge itself share one computation."""
+    import deltatune as _dt
+    from deltatune.core.piece import Piece as _Piece
+    from conftest import build_tiny as _build
+
+    tiny = _build("llama")
+    _dt.attach(tiny.model, _dt.LoRA(r=2, dora=True, targets=("q_proj",)), "d")
+    calls = []
+    original = _Piece.live_update
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.path)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Piece, "live_update", counting)
+    _dt.merge(tiny.model)
+    assert sorted(calls) == sorted(set(calls))  # once per module

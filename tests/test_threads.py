@@ -8,9 +8,11 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 import torch
 
 import deltatune as dt
+from deltatune.errors import StateError
 from deltatune.runtime import slot_of
 
 from conftest import build_tiny, randomize_delta
@@ -139,3 +141,34 @@ def test_shared_changes_are_serialised() -> None:
     assert [r.name for r in names] == sorted(f"d{i}_{j}" for i in range(4) for j in (1, 3))
     slot = slot_of(tiny.model.model.layers[0].self_attn.q_proj)
     assert sorted(slot.keys()) == sorted(f"d{i}_{j}" for i in range(4) for j in (1, 3))
+
+
+def test_detaching_inside_a_temporary_composition_and_deep_copies() -> None:
+    tiny = _model()
+    model = tiny.model
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with dt.active(model, dt.Sum("a", "b")):
+            model(input_ids=ids)
+            dt.detach(model, "a")  # plans cached for this context name "a": rebuilt, not a KeyError
+            only_b = model(input_ids=ids).logits
+        with dt.active(model, "b"):
+            torch.testing.assert_close(only_b, model(input_ids=ids).logits, atol=0, rtol=0)
+        import copy
+
+        twin = copy.deepcopy(model)  # its slots point at its own state: compositions do not leak between the two
+        base = model(input_ids=ids).logits
+        with dt.active(model, "b"):
+            torch.testing.assert_close(twin(input_ids=ids).logits, base, atol=0, rtol=0)
+        with dt.active(twin, "b"):
+            torch.testing.assert_close(twin(input_ids=ids).logits, only_b, atol=0, rtol=0)
+            torch.testing.assert_close(model(input_ids=ids).logits, base, atol=0, rtol=0)
+
+
+def test_merge_inside_a_temporary_composition_is_refused() -> None:
+    tiny = _model()
+    dt.activate(tiny.model, "a")
+    with dt.active(tiny.model, "b"):
+        with pytest.raises(StateError, match="outside"):
+            dt.merge(tiny.model)
+    assert dt.summary(tiny.model)["a"].merged is False

@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 
 from .errors import ConfigError, UnsupportedError
 from .targeting import matches
-from .schema import Fraction, ModuleSpec, NonNegativeInt, PositiveInt, check, validate_fields
+from .schema import Fraction, ModuleSpec, NoneMeans, NonNegativeInt, PositiveInt, check, validate_fields
 
 #: a targeting spec: a full-match regex (a string) or module-name suffixes (a tuple)
 Targets = str | tuple[str, ...]
@@ -112,10 +112,12 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     targets: TargetSpec = "all-linear"
     exclude: Annotated[Targets | None, ModuleSpec()] = None
     layers: tuple[NonNegativeInt, ...] | None = None
-    modules_to_save: Annotated[tuple[str, ...], ModuleSpec(suffixes=True)] = ()
+    modules_to_save: Annotated[tuple[str, ...] | None, ModuleSpec(suffixes=True), NoneMeans("none")] = ()
 
     def __post_init__(self) -> None:
         validate_fields(self)  # every field against its annotation (core/schema.py); lists become tuples
+        if self.modules_to_save is None:  # peft writes null for "none"
+            object.__setattr__(self, "modules_to_save", ())
         self.validate()
 
     # --- contract -----------------------------------------------------------------------------

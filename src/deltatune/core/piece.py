@@ -73,8 +73,15 @@ class Piece(nn.Module, ABC):
         name = cls.__name__
         if cls.position not in POSITIONS:
             raise TypeError(f"{name}.position must be one of {POSITIONS}, got {cls.position!r}")
+        if not isinstance(cls.__dict__.get("update", Piece.__dict__["update"]), classmethod):
+            raise TypeError(f"{name}.update must be a classmethod update(cls, state, cfg, layout, weight, bias)")
         if cls.mergeable and cls.update.__func__ is Piece.update.__func__:  # type: ignore[attr-defined]
             raise TypeError(f"{name} declares mergeable = True but defines no update(state, cfg, layout, weight, bias)")
+        if cls.mergeable and cls.supported is None:
+            raise TypeError(f"{name} declares mergeable = True but supported = None: an update needs a weight view "
+                            f"(name the module types it adapts)")
+        if not isinstance(cls.keywords, tuple) or not all(isinstance(k, str) and k.isidentifier() for k in cls.keywords):
+            raise TypeError(f"{name}.keywords must be a tuple of keyword names, e.g. ('task_ids',), got {cls.keywords!r}")
         if (cls.needs_base or cls.needs_shape or cls.low_rank) and not cls.mergeable:
             raise TypeError(f"{name} declares needs_base, needs_shape or low_rank, which describe an update; declare "
                             f"mergeable = True")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, Targets, TargetSpec, register
 from ..core.errors import ConfigError, UnsupportedError
-from ..core.schema import ModuleSpec
+from ..core.schema import ModuleSpec, NoneMeans
 from ..core.layouts import Layout
 from ..core.piece import Piece, master_dtype
 from ..core.targeting import matches
@@ -24,7 +24,7 @@ class IA3(DeltaConfig):
     is Better and Cheaper than In-Context Learning")."""
 
     targets: TargetSpec = ("k_proj", "v_proj", "down_proj")
-    feedforward: Annotated[Targets, ModuleSpec()] = ("down_proj",)
+    feedforward: Annotated[Targets | None, ModuleSpec(), NoneMeans("no module's input is scaled")] = ("down_proj",)
 
     def scales_input(self, path: str) -> bool:
         return bool(self.feedforward) and matches(self.feedforward, path)

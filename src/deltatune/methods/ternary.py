@@ -183,6 +183,11 @@ class TernaryPiece(Piece):
     def k(self) -> int:
         return popcount(self.mask)
 
+
+    def live_update(self, base: nn.Module, weight: Tensor | None = None,
+                    bias: Tensor | None = None) -> tuple[DeltaTensor, Tensor | None]:
+        self._dense = None  # asked for its update to be merged: the decoded copy for forward is not needed then
+        return super().live_update(base, weight, bias)
     def _key(self) -> tuple[Any, ...] | None:
         """Identifies the buffers' current contents (rebuilt after load_state_dict, in-place edits or .to()), and
         whether inference mode is on: a ΔW made there cannot be saved for backward outside it."""

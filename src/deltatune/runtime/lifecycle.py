@@ -30,7 +30,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: Built, trainab
         for path, module, piece in built:
             if slot_of(module) is None:
                 created.append(module)
-            slot = ensure_slot(module, piece.layout, id(st))
+            slot = ensure_slot(module, piece.layout, st)
             piece.train(module.training)
             for p in piece.parameters():
                 p.requires_grad_(trainable)

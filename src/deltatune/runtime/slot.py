@@ -32,7 +32,10 @@ class SlotState:
     saved_updates: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # exact updates of merged
     # pieces that declare needs_base
     handles: tuple = ()
-    owner: int = 0  # id of the ModelState of the model this module belongs to (context-local compositions key on it)
+    #: the ModelState of the model this module belongs to: context-local compositions are keyed by its identity (a
+    #: deep copy of the model gets a copy of both, so the copy's slots point at the copy's state)
+    owner: Any = None
+    generation: int = 0  # bumped whenever a piece is added or removed: cached per-context plans are then stale
     #: caches of composition blocks at this module, keyed by their owner (e.g. a block class), kept across activations;
     #: each owner checks its entry's validity itself
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -51,6 +54,14 @@ class DeltaSlot(nn.ModuleDict):
     def layout(self) -> Layout | None:
         return self.internal.layout
 
+    def __setitem__(self, name: str, piece: nn.Module) -> None:
+        super().__setitem__(name, piece)
+        self.internal.generation += 1
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self.internal.generation += 1
+
     def set_plan(self, node: Node | None) -> None:
         """Restrict the model's active composition to the pieces of this module, position by position."""
         st = self.internal
@@ -62,13 +73,13 @@ class DeltaSlot(nn.ModuleDict):
         composition when it set one (`dt.active`, `dt.route`, `deltas=`), else the model's."""
         ours = overrides()
         if ours:
-            override = ours.get(self.internal.owner)
+            override = ours.get(id(self.internal.owner))
             if override is not None:
                 got = override.per_slot.get(id(self))
-                if got is None:
+                if got is None or got[3] != self.internal.generation:  # first use here, or pieces changed since
                     here = override.node if any(n in self for n in override.names) else None
-                    got = override.per_slot[id(self)] = (*local_plans(self, here), {})
-                return got
+                    got = override.per_slot[id(self)] = (*local_plans(self, here), {}, self.internal.generation)
+                return got[:3]
         st = self.internal
         return st.plans, st.input_plans, st.plan_cache
 
@@ -80,9 +91,10 @@ class DeltaSlot(nn.ModuleDict):
         return dw.to_dense(), db
 
     @torch.no_grad()
-    def merge_pieces(self, module: nn.Module, names: list[str]) -> None:
+    def merge_pieces(self, module: nn.Module, names: list[str], known: dict[str, tuple] | None = None) -> None:
         """Add the updates of `names` to the weights. Every update is computed against the weights *without*
-        any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂)."""
+        any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂). `known`:
+        updates already computed against the current weights, used where those are the clean ones."""
         st = self.internal
         layout, w, bias = st.layout, module.weight, getattr(module, "bias", None)
         clean_w = clean_b = None
@@ -96,7 +108,8 @@ class DeltaSlot(nn.ModuleDict):
                     clean_b -= db.to(clean_b.dtype)
         updates = {}
         for n in names:
-            dw, db = self[n].live_update(module, clean_w, clean_b)
+            dw, db = (known or {}).get(n) if clean_w is None and n in (known or {}) else \
+                self[n].live_update(module, clean_w, clean_b)
             updates[n] = (dw.to_dense(), db)
         for n, (dw, db) in updates.items():
             w.add_(layout.to_native(dw).to(w.dtype))
@@ -204,7 +217,7 @@ def slot_of(module: nn.Module) -> DeltaSlot | None:
     return slot if isinstance(slot, DeltaSlot) else None
 
 
-def ensure_slot(module: nn.Module, layout: Layout | None, owner: int = 0) -> DeltaSlot:
+def ensure_slot(module: nn.Module, layout: Layout | None, owner: Any = None) -> DeltaSlot:
     slot = slot_of(module)
     if slot is None:
         slot = DeltaSlot(layout)

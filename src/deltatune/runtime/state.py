@@ -78,8 +78,8 @@ class Override:
 
     node: Node | None
     names: frozenset[str]
-    #: id(slot) -> (plans per position, input plans, the activation's block caches) at that module
-    per_slot: dict[int, tuple[dict, tuple, dict]] = field(default_factory=dict)
+    #: id(slot) -> (plans per position, input plans, the activation's block caches, the slot's generation then)
+    per_slot: dict[int, tuple[dict, tuple, dict, int]] = field(default_factory=dict)
 
 
 _overrides: ContextVar[dict[int, Override]] = ContextVar("deltatune_overrides", default={})

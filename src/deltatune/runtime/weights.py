@@ -8,7 +8,7 @@ from torch import nn
 from ..compose import additive_names
 from ..core.errors import DeltaNameError, StateError, UnsupportedError
 from .slot import slot_of
-from .state import require_state, serialised
+from .state import overrides, require_state, serialised
 
 Names = str | Sequence[str] | None
 
@@ -60,6 +60,9 @@ def weight_conflict(model: nn.Module, active: Sequence[str], merged: Sequence[st
 def merge(model: nn.Module, names: Names = None) -> nn.Module:
     """Add the weight updates of `names` (default: the active deltas; named ones must be active) into the base weights."""
     st = require_state(model)
+    if id(st) in overrides():
+        raise StateError("dt.merge changes the weights every thread shares, so it cannot follow a temporary "
+                         "composition (`dt.active`, `dt.route`, `deltas=`); call it outside, after dt.activate")
     names = names_of(model, names, [n for n in st.active if n not in st.merged])
     if not names:
         raise StateError("nothing to merge: no active, unmerged delta; pass names=")
@@ -74,6 +77,7 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     if inactive:
         raise StateError(f"delta(s) {inactive} are not active (active: {list(st.active)}); a merged delta acts on every "
                          f"forward, so activate it first, e.g. dt.activate(model, {[*st.active, *inactive]!r})")
+    known: dict[tuple[int, str], tuple] = {}  # updates computed by the checks, reused by the merge
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -88,7 +92,8 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
                 raise UnsupportedError(f"delta {name!r} at {piece.path!r} cannot be merged: the weight is shared by "
                                        f"{tied} (tied embeddings), so merging would change those modules too; keep it "
                                        f"unmerged or untie the weights first")
-            if getattr(module, "bias", None) is None and piece.delta_bias(module) is not None:
+            if getattr(module, "bias", None) is None and \
+                    known.setdefault((id(module), name), piece.live_update(module))[1] is not None:
                 raise UnsupportedError(f"delta {name!r} at {piece.path!r} changes the bias, but the module has no "
                                        f"bias parameter to merge it into; keep it unmerged")
     conflict = weight_conflict(model, st.active, [*st.merged, *names])
@@ -101,7 +106,7 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
     done: list[tuple[nn.Module, object, list[str]]] = []
     try:
         for module, slot, here in per_module.values():
-            slot.merge_pieces(module, here)
+            slot.merge_pieces(module, here, {n: known[(id(module), n)] for n in here if (id(module), n) in known})
             done.append((module, slot, here))
     except BaseException:
         for module, slot, here in reversed(done):  # all or nothing: take back what was already added
