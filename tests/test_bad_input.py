@@ -577,33 +577,35 @@ def test_atomic_write_respects_umask(tmp_path):
     assert mode == (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("fail_on", [1, 2])
-def test_save_over_existing_delta_is_all_or_nothing(tmp_path, monkeypatch, fail_on):
-    """dt.save into a directory that holds a delta: if writing either file fails, the old delta still loads."""
+def test_save_over_existing_delta_is_all_or_nothing(tmp_path):
+    """dt.save into a directory that holds a delta: if any file operation of the save fails (an OSError injected at
+    each in turn: every write, fsync, rename, removal), the old delta is still there byte for byte, loads, and
+    nothing is left beside it; a failure after the commit (in the clean-up) leaves the new delta."""
+    from fault_injection import fail_at
+
     first = with_delta(tiny_llama(), "a", seed=5)
     d = tmp_path / "a"
     dt.save(first, d, "a")
     files_before = {p.name: p.read_bytes() for p in d.iterdir()}
-
     second = with_delta(tiny_llama(), "a", cfg=dt.LoRA(r=2), seed=6)
-    real_replace = os.replace
-    calls = []
-
-    def flaky(src, dst, *a, **k):
-        calls.append(dst)
-        if len(calls) == fail_on:
-            raise OSError("injected failure")
-        return real_replace(src, dst, *a, **k)
-
-    monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(OSError, match="injected"):
-        dt.save(second, d, "a")
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == files_before, "old delta damaged or temp files left"
-    fresh = tiny_llama()
-    dt.load(fresh, d, "a")
-    with torch.no_grad():
-        assert torch.allclose(fresh(TOKENS).logits, first(TOKENS).logits, atol=1e-6)
+    failed = 0
+    for k in range(1, 200):
+        error, n = fail_at(k, lambda: dt.save(second, d, "a"))
+        if n < k:  # nothing left to fail: every operation has had its turn
+            assert error is None
+            break
+        if error is None:  # failed after the commit: the new delta is in place; put the old one back
+            dt.save(first, d, "a")
+            continue
+        failed += 1
+        assert isinstance(error, OSError) and "injected" in str(error)
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == files_before, f"old delta damaged (operation {k})"
+        assert _listing(tmp_path) == ["a"], f"temporary files left (operation {k})"
+        fresh = tiny_llama()
+        dt.load(fresh, d, "a")
+        with torch.no_grad():
+            assert torch.allclose(fresh(TOKENS).logits, first(TOKENS).logits, atol=1e-6)
+    assert failed >= 6
 
 
 def test_save_unknown_format_and_name(tmp_path):

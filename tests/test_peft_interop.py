@@ -133,7 +133,9 @@ def test_deltatune_to_peft(case: str, tmp_path: Path) -> None:
     ref = tiny.logits(model)
     assert not _close(ref, tiny.logits(tiny.fresh())), "random delta weights must change the logits"
     out = dt.save(model, tmp_path / "peft", "x", format="peft")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # PEFT's two files and deltatune's integrity manifest, which PEFT ignores (it loads the directory below)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "deltatune_manifest.json"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(tiny.fresh(), out)

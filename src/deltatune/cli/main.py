@@ -125,9 +125,11 @@ def compress_cmd(
 ) -> None:
     """Compress a delta (ComPEFT or SVD); prints size ratio and relative error per module, writes OUT atomically."""
     from ..io.delta import Delta
+    from ..io.formats import check_output
     from ..merging.compress import compress
 
     try:
+        check_output(out)  # an unsafe output is refused before any work
         delta = Delta.read(src)
         result, report = compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
                                   base=base, progress=not as_json)
@@ -150,9 +152,11 @@ def extract_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """LoRA delta from W_tuned − W_base (per-module SVD); prints each module's rank and relative error."""
+    from ..io.formats import check_output
     from ..merging.extract import extract
 
     try:
+        check_output(output)  # an unsafe output is refused before any work
         delta, report = extract(base, tuned, rank=rank, energy=energy, dense=tuple(dense),
                                 targets=tuple(targets) if targets else "all-linear", name=name, progress=not as_json)
         delta.write(output)

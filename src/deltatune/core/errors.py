@@ -49,3 +49,11 @@ class UnsupportedError(DeltaTuneError, NotImplementedError):
 
 # Public alias with a better name; `NameError_` avoids shadowing the builtin inside this module.
 DeltaNameError = NameError_
+
+
+class OutputPathError(ConfigError):
+    """An output path is unsafe to write: the filesystem root, the home directory, a file, a symlink loop, a mount
+    point, the current directory, or a directory holding files that are not a delta's (or a checkpoint's)."""
+
+
+__all__ += ['OutputPathError']

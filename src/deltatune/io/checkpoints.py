@@ -2,8 +2,9 @@
 
 `CheckpointReader` opens `model.safetensors` or `model.safetensors.index.json` + shards and reads single
 tensors on demand with plain file reads (no memory map), so merging or extracting never holds a whole model.
-`CheckpointWriter` streams tensors into size-capped shards in a temporary directory next to the target and
-moves the finished directory into place at the end: an interrupted write leaves the previous one intact.
+`CheckpointWriter` streams tensors into size-capped shards in a staging directory next to the target and
+replaces the target with the finished directory in one step at the end (`atomic.new_staging` / `publish_dir`):
+after a crash at any point the target is the previous checkpoint or the new one.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
+from ..core.errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..core.layouts import layout_by_name
+from . import atomic
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -139,12 +140,11 @@ class CheckpointWriter:
         if max_shard_bytes < 1:
             raise ValueError("max_shard_bytes must be positive")
         self.path = Path(path)
-        check_output_dir(self.path, [*protect, *([copy_from] if copy_from is not None else [])])
+        self.real = check_output_dir(self.path, [*protect, *([copy_from] if copy_from is not None else [])])
         self.max_shard_bytes = max_shard_bytes
         self.copy_from = Path(copy_from) if copy_from is not None else None
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        self.tmp = atomic.new_staging(self.real)
         self.shards: list[_Shard] = []
         self.total = 0
         self.seen: set[str] = set()
@@ -186,7 +186,8 @@ class CheckpointWriter:
         for file in self.tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        return _publish(self.tmp, self.path)
+        atomic.publish_dir(self.tmp, self.real)
+        return self.path
 
     def abort(self) -> None:
         for shard in self.shards:
@@ -274,47 +275,17 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
 _OURS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
-def check_output_dir(target: Path, inputs: Sequence[str | Path]) -> None:
+def owns(name: str) -> bool:
+    """Whether a file named `name` may be part of a checkpoint directory (weights, index, config, tokenizer)."""
+    return bool(_OURS.fullmatch(name)) or name in (INDEX, *SIDE_FILES)
+
+
+def check_output_dir(target: Path, inputs: Sequence[str | Path]) -> Path:
     """Refuse an output directory that would replace anything but an earlier checkpoint (its weights, index,
-    config and tokenizer files), or that is one of the inputs: writing it must never delete other files."""
-    resolved = target.resolve()
-    for p in inputs:
-        if Path(p).resolve() == resolved or resolved in Path(p).resolve().parents:
-            raise ConfigError(f"the output directory {str(target)!r} is (or holds) the input {str(p)!r}; write the "
-                              f"result somewhere else")
-    if target.exists():
-        if not target.is_dir():
-            raise ConfigError(f"the output {str(target)!r} exists and is not a directory")
-        other = sorted(e.name for e in target.iterdir()
-                       if not (e.is_file() and (_OURS.fullmatch(e.name) or e.name in (INDEX, *SIDE_FILES))))
-        if other:
-            raise ConfigError(f"the output directory {str(target)!r} holds files that are not a checkpoint's "
-                              f"({other[:4]}); replacing it would delete them — choose a new or empty directory")
-
-
-def _publish(tmp: Path, target: Path) -> Path:
-    """Move a finished temporary directory to `target`, replacing what was there only once it is complete.
-    Between the two renames of a replacement the target briefly does not exist (the old copy is `.NAME.*.old`
-    beside it until the new one is in place)."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the renames themselves are durable
-    finally:
-        os.close(fd)
-    return target
+    config and tokenizer files), that is one of the inputs, or that is otherwise unsafe (`atomic.check_output`: the
+    root, the home directory, a file, a symlink loop, a mount point, the current directory): writing it must never
+    delete other files. Returns the real path."""
+    return atomic.check_output(target, owns, inputs, holds="a checkpoint")
 
 
 def as_float(t: Tensor) -> Tensor:

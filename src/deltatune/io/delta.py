@@ -16,7 +16,8 @@ from ..core.config import DeltaConfig, config_class, storage_kind
 from ..core.errors import ConfigError, DeltaNameError, TargetError, UnsupportedError
 from ..runtime import slot_of, state_of
 from ..core.layouts import layout_by_name, layout_of
-from .formats import format_named, format_of
+from . import formats
+from .formats import format_named
 from ..core.tensors import DeltaTensor
 
 
@@ -143,14 +144,13 @@ class Delta:
 
     # --- files -------------------------------------------------------------------------------------
     def write(self, path: str | Path) -> Path:
-        """Write this delta in the native format (delta.safetensors and delta.json, atomically as a pair)."""
+        """Write this delta in the native format (delta.safetensors and delta.json; the directory replaced as a whole)."""
         return format_named("native").write(self, Path(path))
 
     @classmethod
     def read(cls, path: str | Path) -> "Delta":
         """Read a delta directory of any registered format (native, PEFT, ...) without a model."""
-        path = Path(path)
-        return format_of(path).read(path)
+        return formats.read(path)
 
 
 BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | Any | None

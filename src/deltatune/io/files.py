@@ -9,13 +9,15 @@ from torch import nn
 
 from ..runtime import check_new_name, build_pieces, install
 from .delta import Delta, model_class_name
-from .formats import format_named
+from .formats import check_output, format_named
 from ..core.errors import ShapeMismatchError, TargetError
 
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
     """Write delta `name` of `model` to directory `path` (created if needed) in a registered format ("native",
-    "peft", ...). Returns the path."""
+    "peft", ...). Returns the path. An unsafe output (see `formats.check_output`) is refused before any work; the
+    directory is replaced as a whole, so after a crash at any point it holds the previous delta or the new one."""
     fmt = format_named(format)
+    check_output(path)
     delta = Delta.from_model(model, name)
     return fmt.write(delta, Path(path))
 

@@ -1,15 +1,24 @@
 """The registry of delta file formats: each is a directory layout, recognised by one marker file, with a reader
 (directory -> Delta) and a writer (Delta, directory -> directory). `native` and `peft` register themselves when
 `deltatune.io` is imported; a new format registers the same way and `dt.save(..., format=)`, `dt.load`,
-`Delta.read` and `deltatune inspect` handle it."""
+`Delta.read` and `deltatune inspect` handle it.
+
+A directory holds one delta. Writers go through `write_directory`, which replaces the directory as a whole
+(`atomic.replace_dir`): the files of whatever delta it held before, in any registered format, are gone in the same
+step, so no reader can find a stale marker next to new files. Reading (`read`) refuses a directory holding the
+markers of two formats, puts back a directory an interrupted replacement left missing (`atomic.recover`) and checks
+the integrity manifest of formats that have one (`integrity.verify`) before the format's reader runs."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import ConfigError, DeltaNotFoundError
+from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError
+from . import atomic
+from .integrity import MANIFEST, manifest, verify
 
 if TYPE_CHECKING:
     from .delta import Delta
@@ -22,6 +31,9 @@ class Format:
     read: Callable[[Path], "Delta"]
     write: Callable[["Delta", Path], Path]
     description: str = ""
+    files: tuple[str, ...] = ()                  # the files its writer writes (the marker among them)
+    companions: tuple[str, ...] = ()             # other files such a directory may hold, written by other tools
+    manifest: bool = False                       # deltatune writes an integrity manifest beside `files`
 
 
 _FORMATS: dict[str, Format] = {}
@@ -30,6 +42,8 @@ _FORMATS: dict[str, Format] = {}
 def register_format(fmt: Format) -> Format:
     if fmt.name in _FORMATS and _FORMATS[fmt.name] != fmt:
         raise ConfigError(f"file format {fmt.name!r} is registered twice")
+    if fmt.files and fmt.marker not in fmt.files:
+        raise ConfigError(f"file format {fmt.name!r}: its marker {fmt.marker!r} must be one of its files {fmt.files}")
     _FORMATS[fmt.name] = fmt
     return fmt
 
@@ -45,15 +59,67 @@ def format_named(name: str) -> Format:
 
 
 def format_of(path: Path) -> Format:
-    """The format of delta directory `path` (the first registered whose marker file it holds)."""
+    """The format of delta directory `path` (the registered format whose marker file it holds)."""
     path = Path(path)
+    if not path.exists():
+        atomic.recover(path)  # a replacement interrupted between its two renames (see io/atomic.py)
     if not path.exists():
         raise DeltaNotFoundError(f"delta path {str(path)!r} does not exist")
     if path.is_file():
         raise DeltaNotFoundError(f"{str(path)!r} is a file; a delta is a directory — pass the directory that holds "
                                  f"{' or '.join(f.marker for f in _FORMATS.values())}, e.g. {str(path.parent)!r}")
-    for fmt in _FORMATS.values():
-        if (path / fmt.marker).is_file():
-            return fmt
+    found = [fmt for fmt in _FORMATS.values() if (path / fmt.marker).is_file()]
+    if len(found) > 1:
+        raise CorruptFileError(f"{str(path)!r} holds the files of {len(found)} deltas "
+                               f"({', '.join(f'{f.marker} ({f.name})' for f in found)}); a directory holds one delta, so "
+                               f"all but one are stale (left by an older deltatune). Save the delta again, or remove the "
+                               f"stale files")
+    if found:
+        return found[0]
     raise DeltaNotFoundError(f"{str(path)!r} holds no delta: none of "
                              f"{', '.join(f'{f.marker} ({f.name})' for f in _FORMATS.values())}")
+
+
+def read(path: str | Path) -> "Delta":
+    """Read a delta directory of any registered format, after the checks every format shares (see the module doc)."""
+    path = Path(path)
+    fmt = format_of(path)
+    verify(path)
+    return fmt.read(path)
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+_LEFTOVER = re.compile(r"\.(?P<file>.+)\.[A-Za-z0-9_]+\.(tmp|bak)")  # temporaries of older deltatune's file writes
+
+
+def owns(name: str) -> bool:
+    """Whether a file named `name` may be part of a delta directory: a file of some registered format, a companion
+    file, the integrity manifest, or a temporary an interrupted save of an older deltatune left there."""
+    known = {MANIFEST, *(f for fmt in _FORMATS.values() for f in (*fmt.files, *fmt.companions, fmt.marker))}
+    if name in known:
+        return True
+    m = _LEFTOVER.fullmatch(name)
+    return m is not None and m.group("file") in known
+
+
+def check_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an unsafe delta output before any work (`atomic.check_output` with the registry's files): the root,
+    the home directory, a file, a symlink loop, a mount point, the current directory, an input, or a directory holding
+    anything but a delta. Returns the real path."""
+    return atomic.check_output(path, owns, inputs)
+
+
+def write_directory(name: str, path: str | Path, files: dict[str, bytes]) -> Path:
+    """Make `path` a directory of format `name` holding exactly `files` (plus the integrity manifest where the format
+    has one), replacing whatever delta was there in one step (`atomic.replace_dir`)."""
+    fmt = format_named(name)
+    if fmt.files and set(files) != set(fmt.files):
+        raise ConfigError(f"format {name!r} writes {sorted(fmt.files)}, got {sorted(files)}")
+    if fmt.manifest:
+        files = {**files, MANIFEST: manifest(files)}
+    return atomic.replace_dir(path, files, owns)
+
+
+def written_bytes(path: str | Path) -> int:
+    """The size of the delta files in directory `path` (no walk, no symlinks): what its writer wrote there."""
+    return atomic.dir_bytes(path, owns)

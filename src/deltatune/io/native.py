@@ -11,9 +11,8 @@ from torch import Tensor
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, CorruptFileError, UnsupportedError
-from .atomic import write_files
 from .delta import Delta
-from .formats import Format, register_format
+from .formats import Format, check_output, register_format, write_directory
 from .safetensors_io import check_finite, read_tensors
 
 FORMAT = "deltatune.delta"
@@ -23,7 +22,9 @@ TENSOR_FILE = "delta.safetensors"
 
 
 def write_native(delta: Delta, path: Path) -> Path:
-    """Write delta.safetensors and delta.json atomically as a pair; the JSON records the tensor file's hash."""
+    """Write delta.safetensors and delta.json; the JSON records the tensor file's hash. The directory is replaced as
+    a whole (`formats.write_directory`): after a crash at any point it holds the previous delta or this one."""
+    check_output(path)  # an unsafe output is refused before any work
     flat = {f"{p}.{k}": t for p, st in delta.state.items() for k, t in st.items()}
     data = st_save(flat, metadata={"format": FORMAT})
     meta = {
@@ -37,8 +38,7 @@ def write_native(delta: Delta, path: Path) -> Path:
         "tensors": {"file": TENSOR_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
     }
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # before touching any file
-    # both files or neither: a failed save leaves the previous delta in the directory loadable
-    write_files({path / TENSOR_FILE: data, path / CONFIG_FILE: text.encode("utf-8")})
+    write_directory("native", path, {TENSOR_FILE: data, CONFIG_FILE: text.encode("utf-8")})
     return path
 
 
@@ -82,4 +82,5 @@ def read_native(path: Path) -> Delta:
     return Delta(meta.get("name") or path.name, config, state, types, meta.get("base", {}))
 
 
-register_format(Format("native", CONFIG_FILE, read_native, write_native, "deltatune's own: delta.json + delta.safetensors"))
+register_format(Format("native", CONFIG_FILE, read_native, write_native, "deltatune's own: delta.json + delta.safetensors",
+                       files=(CONFIG_FILE, TENSOR_FILE)))

@@ -44,8 +44,7 @@ from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, Sha
 from ..methods.full import Full
 from ..methods.lora.lora import LoRA
 from ..core.targeting import matches, pattern_value
-from .atomic import write_files
-from .formats import Format, register_format
+from .formats import Format, check_output, register_format, write_directory
 from .safetensors_io import check_finite, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -357,8 +356,10 @@ def _auto_mapping(model_class: str | None) -> dict[str, str] | None:
 
 
 def write_peft(delta: Delta, path: Path) -> Path:
-    """Write `delta` as a PEFT LoRA adapter directory that `PeftModel.from_pretrained` loads to the same model."""
+    """Write `delta` as a PEFT LoRA adapter directory that `PeftModel.from_pretrained` loads to the same model, with an
+    integrity manifest beside the two files (peft ignores it); the directory is replaced as a whole."""
     path = Path(path)
+    check_output(path)  # an unsafe output is refused before any work
     cfg = delta.config
     if not isinstance(cfg, LoRA):
         raise UnsupportedError(f"delta {delta.name!r} is a {cfg.kind!r} delta; the PEFT format holds LoRA/DoRA "
@@ -435,8 +436,9 @@ def write_peft(delta: Delta, path: Path) -> Path:
     }
     data = st_save({k: t.detach().contiguous() for k, t in flat.items()}, metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    write_files({path / WEIGHTS_FILE: data, path / CONFIG_FILE: text.encode("utf-8")})
+    write_directory("peft", path, {WEIGHTS_FILE: data, CONFIG_FILE: text.encode("utf-8")})
     return path
 
 
-register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)"))
+register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)",
+                       files=(CONFIG_FILE, WEIGHTS_FILE), companions=(PICKLE_FILE, "README.md"), manifest=True))

@@ -28,7 +28,10 @@ from torch import Tensor
 
 from ..io.delta import Delta
 from ..core.errors import ConfigError, DeltaNotFoundError, ShapeMismatchError, TargetError, UnsupportedError
-from ..io.checkpoints import CheckpointReader, CheckpointWriter, as_float
+from ..io import formats
+from ..io.atomic import dir_bytes as atomic_dir_bytes
+from ..io.checkpoints import CheckpointReader, CheckpointWriter, as_float, check_output_dir
+from ..io.checkpoints import owns as checkpoint_owns
 from ..core.layouts import Layout, layout_by_name, layout_of
 from ..core.tensors import DeltaTensor, DenseDelta
 from ..core.progress import Progress
@@ -230,6 +233,18 @@ def apply_delta(base_dir: CheckpointReader | str | Path, delta: Delta | str | Pa
     """A full model directory holding W + ΔW (and b + Δb) of `delta` on the base checkpoint, key by key."""
     plan = CheckpointMerge(base_dir, [delta], _Single(), {})
     return write_model(plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def check_output(path: str | Path, model: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse an unsafe merge output before any work (`OutputPathError` naming the path and why): a model checkpoint
+    directory when `model`, else a delta directory of any registered format. Returns the real path."""
+    return check_output_dir(Path(path), inputs) if model else formats.check_output(path, inputs)
+
+
+def output_bytes(path: str | Path, model: bool) -> int:
+    """The size of what a merge wrote to `path`: its checkpoint or delta files only (writers replace the directory as
+    a whole, so nothing else is there; no walk of the tree, no symlinks followed)."""
+    return atomic_dir_bytes(path, checkpoint_owns) if model else formats.written_bytes(path)
 
 
 def write_model(plan: CheckpointMerge, out_dir: str | Path, *, max_shard_bytes: int = 2 << 30,

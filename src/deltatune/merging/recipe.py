@@ -26,11 +26,11 @@ import yaml
 from torch import Tensor
 
 from ..io.delta import Delta
-from ..core.errors import ConfigError, DeltaTuneError
+from ..core.errors import ConfigError, DeltaTuneError, OutputPathError
 from ..io.checkpoints import CheckpointReader
 from ..io.safetensors_io import check_finite, read_tensors
 from .combine import BASE_NEEDED, STORAGES, merge_deltas, method_params, module_filter, needs_base, resolve_method
-from .full_models import CheckpointMerge, is_model_dir, plan_to_delta, write_model
+from .full_models import CheckpointMerge, check_output, is_model_dir, output_bytes, plan_to_delta, write_model
 
 FORMATS = ("delta", "peft", "model")
 TOP_KEYS = ("method", "base", "inputs", "parameters", "modules", "output")
@@ -342,6 +342,10 @@ def _cross_checks(recipe: Recipe) -> None:
             i, path = missing
             raise _fail("base", f"is required: inputs[{i}] ({str(recipe.inputs[i].path)!r}) "
                                 f"{BASE_NEEDED.format(path=path)}; give the base model's directory")
+    try:  # an unsafe output (the root, home, a file, a symlink loop, unrelated files, ...) before any work
+        check_output(recipe.output.path, recipe.output.format == "model")
+    except OutputPathError as e:
+        raise OutputPathError(f"output.path: {e}") from None
     out = recipe.output.path.resolve()
     for i, inp in enumerate(recipe.inputs):
         if inp.path.resolve() == out:
@@ -355,6 +359,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Merge and write as the recipe says; returns a summary (modules merged, output bytes, seconds)."""
     start = time.perf_counter()
     out = recipe.output
+    check_output(out.path, out.format == "model", [i.path for i in recipe.inputs] + [b for b in [recipe.base] if b])
     sources = [inp.source for inp in recipe.inputs]
     module_params = _module_params(recipe) if recipe.tensor_files else None
     if module_params is not None and (recipe.has_models or out.format == "model"):
@@ -382,7 +387,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             write_peft(delta, out.path)
         else:
             delta.write(out.path)
-    size = sum(f.stat().st_size for f in out.path.rglob("*") if f.is_file())
+    size = output_bytes(out.path, out.format == "model")  # what was written, not whatever else is there
     return {"method": recipe.method.name if hasattr(recipe.method, "name") else str(recipe.method),
             "inputs": len(recipe.inputs), "modules": merged, "unit": "tensors" if out.format == "model" else "modules",
             "output": str(out.path), "format": out.format, "storage": out.storage if out.format != "model" else None,
