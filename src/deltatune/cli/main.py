@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 
 from ..core.errors import DeltaTuneError
+from ..core.parsing import load_yaml, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
@@ -19,7 +21,7 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = load_yaml(value, f"--set {key.strip()!r}")
     return out
 
 
@@ -33,8 +35,23 @@ def _print_report(report: Any, as_json: bool, done: str) -> None:
 
 
 def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    """One `error:` line on stderr (control characters escaped, so a file's contents cannot drive the terminal) and
+    exit status 2."""
+    text = str(e) if not isinstance(e, OSError) or not e.strerror else (
+        f"{e.strerror}: {e.filename!r}" if e.filename is not None else e.strerror)
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    typer.secho(f"error: {printable(line)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn every error a user can cause into one `error:` line and exit status 2: deltatune's own errors and the
+    operating system's (a path that cannot be read or written). Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (DeltaTuneError, OSError) as e:
+        _fail(e)
 
 
 @app.command()
@@ -57,17 +74,15 @@ def train(
 
     opts: dict[str, Any] = {"model": model, "data": data, "output_dir": output_dir, "epochs": epochs,
                             "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
-    if delta is not None:
-        opts["delta"] = yaml.safe_load(delta)
-    if resume:
-        opts["resume"] = True
-    opts.update(_parse_sets(set_))
-    opts = {k: v for k, v in opts.items() if v is not None}
-    try:
+    with _user_errors():
+        if delta is not None:
+            opts["delta"] = load_yaml(delta, "--delta")
+        if resume:
+            opts["resume"] = True
+        opts.update(_parse_sets(set_))
+        opts = {k: v for k, v in opts.items() if v is not None}
         cfg = TrainConfig.from_yaml(config, **opts) if config else TrainConfig.from_dict(opts)
         result = run(cfg)
-    except DeltaTuneError as e:
-        _fail(e)
     typer.echo(json.dumps(result.metrics, indent=2))
     if "test_accuracy" in result.metrics:
         typer.echo(f"test accuracy {result.metrics['test_accuracy']:.4f}, macro-F1 {result.metrics['test_macro_f1']:.4f}")
@@ -89,12 +104,10 @@ def evaluate(
     """Accuracy and macro-F1 (classification) or final-number exact match (GSM8K-style generation)."""
     from ..train.evaluation import run_eval
 
-    try:
-        metrics = run_eval(model, data, delta, split, limit, batch_size, max_new_tokens, max_length)
-    except DeltaTuneError as e:
-        _fail(e)
-    if output is not None:
-        output.write_text(json.dumps(metrics, indent=2))
+    with _user_errors():  # run_eval checks --output before it evaluates anything
+        metrics = run_eval(model, data, delta, split, limit, batch_size, max_new_tokens, max_length, output=output)
+        if output is not None:
+            output.write_text(json.dumps(metrics, indent=2))
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "outputs"}, indent=2))
 
 
@@ -103,10 +116,8 @@ def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="mach
     """Config, targets, parameter count, size on disk and base identity of a native or PEFT delta."""
     from ..io.inspect import describe, render
 
-    try:
+    with _user_errors():
         info = describe(path)
-    except DeltaTuneError as e:
-        _fail(e)
     typer.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
@@ -128,14 +139,12 @@ def compress_cmd(
     from ..io.formats import check_output
     from ..merging.compress import compress
 
-    try:
+    with _user_errors():
         check_output(out)  # an unsafe output is refused before any work
         delta = Delta.read(src)
         result, report = compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
                                   base=base, progress=not as_json)
         result.write(out)
-    except DeltaTuneError as e:
-        _fail(e)
     _print_report(report, as_json, f"compressed delta ({result.config.kind}) written to {out}")
 
 
@@ -155,13 +164,11 @@ def extract_cmd(
     from ..io.formats import check_output
     from ..merging.extract import extract
 
-    try:
+    with _user_errors():
         check_output(output)  # an unsafe output is refused before any work
         delta, report = extract(base, tuned, rank=rank, energy=energy, dense=tuple(dense),
                                 targets=tuple(targets) if targets else "all-linear", name=name, progress=not as_json)
         delta.write(output)
-    except DeltaTuneError as e:
-        _fail(e)
     _print_report(report, as_json, f"delta {name!r} written to {output}")
 
 
@@ -174,10 +181,8 @@ def merge_cmd(
     """Merge deltas, PEFT adapters or full models as a recipe says; checks the whole recipe before any work."""
     from ..merging.recipe import load_recipe, render, run_recipe
 
-    try:
+    with _user_errors():
         summary = run_recipe(load_recipe(recipe), progress=not (quiet or as_json))
-    except DeltaTuneError as e:
-        _fail(e)
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 

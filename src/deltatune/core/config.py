@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar
 
 from .errors import ConfigError, UnsupportedError
+from .parsing import short
 from .targeting import matches
 from .schema import Fraction, ModuleSpec, NoneMeans, NonNegativeInt, PositiveInt, check, validate_fields
 
@@ -32,8 +33,8 @@ def register(kind: str):
 
 
 def config_class(kind: str) -> type["DeltaConfig"]:
-    if kind not in _REGISTRY:
-        raise ConfigError(f"unknown delta kind {kind!r}; known kinds: {known_kinds()}")
+    if not isinstance(kind, str) or kind not in _REGISTRY:
+        raise ConfigError(f"unknown delta kind {short(kind)}; known kinds: {known_kinds()}")
     return _REGISTRY[kind]
 
 
@@ -186,16 +187,17 @@ class DeltaConfig(metaclass=_CheckedKeywords):
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "DeltaConfig":
         if not isinstance(data, dict) or "kind" not in data:
-            raise ConfigError(f"a delta config must be a JSON object with a 'kind' key (one of {known_kinds()}), got {data!r}")
+            raise ConfigError(f"a delta config must be a JSON object with a 'kind' key (one of {known_kinds()}), got "
+                              f"{short(data)}")
         cls = config_class(data["kind"])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"kind"})
         if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in {cls.__name__} config; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown key(s) {short(unknown, 200)} in {cls.__name__} config; known keys: {sorted(known)}")
         try:
             return cls(**{k: v for k, v in data.items() if k != "kind"})
         except TypeError as e:
-            raise ConfigError(f"invalid {cls.__name__} config {data!r}: {e}") from None
+            raise ConfigError(f"invalid {cls.__name__} config {short(data)}: {e}") from None
 
     @staticmethod
     def from_json(text: str) -> "DeltaConfig":

@@ -26,7 +26,6 @@ A failed check raises `Invalid` (value, problem, the node whose description says
 from __future__ import annotations
 
 import math
-import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -35,7 +34,9 @@ from typing import Annotated, Any, Literal, Union
 
 from torch import Tensor
 
+from . import regex
 from .errors import ConfigError
+from .parsing import short
 from .tensors import DeltaTensor
 
 __all__ = [
@@ -111,8 +112,9 @@ class OneOf(Constraint):
 
 @dataclass(frozen=True, init=False)
 class Patterns(Constraint):
-    """On ``dict[str, X]``: keys are module-name patterns (non-empty, valid regular expressions) and every value is
-    an X checked by `constraints` (PEFT-style per-module overrides such as ``rank_pattern``)."""
+    """On ``dict[str, X]``: keys are module-name patterns (non-empty regular expressions that `core.regex` matches in
+    linear time) and every value is an X checked by `constraints` (PEFT-style per-module overrides such as
+    ``rank_pattern``)."""
 
     constraints: tuple[Constraint, ...]
 
@@ -321,16 +323,16 @@ class PatternsNode(Node):
         for key, v in value.items():
             if not isinstance(key, str) or not key:
                 raise self.fail(value, "has a key that is not a module-name pattern",
-                                f"key {key!r} is not a non-empty string")
+                                f"key {short(key)} is not a non-empty string")
             try:
-                re.compile(key)
-            except re.error as e:
-                raise self.fail(value, "has a key that is not a valid regular expression",
-                                f"key {key!r} is not a valid regular expression ({e})") from None
+                regex.check(key)
+            except regex.RegexError as e:
+                raise self.fail(value, "has a key that is not a usable regular expression",
+                                f"key {short(key)} {e}") from None
             try:
                 out[key] = self.value.check(v, ctx)
             except Invalid as e:
-                raise Invalid(e.value, e.problem, e.node, f"[{key!r}]{e.path}", e.detail) from None
+                raise Invalid(e.value, e.problem, e.node, f"[{short(key, 80)}]{e.path}", e.detail) from None
             changed = changed or out[key] is not v
         return out if changed else value
 
@@ -349,11 +351,11 @@ class SpecNode(Node):
             value = (value,)
         if isinstance(value, str):
             try:
-                re.compile(value)
-            except re.error as e:
-                raise self.fail(value, "is not a valid regular expression",
-                                f"it is not a valid regular expression ({e}): a string is a full-match regex, a list "
-                                f"is name suffixes such as ['q_proj', 'v_proj']") from None
+                regex.check(value)
+            except regex.RegexError as e:
+                raise self.fail(value, "is not a usable regular expression",
+                                f"it {e}: a string is a full-match regex, a list is name suffixes such as "
+                                f"['q_proj', 'v_proj']") from None
             return value
         if isinstance(value, list):
             value = tuple(value)
@@ -548,7 +550,7 @@ def validate_fields(obj: Any) -> None:
 
 def config_error(owner: str, name: str, e: Invalid, ctx: Any = None) -> ConfigError:
     """The one message style of config values: ``LoRA.rank_pattern['q'] must be a positive integer, got 0``."""
-    text = f"{owner}.{name}{e.path} must be {e.node.describe(ctx)}, got {e.value!r}"
+    text = f"{owner}.{name}{e.path} must be {e.node.describe(ctx)}, got {short(e.value, 80)}"
     return ConfigError(text + (f"; {e.detail}" if e.detail else ""))
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from . import regex
 from .errors import TargetError
 from .layouts import is_norm
 
@@ -51,9 +52,10 @@ def head_paths(model: nn.Module) -> set[str]:
 
 
 def matches(spec: Targets, path: str) -> bool:
-    """A string is a full-match regex on the path; a tuple is a list of name suffixes."""
+    """A string is a full-match regex on the path (matched in linear time, `core.regex`); a tuple is a list of name
+    suffixes."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
+        return regex.fullmatch(spec, path)
     return any(path == s or path.endswith("." + s) for s in spec)
 
 
@@ -126,8 +128,9 @@ def resolve_targets(model: nn.Module, cfg: DeltaConfig) -> list[tuple[str, nn.Mo
 
 
 def pattern_value(patterns: dict[str, object], path: str, default: object) -> object:
-    """Per-module override: a key matches when the path ends with it as a dotted regex (PEFT's rule)."""
+    """Per-module override: a key matches when the path ends with it as a dotted regex (PEFT's rule), matched in
+    linear time (`core.regex.suffix_match`)."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
+        if regex.suffix_match(key, path):
             return value
     return default

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..core.errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..core.layouts import layout_by_name
 from . import atomic
+from ..core.parsing import read_json, short
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -39,11 +40,13 @@ class CheckpointReader:
         if not self.path.is_dir():
             raise DeltaNotFoundError(f"model directory {str(self.path)!r} does not exist")
         if (self.path / INDEX).is_file():
-            try:
-                index = json.loads((self.path / INDEX).read_text())
-                weight_map = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorruptFileError(f"{str(self.path / INDEX)!r} is not a valid shard index ({e})") from None
+            index = read_json(self.path / INDEX, "shard index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f and Path(f).name == f and f not in (".", "..") for f in weight_map.values()):
+                raise CorruptFileError(f"{str(self.path / INDEX)!r} is not a valid shard index: weight_map must map "
+                                       f"tensor names to shard file names in the same directory, got "
+                                       f"{short(weight_map if weight_map is not None else index)}")
             self.files = {k: self.path / f for k, f in weight_map.items()}
         elif (self.path / SINGLE).is_file():
             self.files = {k: self.path / SINGLE for k in self._keys_of(self.path / SINGLE)}
@@ -101,7 +104,10 @@ class CheckpointReader:
     @property
     def config(self) -> dict[str, Any]:
         file = self.path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else {}
+        config = read_json(file, "model config") if file.is_file() else {}
+        if not isinstance(config, dict):
+            raise CorruptFileError(f"model config {str(file)!r} must be a JSON object, got {type(config).__name__}")
+        return config
 
     def key_for(self, module_path: str, param: str = "weight") -> str | None:
         """The checkpoint key of a module's parameter; checkpoints saved without the model's head prefix
@@ -266,7 +272,7 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
             if not 0 <= begin <= end <= data or end - begin != count * itemsize:
                 raise ValueError(f"tensor {key!r} has offsets {info['data_offsets']} for {count} x {info['dtype']} "
                                  f"in {data} data bytes")
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError, RecursionError) as e:
         raise CorruptFileError(f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
                                f"truncated or corrupt") from None
     return header, 8 + n

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, config_class, storage_kind
-from ..core.errors import ConfigError, DeltaNameError, TargetError, UnsupportedError
+from ..core.errors import ConfigError, CorruptFileError, DeltaNameError, TargetError, UnsupportedError
 from ..runtime import slot_of, state_of
 from ..core.layouts import layout_by_name, layout_of
 from . import formats
 from .formats import format_named
-from ..core.tensors import DeltaTensor
+from ..core.tensors import DeltaTensor, DenseDelta, LowRankDelta, SparseDelta
 
 
 
@@ -51,7 +51,15 @@ class Delta:
                                        f"express its update (e.g. DoRA, full copies); pass base= (a model or a model "
                                        f"directory's weights)")
             weight, bias = lookup(path)
-        return piece_cls.update(self.state[path], local, layout, weight, bias)
+        dw, db = piece_cls.update(self.state[path], local, layout, weight, bias)
+        values = ([dw.A, dw.B] if isinstance(dw, LowRankDelta) else [dw.weight] if isinstance(dw, DenseDelta)
+                  else [dw.values] if isinstance(dw, SparseDelta) else []) + ([db] if db is not None else [])
+        bad = next((t.dtype for t in values if not t.is_floating_point()), None)
+        if bad is not None:
+            raise CorruptFileError(f"delta {self.name!r} ({self.config.kind}) at {path!r}: its update has {bad} values; "
+                                   f"a weight update is floating point — the delta's tensors are of the wrong type "
+                                   f"(a damaged file, or one not written for this method)")
+        return dw, db
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""

@@ -10,7 +10,7 @@ from torch import nn
 from ..runtime import check_new_name, build_pieces, install
 from .delta import Delta, model_class_name
 from .formats import check_output, format_named
-from ..core.errors import ShapeMismatchError, TargetError
+from ..core.errors import CorruptFileError, ShapeMismatchError, TargetError
 
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
     """Write delta `name` of `model` to directory `path` (created if needed) in a registered format ("native",
@@ -22,6 +22,16 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, format: st
     return fmt.write(delta, Path(path))
 
 
+def value_kind(dtype: torch.dtype) -> str:
+    """"floating-point", "complex", "boolean" or "integer": values of one kind convert into each other's dtypes
+    when a file's tensors are loaded into a piece's, values of different kinds are refused."""
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
 def check_fits(model: nn.Module, delta: Delta) -> None:
     """Raise if the delta's modules are missing from `model` or their weights have other shapes."""
     modules = dict(model.named_modules())
@@ -31,6 +41,8 @@ def check_fits(model: nn.Module, delta: Delta) -> None:
                           f"e.g. {missing[:3]}; it was made for {delta.base.get('model_class', 'another model')}")
     bad = []
     for p, shape in delta.base.get("weight_shapes", {}).items():
+        if p not in modules:  # a module this model lacks, so one the delta does not adapt (checked above)
+            continue
         w = getattr(modules[p], "weight", None)
         if w is not None and list(w.shape) != list(shape):
             bad.append(f"{p}: file {list(shape)} vs model {list(w.shape)}")
@@ -61,6 +73,10 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
             if tuple(own[key].shape) != tuple(t.shape):
                 raise ShapeMismatchError(f"delta {name!r}: {path}.{key} has shape {tuple(t.shape)} in the file but "
                                          f"{tuple(own[key].shape)} on this model")
+            if value_kind(t.dtype) != value_kind(own[key].dtype):
+                raise CorruptFileError(f"delta {name!r}: {path}.{key} holds {value_kind(t.dtype)} values ({t.dtype}) "
+                                       f"in the file, but the piece keeps {value_kind(own[key].dtype)} values "
+                                       f"({own[key].dtype}); the file is damaged or was not written for this method")
         with torch.no_grad():
             piece.load_state_dict({k: t.to(own[k].dtype) for k, t in saved.items()})
     return install(model, name, delta.config, built, trainable=trainable, activate=activate)

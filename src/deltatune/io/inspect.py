@@ -1,10 +1,13 @@
-"""`deltatune inspect`: what a delta directory holds, for native and PEFT formats."""
+"""`deltatune inspect`: what a delta directory holds, for native and PEFT formats. Names come from files, so the
+rendered text escapes every control character (a delta named with terminal escape sequences prints them as `\x1b`
+and does not drive the terminal); the JSON form escapes them as JSON does."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..core.parsing import printable
 from .delta import Delta
 from .formats import format_of
 
@@ -46,4 +49,4 @@ def render(info: dict[str, Any]) -> str:
         f"  base        class={info['base'].get('model_class')} name={info['base'].get('model_name')} "
         f"({info['base_weight_shapes']} weight shapes recorded)",
     ]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

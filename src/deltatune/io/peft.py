@@ -43,6 +43,8 @@ from ..core.tensors import DeltaTensor
 from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, ShapeMismatchError, UnsupportedError
 from ..methods.full import Full
 from ..methods.lora.lora import LoRA
+from ..core import regex
+from ..core.parsing import expect, read_json, short
 from ..core.targeting import matches, pattern_value
 from .formats import Format, check_output, register_format, write_directory
 from .safetensors_io import check_finite, read_tensors
@@ -134,25 +136,49 @@ class PeftDelta(Delta):
 
 def _load_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG_FILE
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{str(file)!r} is not valid JSON ({e}); the file is damaged") from None
+    cfg = read_json(file, error=CorruptFileError)
     if not isinstance(cfg, dict):
         raise CorruptFileError(f"{str(file)!r} is not a PEFT adapter config (a JSON object), got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise UnsupportedError(f"{str(file)!r} is a PEFT {peft_type!r} adapter; deltatune reads PEFT LoRA/DoRA adapters "
-                               f"(peft_type 'LORA') only")
+        raise UnsupportedError(f"{str(file)!r} is a PEFT {short(peft_type)} adapter; deltatune reads PEFT LoRA/DoRA "
+                               f"adapters (peft_type 'LORA') only")
+    _check_fields(cfg, repr(str(file)))
     return cfg
 
 
+# the type of every config field the reader uses: field -> (accepts?, what is expected)
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "lora_dropout": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v is None or isinstance(v, str), "'none', 'all' or 'lora_only'"),
+    "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or the name of an init"),
+    "modules_to_save": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(
+        isinstance(m, str) and m for m in v)), "a list of module names or null"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "auto_mapping": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+
+
+def _check_fields(cfg: dict[str, Any], where: str) -> None:
+    for key, (ok, expected) in _FIELD_TYPES.items():
+        if key in cfg:
+            expect(ok(cfg[key]), where, key, expected, cfg[key])
+    mapping = cfg.get("auto_mapping") or {}
+    expect(mapping.get("base_model_class") is None or isinstance(mapping["base_model_class"], str), where,
+           "auto_mapping.base_model_class", "a class name or null", mapping.get("base_model_class"))
+
+
 def _check_supported(cfg: dict[str, Any], where: str) -> None:
-    active = [f"{_UNSUPPORTED_FIELDS[k]} ({k}={cfg[k]!r})" for k in _UNSUPPORTED_FIELDS if cfg.get(k) not in (None, False, [], {})]
+    active = [f"{_UNSUPPORTED_FIELDS[k]} ({k}={short(cfg[k])})" for k in _UNSUPPORTED_FIELDS
+              if cfg.get(k) not in (None, False, [], {})]
     if cfg.get("init_lora_weights") == "mica":
         active.append("MiCA (init_lora_weights='mica')")
     if cfg.get("bias", "none") not in ("none", "lora_only"):
-        active.append(f"bias={cfg['bias']!r} (PEFT then stores every bias of the model, not a delta)")
+        active.append(f"bias={short(cfg['bias'])} (PEFT then stores every bias of the model, not a delta)")
     if cfg.get("lora_bias") and cfg.get("use_dora"):
         active.append("lora_bias=True with use_dora=True (PEFT then folds the bias into DoRA's weight norm)")
     if active:
@@ -168,19 +194,19 @@ def _check_supported(cfg: dict[str, Any], where: str) -> None:
 def _number(cfg: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = cfg.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and not isinstance(value, int)):
-        raise CorruptFileError(f"{where}: {key}={value!r} is not a {'whole ' if kind is int else ''}number")
+        raise CorruptFileError(f"{where}: {key}={short(value)} is not a {'whole ' if kind is int else ''}number")
     return value
 
 
 def _patterns(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = cfg.get(key) or {}
     if not isinstance(value, dict):
-        raise CorruptFileError(f"{where}: {key} must be an object mapping module patterns to values, got {value!r}")
+        raise CorruptFileError(f"{where}: {key} must be an object mapping module patterns to values, got {short(value)}")
     for pattern in value:
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise CorruptFileError(f"{where}: {key} key {pattern!r} is not a valid regular expression ({e})") from None
+            regex.check(pattern)
+        except regex.RegexError as e:
+            raise CorruptFileError(f"{where}: {key} key {short(pattern)} {e}") from None
     return value
 
 
@@ -206,7 +232,7 @@ def _group_tensors(flat: dict[str, Tensor], cfg: dict[str, Any], where: str) -> 
                 break
         else:
             rest[name] = t
-    save_roots = cfg.get("modules_to_save") or []
+    save_roots = cfg.get("modules_to_save") or []  # checked by _check_fields: a name or a list of names
     if isinstance(save_roots, str):
         save_roots = [save_roots]
     full: dict[str, dict[str, Tensor]] = {}
@@ -255,6 +281,11 @@ def read_peft(path: Path) -> Delta:
     flat, _ = read_tensors(weights)
     check_finite(flat, str(weights))
     lora, full, embeddings, ignored = _group_tensors(flat, cfg, where)
+    for mpath, parts in lora.items():
+        for what, t in parts.items():
+            if not t.is_floating_point():
+                raise CorruptFileError(f"{where}: {what} of module {short(mpath)} holds {t.dtype} values; LoRA factors, "
+                                       f"magnitudes and biases are floating point")
     if ignored:
         warnings.warn(f"{where} holds copies of base weights ({ignored[:3]}{', ...' if len(ignored) > 3 else ''}), as PEFT "
                       f"saves for targeted embeddings; they are ignored — deltatune keeps the model's own weights. If the "
@@ -263,7 +294,7 @@ def read_peft(path: Path) -> Delta:
         raise CorruptFileError(f"{where} holds no LoRA tensors")
 
     r0, alpha0 = _number(cfg, "r", int, where), _number(cfg, "lora_alpha", float, where)
-    dropout = cfg.get("lora_dropout") or 0.0
+    dropout = cfg.get("lora_dropout") or 0.0  # a number (checked by _check_fields)
     rank_pattern, alpha_pattern = _patterns(cfg, "rank_pattern", where), _patterns(cfg, "alpha_pattern", where)
     dora, lora_bias = bool(cfg.get("use_dora")), bool(cfg.get("lora_bias"))
     absolute = cfg.get("bias", "none") == "lora_only"

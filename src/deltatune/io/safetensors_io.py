@@ -1,26 +1,126 @@
-"""Reading safetensors safely: clear errors for truncated or corrupt files and for non-finite values."""
+"""Reading safetensors safely: the file is memory-mapped and checked before any tensor is read.
+
+`read_tensors` compares the file's size with what the caller's manifest records (delta.json) before it maps
+anything, parses the header with the bounded JSON reader, checks that the tensors tile the data exactly (no gaps,
+no overlaps, nothing past the end, sizes that fit dtype and shape), verifies a recorded SHA-256 on the same
+mapping the tensors are then copied from, and only then copies each tensor out. A 1 GiB file where 1 KiB is
+expected is refused after one `fstat`; a damaged header costs the header's bytes. Nothing is ever unpickled.
+"""
 from __future__ import annotations
 
+import hashlib
+import mmap
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from torch import Tensor
 
 from ..core.errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
+from ..core.parsing import load_json, short
+from .checkpoints import DTYPES
+
+#: the largest header accepted (the safetensors format's own limit)
+MAX_HEADER_BYTES = 100 << 20
 
 
-def read_tensors(path: Path) -> tuple[dict[str, Tensor], bytes]:
-    """All tensors of a safetensors file (and its raw bytes); never unpickles anything."""
-    if not path.is_file():
-        raise DeltaNotFoundError(f"tensor file {str(path)!r} does not exist")
-    data = path.read_bytes()
+def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = None,
+                 manifest: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of the safetensors file at `path` and its metadata. `size` / `sha256`, when given, are what a
+    manifest (named by `manifest` in messages) records: the file must have exactly that size (checked before it is
+    read) and hash."""
+    path = Path(path)
+    where = repr(str(path))
     try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types for every malformation
-        raise CorruptFileError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                               f"the file is truncated or corrupt — save the delta again") from None
-    return tensors, data
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DeltaNotFoundError(f"tensor file {where} does not exist") from None
+    except IsADirectoryError:
+        raise CorruptFileError(f"tensor file {where} is a directory") from None
+    except OSError as e:
+        raise CorruptFileError(f"tensor file {where} cannot be opened ({e.strerror or e})") from None
+    except ValueError:  # a NUL character in the name
+        raise CorruptFileError(f"tensor file {where} is not a valid file name") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptFileError(f"tensor file {where} is not a regular file")
+        actual = info.st_size
+        if size is not None and actual != size:
+            raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
+                                   f"the file was truncated, modified or belongs to another save — it was not read")
+        if actual < 8:
+            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+        with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
+            header, start = _header(mm, actual, where)
+            if sha256 is not None and hashlib.sha256(mm).hexdigest() != sha256:
+                raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
+                                       f"; the file was modified, damaged or belongs to another save")
+            metadata = header.pop("__metadata__", {})
+            tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
+    finally:
+        os.close(fd)
+    return tensors, metadata
+
+
+def _corrupt(where: str, why: str) -> CorruptFileError:
+    return CorruptFileError(f"{where} is not a readable safetensors file ({why}); the file is truncated or corrupt "
+                            f"— save the delta again")
+
+
+def _header(mm: mmap.mmap, actual: int, where: str) -> tuple[dict[str, Any], int]:
+    """The checked tensor table of a mapped safetensors file and where its data starts."""
+    n = int.from_bytes(mm[:8], "little")
+    if n > actual - 8 or n > MAX_HEADER_BYTES or n < 2:
+        raise _corrupt(where, f"its header length {n} does not fit a file of {actual} bytes")
+    header = load_json(mm[8:8 + n], f"the header of {where}")
+    if not isinstance(header, dict):
+        raise _corrupt(where, f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(where, f"its __metadata__ must map strings to strings, got {short(metadata)}")
+    data = actual - 8 - n
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _corrupt(where, f"tensor {short(key)}: expected dtype, shape and data_offsets, got {short(entry)}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _corrupt(where, f"tensor {short(key)} has dtype {short(dtype)}; known: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _corrupt(where, f"tensor {short(key)} has shape {short(shape)}; expected a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data):
+            raise _corrupt(where, f"tensor {short(key)} has data_offsets {short(offsets)} outside the {data} data bytes")
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * DTYPES[dtype].itemsize:
+            raise _corrupt(where, f"tensor {short(key)} spans {offsets[1] - offsets[0]} bytes, but {count} x {dtype} "
+                                  f"take {count * DTYPES[dtype].itemsize}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise _corrupt(where, f"its tensors {'overlap' if begin < end else 'leave a gap'} at byte {min(begin, end)} "
+                                  f"(tensor {short(key)})")
+        end = stop
+    if end != data:
+        raise _corrupt(where, f"its tensors cover {end} of the {data} data bytes")
+    return header, 8 + n
+
+
+def _tensor(mm: mmap.mmap, start: int, entry: dict[str, Any]) -> Tensor:
+    dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+    begin, end = entry["data_offsets"]
+    if begin == end:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin) \
+        .reshape(shape).clone()
 
 
 def check_finite(tensors: dict[str, Tensor], where: str) -> None:

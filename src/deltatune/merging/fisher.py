@@ -7,8 +7,6 @@ With batches of one example it is the per-example empirical Fisher of Matena & R
 """
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,8 +115,8 @@ def save_fisher(fisher: dict[str, Tensor], path: str | Path) -> Path:
 def load_fisher(path: str | Path) -> dict[str, Tensor]:
     """Read a Fisher dict written by `save_fisher` (safetensors only, never unpickled)."""
     path = Path(path)
-    tensors, data = read_tensors(path)
-    if _metadata(data).get("format") != FORMAT:
+    tensors, metadata = read_tensors(path)
+    if metadata.get("format") != FORMAT:
         raise CorruptFileError(f"{str(path)!r} is a safetensors file but not a deltatune Fisher file (its metadata "
                                f"lacks format={FORMAT!r}); write it with deltatune.merging.save_fisher")
     check_finite(tensors, str(path))
@@ -126,7 +124,3 @@ def load_fisher(path: str | Path) -> dict[str, Tensor]:
         raise CorruptFileError(f"{str(path)!r} holds negative values; a diagonal Fisher is non-negative")
     return tensors
 
-
-def _metadata(data: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor
 
 from ..io.delta import Delta
+from ..core import regex
 from ..core.errors import ConfigError, DeltaTuneError, OutputPathError
+from ..core.parsing import check_tree, read_yaml, short
 from ..io.checkpoints import CheckpointReader
 from ..io.safetensors_io import check_finite, read_tensors
 from .combine import BASE_NEEDED, STORAGES, merge_deltas, method_params, module_filter, needs_base, resolve_method
@@ -78,8 +79,8 @@ def _fail(where: str, message: str) -> ConfigError:
 
 
 def _got(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """The value as a message shows it: a bounded repr, built from a bounded part of the value (`short`)."""
+    return short(v, 60)
 
 
 def _string(data: dict[str, Any], key: str, where: str, required: bool = False) -> str | None:
@@ -88,8 +89,8 @@ def _string(data: dict[str, Any], key: str, where: str, required: bool = False) 
         if required:
             raise _fail(where, "is required")
         return None
-    if not isinstance(v, str) or not v:
-        raise _fail(where, f"expected a non-empty string, got {_got(v)}")
+    if not isinstance(v, str) or not v or "\0" in v:
+        raise _fail(where, f"expected a non-empty string (without NUL characters), got {_got(v)}")
     return v
 
 
@@ -104,7 +105,8 @@ def _mapping(v: Any, where: str) -> dict[str, Any]:
 def _unknown(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
     extra = [k for k in data if k not in known]
     if extra:
-        raise _fail(f"{where}{extra[0]}" if where else str(extra[0]),
+        name = short(extra[0], 80) if not isinstance(extra[0], str) or len(extra[0]) > 80 else extra[0]
+        raise _fail(f"{where}{name}",
                     f"unknown field; known fields{' of ' + where.rstrip('.') if where else ''}: {', '.join(known)}")
 
 
@@ -123,14 +125,12 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     """A checked Recipe from a YAML file (or an already parsed dict); raises ConfigError naming the field."""
     if isinstance(source, dict):
         data = source
+        check_tree(data, "the recipe", ConfigError)  # bounded like a file: no cycles, no alias blow-up
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+        data = read_yaml(path, "recipe", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe is a YAML mapping with the fields {', '.join(TOP_KEYS)}; got {_got(data)}")
     _unknown(data, TOP_KEYS, "")
@@ -162,7 +162,7 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     for k in parameters:
         p = params_schema.get(k) or next((q for q in params_schema.values() if q.arg == k), None)
         if p is None:
-            raise _fail(f"parameters.{k}", f"merge method {method.name!r} has no parameter {k!r}; its parameters: "
+            raise _fail(f"parameters.{k}", f"merge method {method.name!r} has no parameter {_got(k)}; its parameters: "
                                            f"{', '.join(sorted(params_schema)) or '(none)'}")
         for i, inp in enumerate(inputs):
             if k in inp.params:
@@ -190,9 +190,9 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
 
 def _regex_error(v: str) -> str:
     try:
-        re.compile(v)
-    except re.error as e:
-        return str(e)
+        regex.check(v)
+    except regex.RegexError as e:
+        return f"it {e}"
     return "invalid"
 
 
@@ -216,10 +216,10 @@ def _read_input(item: Any, i: int, method: str, schema: dict[str, Any]) -> Recip
     for k in params:
         p = schema.get(k) or next((q for q in schema.values() if q.arg == k), None)
         if p is None:
-            raise _fail(f"{where}.{k}", f"merge method {method!r} has no parameter {k!r}; its per-input parameters: "
+            raise _fail(f"{where}.{k}", f"merge method {method!r} has no parameter {_got(k)}; its per-input parameters: "
                                         f"{', '.join(sorted(n for n, q in schema.items() if q.per_input)) or '(none)'}")
         if not p.per_input:
-            raise _fail(f"{where}.{k}", f"{k!r} is a global parameter of {method!r}; give it under parameters")
+            raise _fail(f"{where}.{k}", f"{_got(k)} is a global parameter of {method!r}; give it under parameters")
     return RecipeInput(path, kind, source, params)
 
 
@@ -300,7 +300,7 @@ def _validate_params(method: Any, parameters: dict[str, Any], inputs: list[Recip
     for k in per_input:
         missing = [i for i, inp in enumerate(inputs) if k not in inp.params]
         if missing:
-            raise _fail(f"inputs[{missing[0]}].{k}", f"is missing; other inputs give {k!r}: give a per-input "
+            raise _fail(f"inputs[{missing[0]}].{k}", f"is missing; other inputs give {_got(k)}: give a per-input "
                                                      f"parameter for every input, or put one value under parameters")
         combined[k] = [inp.params[k] for inp in inputs]
     try:

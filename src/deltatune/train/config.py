@@ -8,6 +8,7 @@ from typing import Any
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
+from ..core.parsing import read_yaml
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -96,14 +97,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"training config {str(path)!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"training config {str(path)!r} is not valid YAML: {e}") from None
+        data = read_yaml(Path(path), "training config", ConfigError) or {}  # bounded: no alias blow-up, no deep nesting
         if not isinstance(data, dict):
             raise ConfigError(f"training config {str(path)!r} must be a mapping of options")
         data.update({k: v for k, v in overrides.items() if v is not None})

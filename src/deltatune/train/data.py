@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import ConfigError, DeltaNotFoundError
+from ..core.parsing import load_json, short
 from ..zoo.splits import Splits
 
 Example = dict[str, Any]
@@ -24,18 +24,29 @@ def read_table(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DeltaNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ConfigError(f"{str(path)!r} must hold a JSON list of objects")
-        return data
-    if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ConfigError(f"unsupported data file type {suffix!r} for {str(path)!r}; use .jsonl, .json, .csv or .tsv")
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise ConfigError(f"unsupported data file type {suffix!r} for {str(path)!r}; use .jsonl, .json, .csv or .tsv")
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                rows = [load_json(line, f"data file {str(path)!r} line {i}", ConfigError)
+                        for i, line in enumerate(f, 1) if line.strip()]
+        elif suffix == ".json":
+            rows = load_json(path.read_text(encoding="utf-8"), f"data file {str(path)!r}", ConfigError)
+            if not isinstance(rows, list):
+                raise ConfigError(f"{str(path)!r} must hold a JSON list of objects")
+        else:
+            with path.open(encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data file {str(path)!r} is not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise ConfigError(f"data file {str(path)!r} is not a readable {suffix[1:].upper()} file ({e})") from None
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ConfigError(f"data file {str(path)!r}: example {bad} is {short(rows[bad])}; every example is a JSON "
+                          f"object of columns")
+    return rows
 
 
 def _column(rows: list[Example], col: str, path: str) -> None:

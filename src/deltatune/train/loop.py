@@ -16,6 +16,7 @@ from torch import nn
 from ..runtime import attach
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
+from ..core.parsing import read_json, short
 from ..io.files import save as save_delta
 from ..io.delta import Delta
 from ..runtime import slot_of, state_of
@@ -59,12 +60,41 @@ def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r} is neither a zoo model ({zoo.list_models()}) nor a local HF "
                           f"directory with config.json")
+    check_model_dir(path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    if task == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True), tok
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tok  # never a pickled checkpoint
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        if task == "classification":
+            net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # never a pickled checkpoint
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # transformers' errors for a damaged directory
+        raise ConfigError(f"model directory {str(path)!r} could not be loaded ({type(e).__name__}: "
+                          f"{short(str(e), 300)})") from None
+    return net, tok
+
+
+#: files of which a model directory needs one to have a tokenizer's vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a local model directory without a readable config, safetensors weights or a tokenizer, before
+    anything is loaded (transformers would raise deep inside, or build an empty tokenizer)."""
+    config = read_json(path / "config.json", "model config", ConfigError)
+    if not isinstance(config, dict):
+        raise ConfigError(f"model config {str(path / 'config.json')!r} must be a JSON object, got "
+                          f"{type(config).__name__}")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        pickled = [n for n in ("pytorch_model.bin", "model.pt", "model.pth") if (path / n).is_file()]
+        raise ConfigError(f"model directory {str(path)!r} has no safetensors weights (model.safetensors or "
+                          f"model.safetensors.index.json)" + (f"; {pickled[0]} is a pickle, which deltatune never "
+                                                              f"loads: convert it to safetensors" if pickled else ""))
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(f"model directory {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                          f"save the tokenizer next to the model (tokenizer.save_pretrained)")
 
 
 def with_head(delta: DeltaConfig, model: nn.Module, task: str) -> DeltaConfig:
