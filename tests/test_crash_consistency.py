@@ -236,3 +236,42 @@ def test_torn_peft_directory_is_detected(versions, tmp_path):
     (old / "adapter_config.json").write_text((new / "adapter_config.json").read_text())
     with pytest.raises(CorruptFileError, match="adapter_config.json"):
         dt.Delta.read(old)
+
+
+def test_kill_at_every_file_operation_of_a_training_checkpoint(tmp_path):
+    """dt.train's resumable checkpoints (delta + optimizer + scheduler + RNG) are replaced as a whole too."""
+    from deltatune.train.checkpoint import STATE_JSON, STATE_TENSORS, load_checkpoint, save_checkpoint
+
+    from conftest import build_tiny
+
+    tiny = build_tiny("llama")
+    dt.attach(tiny.model, dt.LoRA(r=2, targets=("q_proj",)), "a")
+    params = [p for p in tiny.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tiny.logits(grad=True).sum().backward()
+    opt.step()
+    target = lambda k: tmp_path / f"k{k}" / "checkpoint-2"  # noqa: E731
+    files = {"delta", STATE_TENSORS, STATE_JSON}
+    seen: list[int] = []
+
+    def prepare(k: int) -> None:
+        save_checkpoint(target(k), tiny.model, "a", opt, sched, {"step": 1})
+
+    def run(k: int) -> None:
+        save_checkpoint(target(k), tiny.model, "a", opt, sched, {"step": 2})
+
+    def check(k: int, killed: bool) -> None:
+        d = target(k)
+        assert {p.name for p in d.iterdir()} == files, f"kill at operation {k}: {sorted(p.name for p in d.iterdir())}"
+        step = load_checkpoint(d, opt, sched)["step"]
+        dt.Delta.read(d / "delta")  # the delta inside loads
+        if not killed:
+            assert step == 2
+        seen.append(step)
+        save_checkpoint(d, tiny.model, "a", opt, sched, {"step": 3})
+        assert os.listdir(d.parent) == ["checkpoint-2"], f"kill at operation {k}: leftovers {os.listdir(d.parent)}"
+        shutil.rmtree(d.parent)
+
+    n = every_kill(prepare, run, check)
+    assert n >= 6 and seen[0] == 1 and seen[-1] == 2 and seen == sorted(seen)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import CorruptFileError
+from ..io.atomic import new_staging, publish_dir
 from ..io.files import save as save_delta
 
 STATE_JSON = "trainer_state.json"
@@ -51,18 +52,24 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 def save_checkpoint(path: Path, model: nn.Module, name: str, opt: torch.optim.Optimizer, sched: Any,
                     progress: dict[str, Any]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_delta(model, tmp / "delta", name=name)
-    tensors, opt_meta = _split_optimizer(opt)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    meta = {"optimizer": opt_meta, "scheduler": sched.state_dict(), "progress": progress,
-            "python_rng": jsonable(random.getstate())}
-    (tmp / STATE_JSON).write_text(json.dumps(meta))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    """Write a resumable checkpoint directory, replaced as a whole (io/atomic.py): a kill at any point leaves the
+    previous checkpoint or the new one, never a mix, and the next save removes what an interrupted one left."""
+    stage = new_staging(path)
+    try:
+        save_delta(model, stage / "delta", name=name)
+        tensors, opt_meta = _split_optimizer(opt)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(stage / STATE_TENSORS))
+        meta = {"optimizer": opt_meta, "scheduler": sched.state_dict(), "progress": progress,
+                "python_rng": jsonable(random.getstate())}
+        (stage / STATE_JSON).write_text(json.dumps(meta))
+        for file in (stage / STATE_TENSORS, stage / STATE_JSON):
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    publish_dir(stage, path)
     return path
 
 
