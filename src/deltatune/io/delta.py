@@ -152,6 +152,15 @@ class Delta:
         path = Path(path)
         return format_of(path).read(path)
 
+    @classmethod
+    def read_meta(cls, path: str | Path) -> "Delta":
+        """The delta in `path` with meta tensors: config, modules, shapes and dtypes, from the metadata and the
+        tensor file's header only (no tensor data is read). Raises the same typed errors as `read` for everything
+        that needs no data (the data's hash and finiteness are checked by `read`)."""
+        path = Path(path)
+        fmt = format_of(path)
+        return fmt.read_meta(path) if fmt.read_meta is not None else fmt.read(path)
+
 
 BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | Any | None
 

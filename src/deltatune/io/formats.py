@@ -22,6 +22,9 @@ class Format:
     read: Callable[[Path], "Delta"]
     write: Callable[["Delta", Path], Path]
     description: str = ""
+    #: directory -> Delta of meta tensors (config, modules, shapes and dtypes from the files' headers; no tensor
+    #: data read), with the reader's checks that need no data; None: the format reads everything
+    read_meta: Callable[[Path], "Delta"] | None = None
 
 
 _FORMATS: dict[str, Format] = {}

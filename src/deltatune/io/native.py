@@ -14,7 +14,7 @@ from ..core.errors import ConfigError, CorruptFileError, UnsupportedError
 from .atomic import write_files
 from .delta import Delta
 from .formats import Format, register_format
-from .safetensors_io import check_finite, read_tensors
+from .safetensors_io import check_finite, read_header, read_tensors
 
 FORMAT = "deltatune.delta"
 FORMAT_VERSION = 1
@@ -42,7 +42,9 @@ def write_native(delta: Delta, path: Path) -> Path:
     return path
 
 
-def read_native(path: Path) -> Delta:
+def read_native(path: Path, header_only: bool = False) -> Delta:
+    """The delta in `path`; with header_only, its tensors are meta tensors read from the safetensors header (every
+    check but the data's hash and finiteness, which need the data)."""
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -62,9 +64,15 @@ def read_native(path: Path) -> Delta:
         raise CorruptFileError(f"{str(path / CONFIG_FILE)!r} lacks the key {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{str(path / CONFIG_FILE)!r}: {e}") from None
-    flat, data = read_tensors(path / TENSOR_FILE)
+    if header_only:
+        flat, size = read_header(path / TENSOR_FILE)
+        data = None
+    else:
+        flat, data = read_tensors(path / TENSOR_FILE)
+        size = len(data)
     expect = meta.get("tensors", {})
-    if expect.get("bytes") is not None and (expect["bytes"] != len(data) or expect.get("sha256") != hashlib.sha256(data).hexdigest()):
+    if expect.get("bytes") is not None and (expect["bytes"] != size or (
+            data is not None and expect.get("sha256") != hashlib.sha256(data).hexdigest())):
         raise CorruptFileError(f"{str(path / TENSOR_FILE)!r} does not match the size/hash recorded in {CONFIG_FILE}; "
                                f"the file was truncated, modified or belongs to another save")
     check_finite(flat, str(path / TENSOR_FILE))
@@ -82,4 +90,5 @@ def read_native(path: Path) -> Delta:
     return Delta(meta.get("name") or path.name, config, state, types, meta.get("base", {}))
 
 
-register_format(Format("native", CONFIG_FILE, read_native, write_native, "deltatune's own: delta.json + delta.safetensors"))
+register_format(Format("native", CONFIG_FILE, read_native, write_native, "deltatune's own: delta.json + delta.safetensors",
+                       read_meta=lambda path: read_native(path, header_only=True)))

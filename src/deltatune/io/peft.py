@@ -46,7 +46,7 @@ from ..methods.lora.lora import LoRA
 from ..core.targeting import matches, pattern_value
 from .atomic import write_files
 from .formats import Format, register_format
-from .safetensors_io import check_finite, read_tensors
+from .safetensors_io import check_finite, read_header, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -240,8 +240,9 @@ def _group_tensors(flat: dict[str, Tensor], cfg: dict[str, Any], where: str) -> 
     return lora, full, embeddings, ignored
 
 
-def read_peft(path: Path) -> Delta:
-    """A PEFT LoRA/DoRA adapter directory as a detached Delta with a LoRA config."""
+def read_peft(path: Path, header_only: bool = False) -> Delta:
+    """A PEFT LoRA/DoRA adapter directory as a detached Delta with a LoRA config (with header_only, of meta tensors
+    read from the safetensors header: every check but finiteness)."""
     path = Path(path)
     where = f"PEFT adapter {str(path)!r}"
     cfg = _load_config(path)
@@ -253,7 +254,7 @@ def read_peft(path: Path) -> Delta:
                                    f".save_pretrained(new_dir) writes {WEIGHTS_FILE}")
         raise DeltaNotFoundError(f"{where} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
     _check_supported(cfg, where)
-    flat, _ = read_tensors(weights)
+    flat = read_header(weights)[0] if header_only else read_tensors(weights)[0]
     check_finite(flat, str(weights))
     lora, full, embeddings, ignored = _group_tensors(flat, cfg, where)
     if ignored:
@@ -439,4 +440,5 @@ def write_peft(delta: Delta, path: Path) -> Path:
     return path
 
 
-register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)"))
+register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)",
+                       read_meta=lambda path: read_peft(path, header_only=True)))
