@@ -228,3 +228,13 @@ def test_sampling_streaming_cancel_and_eos(setup):
     first = reference(base, None, [1, 2], 1)[0]
     [e] = eng.generate([[1, 2]], None, SamplingParams(max_tokens=5, eos=(first,)))
     assert e.tokens == [first] and e.finish_reason == "eos"
+
+
+def test_docs_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "serving.md", "exec"), namespace)
+    reqs = namespace["reqs"]
+    assert all(len(r.tokens) == 5 for r in reqs) and namespace["engine"].slots.evictions >= 1
+    assert len(namespace["streamed"]) == 15
