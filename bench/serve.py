@@ -86,7 +86,7 @@ def run(args, log=print):
         for j in range(n):
             eng.register(f"d{j}", files[j % len(files)])
         for j in range(8):
-            eng.submit(prompts[j], f"d{j}", SamplingParams(max_tokens=1000, eos=()))
+            eng.submit(prompts[j % len(prompts)], f"d{j}", SamplingParams(max_tokens=1000, eos=()))
         eng.step()
         ts = []
         for _ in range(args.decode_steps):
