@@ -81,3 +81,16 @@ def test_mixed_bench_runs_on_a_tiny_model() -> None:
         assert all(value < bench.ATOL for _, value in r.checks) and len(r.checks) == 2
     text = bench.render(results, shape, 1, 1.0)
     assert bench.COMMAND in text and "| decode | 4 × 1 | 4 (2) |" in text
+
+
+def test_serve_bench_runs_on_a_tiny_model() -> None:
+    spec = importlib.util.spec_from_file_location("deltatune_bench_serve", BENCH.parent / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        rows, hot, steps = bench.main(["--smoke"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(rows) == {0, 4} and rows[4]["tok_s"] > 0 and hot > 0 and set(steps) == {10, 100}

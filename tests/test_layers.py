@@ -51,7 +51,7 @@ def test_an_injected_import_breaks_a_contract(tmp_path: Path, module: str, line:
 
 
 # --- generic code names no method, block or method keyword --------------------------------------------------------
-GENERIC = ["core", "runtime", "io", "merging", "compose/blocks.py"]
+GENERIC = ["core", "runtime", "io", "merging", "compose/blocks.py", "serve"]
 #: files of generic packages whose job is one method family: the PEFT codec maps peft's LoRA/DoRA onto ours
 PLUGINS = {"io/peft.py"}
 #: merging's own vocabulary for how a result is stored (output storage "dense", "sparse", "lowrank"), which two kinds

@@ -160,6 +160,13 @@ class Delta:
         """Read a delta directory of any registered format (native, PEFT, ...) without a model."""
         return formats.read(path)
 
+    @classmethod
+    def read_meta(cls, path: str | Path) -> "Delta":
+        """The delta in `path` with meta tensors: config, modules, shapes and dtypes, from the metadata and the
+        tensor file's header only (no tensor data is read). Raises the same typed errors as `read` for everything
+        that needs no data (the data's hash and finiteness are checked by `read`)."""
+        return formats.read(Path(path), meta=True)
+
 
 BaseWeights = nn.Module | Callable[[str], tuple[Tensor, Tensor | None]] | str | Path | Any | None
 

@@ -34,6 +34,9 @@ class Format:
     files: tuple[str, ...] = ()                  # the files its writer writes (the marker among them)
     companions: tuple[str, ...] = ()             # other files such a directory may hold, written by other tools
     manifest: bool = False                       # deltatune writes an integrity manifest beside `files`
+    #: directory -> Delta of meta tensors (config, modules, shapes and dtypes from the files' headers; no tensor
+    #: data read), with the reader's checks that need no data; None: the format reads everything
+    read_meta: Callable[[Path], "Delta"] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -80,10 +83,14 @@ def format_of(path: Path) -> Format:
                              f"{', '.join(f'{f.marker} ({f.name})' for f in _FORMATS.values())}")
 
 
-def read(path: str | Path) -> "Delta":
-    """Read a delta directory of any registered format, after the checks every format shares (see the module doc)."""
+def read(path: str | Path, meta: bool = False) -> "Delta":
+    """Read a delta directory of any registered format, after the checks every format shares (see the module doc).
+    With `meta`, its tensors are meta tensors from the files' headers (the format's `read_meta`): no tensor data is
+    read, so the integrity record and the data's hash are checked when the data is (`read`)."""
     path = Path(path)
     fmt = format_of(path)
+    if meta and fmt.read_meta is not None:
+        return fmt.read_meta(path)
     verify(path)
     return fmt.read(path)
 

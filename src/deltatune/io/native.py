@@ -43,10 +43,11 @@ def write_native(delta: Delta, path: Path) -> Path:
     return path
 
 
-def read_native(path: Path) -> Delta:
+def read_native(path: Path, header_only: bool = False) -> Delta:
     """A native delta directory as a Delta. Every field of delta.json is checked (a typed error names the file, the
     field and what was expected); the tensor file is sized against the manifest before it is read, then
-    memory-mapped, hashed and checked (`safetensors_io.read_tensors`)."""
+    memory-mapped, hashed and checked (`safetensors_io.read_tensors`). With header_only, the tensors are meta
+    tensors from the file's header (every check but the data's hash and finiteness, which need the data)."""
     file = path / CONFIG_FILE
     where = repr(str(file))
     meta = read_json(file, error=CorruptFileError)
@@ -107,7 +108,7 @@ def read_native(path: Path) -> Delta:
     expect(kind == config.kind, where, "kind", f"the kind of its config ({config.kind!r})", kind)
 
     weights = path / tensor_file
-    flat, _ = read_tensors(weights, size=size, sha256=digest, manifest=CONFIG_FILE)
+    flat, _ = read_tensors(weights, size=size, sha256=digest, manifest=CONFIG_FILE, header_only=header_only)
     check_finite(flat, str(weights))
     state: dict[str, dict[str, Tensor]] = {p: {} for p in modules}
     for key, t in flat.items():
@@ -124,4 +125,5 @@ def read_native(path: Path) -> Delta:
 
 
 register_format(Format("native", CONFIG_FILE, read_native, write_native, "deltatune's own: delta.json + delta.safetensors",
-                       files=(CONFIG_FILE, TENSOR_FILE)))
+                       files=(CONFIG_FILE, TENSOR_FILE),
+                       read_meta=lambda path: read_native(path, header_only=True)))

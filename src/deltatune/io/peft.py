@@ -265,8 +265,9 @@ def _group_tensors(flat: dict[str, Tensor], cfg: dict[str, Any], where: str) -> 
     return lora, full, embeddings, ignored
 
 
-def read_peft(path: Path) -> Delta:
-    """A PEFT LoRA/DoRA adapter directory as a detached Delta with a LoRA config."""
+def read_peft(path: Path, header_only: bool = False) -> Delta:
+    """A PEFT LoRA/DoRA adapter directory as a detached Delta with a LoRA config (with header_only, of meta tensors
+    read from the safetensors header: every check but finiteness)."""
     path = Path(path)
     where = f"PEFT adapter {str(path)!r}"
     cfg = _load_config(path)
@@ -278,7 +279,7 @@ def read_peft(path: Path) -> Delta:
                                    f".save_pretrained(new_dir) writes {WEIGHTS_FILE}")
         raise DeltaNotFoundError(f"{where} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
     _check_supported(cfg, where)
-    flat, _ = read_tensors(weights)
+    flat = read_tensors(weights, header_only=header_only)[0]
     check_finite(flat, str(weights))
     lora, full, embeddings, ignored = _group_tensors(flat, cfg, where)
     for mpath, parts in lora.items():
@@ -472,4 +473,5 @@ def write_peft(delta: Delta, path: Path) -> Path:
 
 
 register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (LoRA/DoRA)",
-                       files=(CONFIG_FILE, WEIGHTS_FILE), companions=(PICKLE_FILE, "README.md"), manifest=True))
+                       files=(CONFIG_FILE, WEIGHTS_FILE), companions=(PICKLE_FILE, "README.md"), manifest=True,
+                       read_meta=lambda path: read_peft(path, header_only=True)))

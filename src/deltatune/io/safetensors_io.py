@@ -26,11 +26,12 @@ from .checkpoints import DTYPES
 MAX_HEADER_BYTES = 100 << 20
 
 
-def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = None,
-                 manifest: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = None, manifest: str = "",
+                 header_only: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors of the safetensors file at `path` and its metadata. `size` / `sha256`, when given, are what a
     manifest (named by `manifest` in messages) records: the file must have exactly that size (checked before it is
-    read) and hash."""
+    read) and hash. With `header_only`, the tensors are meta tensors (names, shapes, dtypes) from the checked header:
+    no tensor data is read and the hash is not checked."""
     path = Path(path)
     where = repr(str(path))
     try:
@@ -55,11 +56,12 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
             raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
         with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
             header, start = _header(mm, actual, where)
-            if sha256 is not None and hashlib.sha256(mm).hexdigest() != sha256:
+            if sha256 is not None and not header_only and hashlib.sha256(mm).hexdigest() != sha256:
                 raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
                                        f"; the file was modified, damaged or belongs to another save")
             metadata = header.pop("__metadata__", {})
-            tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
+            tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta") if header_only
+                       else _tensor(mm, start, entry) for key, entry in header.items()}
     finally:
         os.close(fd)
     return tensors, metadata
@@ -125,6 +127,8 @@ def _tensor(mm: mmap.mmap, start: int, entry: dict[str, Any]) -> Tensor:
 
 def check_finite(tensors: dict[str, Tensor], where: str) -> None:
     for key, t in tensors.items():
+        if t.is_meta:  # read from the header only: the values are checked when the data is read
+            continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteError(f"tensor {key!r} in {where} holds {bad} NaN/inf value(s); "

@@ -1,0 +1,247 @@
+"""The serving engine: one frozen base model, a pool of registered deltas, device slots, per-token routing and
+continuous batching (docs/serving.md)."""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, StateError
+from ..core.targeting import head_paths, linear_types
+from ..core.layouts import layout_of
+from .pool import DeltaPool, Registered
+from .routing import install_hooks, make_plan, use_plan
+from .sampling import SamplingParams, generator_for, sample
+from .scheduler import Request, padded_cache, store_new
+from .skeleton import meta_skeleton
+from .slots import Banks, SlotTable
+
+
+class Engine:
+    """Serve many deltas over one frozen `model` (a decoder-only transformers model with a DynamicCache).
+
+    `max_loaded` device slots hold deltas of rank ≤ `max_rank`; `rank_buckets` ({rank: slots}, summing to
+    max_loaded) splits them so small ranks do not pay for the largest (default: all slots at max_rank).
+    `host_bytes` bounds the host-memory LRU of factors. `max_batch` bounds running requests, `prefill_tokens` the
+    prompt tokens admitted per step (at least one request)."""
+
+    def __init__(self, model: nn.Module, *, tokenizer=None, max_loaded: int = 8, max_rank: int = 16,
+                 rank_buckets: dict[int, int] | None = None, host_bytes: int = 1 << 30, max_batch: int = 32,
+                 prefill_tokens: int = 2048) -> None:
+        if rank_buckets is None:
+            rank_buckets = {max_rank: max_loaded}
+        if sum(rank_buckets.values()) != max_loaded or max(rank_buckets) != max_rank:
+            raise ConfigError(f"rank_buckets {rank_buckets!r} must hold max_loaded={max_loaded} slots in all and "
+                              f"reach max_rank={max_rank}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        heads = head_paths(model)
+        shapes = {}
+        for path, module in model.named_modules():
+            if isinstance(module, linear_types()) and path not in heads and not any(path.startswith(h + ".") for h in heads):
+                w = layout_of(module, path, ("Linear", "Conv1D")).weight(module)
+                shapes[path] = (int(w.shape[0]), int(w.shape[1]))
+        self.banks = Banks(shapes, rank_buckets, self.device, self.dtype)
+        self.slots = SlotTable(self.banks)
+        self.pool = DeltaPool(model, meta_skeleton(model), shapes, max_rank, host_bytes, self.dtype)
+        self._hooks = install_hooks(model, self.banks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.steps = 0
+        self._lock = threading.RLock()
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+        self.eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+
+    # --- deltas ------------------------------------------------------------------------------------
+    def register(self, name: str, path, *, convert_rank: int | None = None) -> Registered:
+        """Register (or replace, for new requests) delta `name` from a native or PEFT directory; reads metadata only
+        (a converted delta's tensors are read once, to report the error). Raises dt.load's typed errors."""
+        with self._lock:
+            entry = self.pool.register(name, path, convert_rank=convert_rank)
+            self.slots.forget(name)
+            return entry
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self.pool.unregister(name)
+            self.slots.forget(name)
+
+    def _load(self, entry: Registered, slot: int) -> None:
+        self.banks.write(slot, self.pool.factors(entry))
+
+    def preload(self, name: str) -> int:
+        """Load `name` into a slot now (pinned, then released): the hot-load path, for warming or measuring."""
+        entry = self.pool.get(name)
+        with self._lock:
+            slot = self.slots.acquire(entry.key, entry.rank, lambda s: self._load(entry, s))
+            if slot is None:
+                raise StateError(f"every slot that fits {name!r} (rank {entry.rank}) is pinned")
+            self.slots.release(slot)
+            return slot
+
+    # --- requests ----------------------------------------------------------------------------------
+    def submit(self, prompt: Iterable[int] | str, delta: str | None = None, sampling: SamplingParams | None = None,
+               on_token: Callable[[Request, int], None] | None = None) -> Request:
+        sampling = sampling or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("a text prompt needs the engine's tokenizer (Engine(..., tokenizer=))")
+            prompt = self.tokenizer(prompt)["input_ids"]
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ConfigError("a request needs at least one prompt token")
+        if sampling.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need the engine's tokenizer (Engine(..., tokenizer=))")
+        if delta is not None:
+            self.pool.get(delta)  # DeltaNameError now, not at admission
+        req = Request(prompt, delta, sampling, on_token)
+        req.generator = generator_for(sampling, self.device)
+        with self._lock:
+            self.waiting.append(req)
+        return req
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def run(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def generate(self, prompts: list, deltas: list[str | None] | None = None,
+                 sampling: SamplingParams | None = None) -> list[Request]:
+        reqs = [self.submit(p, d, sampling) for p, d in zip(prompts, deltas or [None] * len(prompts))]
+        self.run()
+        return reqs
+
+    def close(self) -> None:
+        """Remove the engine's hooks: the model is the bare base again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # --- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Admit, prefill the admitted, decode the running, sample; returns the requests finished in this step."""
+        with self._lock:
+            self.steps += 1
+            finished: list[Request] = []
+            for r in [r for r in self.running if r._cancel]:
+                self._finish(r, "cancelled", finished)
+            for r in [r for r in self.waiting if r._cancel]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled", finished)
+            admitted = self._admit(finished)
+            decode = [r for r in self.running if r not in admitted]
+            if decode:
+                self._forward(decode, prefill=False, finished=finished)
+            if admitted:
+                self._forward(admitted, prefill=True, finished=finished)
+            return finished
+
+    def _admit(self, finished: list[Request]) -> list[Request]:
+        admitted, budget = [], self.prefill_tokens
+        for req in list(self.waiting):
+            if len(self.running) >= self.max_batch:
+                break
+            if admitted and len(req.prompt) > budget:
+                break
+            if req.delta is not None:
+                try:
+                    entry = self.pool.get(req.delta)
+                    slot = self.slots.acquire(entry.key, entry.rank, lambda s, e=entry: self._load(e, s))
+                except Exception as e:  # unregistered since submit, or the file went bad since registration
+                    self.waiting.remove(req)
+                    req.error = e
+                    self._finish(req, "error", finished)
+                    continue
+                if slot is None:
+                    continue  # every fitting slot is pinned: wait, let others pass
+                req.key, req.slot = entry.key, slot
+            self.waiting.remove(req)
+            req.status = "running"
+            self.running.append(req)
+            admitted.append(req)
+            budget -= len(req.prompt)
+        return admitted
+
+    def _forward(self, reqs: list[Request], prefill: bool, finished: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        b = len(reqs)
+        if prefill:
+            width = max(len(r.prompt) for r in reqs)
+            ids = torch.zeros(b, width, dtype=torch.long)
+            mask = torch.zeros(b, width, dtype=torch.long)
+            pos = torch.zeros(b, width, dtype=torch.long)
+            slots = []
+            for i, r in enumerate(reqs):
+                n = len(r.prompt)
+                ids[i, width - n:] = torch.tensor(r.prompt)
+                mask[i, width - n:] = 1
+                pos[i, width - n:] = torch.arange(n)
+                slots.extend([-1] * (width - n) + [r.slot if r.slot is not None else -1] * n)
+            cache = DynamicCache()
+            new = [width] * b
+            capacity = [len(r.prompt) + r.sampling.max_tokens for r in reqs]
+        else:
+            past = max(r.length for r in reqs)
+            ids = torch.tensor([[r.tokens[-1]] for r in reqs])
+            mask = torch.zeros(b, past + 1, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                mask[i, past - r.length:] = 1
+            pos = torch.tensor([[r.length] for r in reqs])
+            slots = [r.slot if r.slot is not None else -1 for r in reqs]
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(padded_cache(reqs, past)):
+                cache.update(k, v, layer)
+            new = [1] * b
+            capacity = [0] * b
+        plan = make_plan(slots, self.banks, self.device)
+        with use_plan(plan):
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if prefill:
+            for i, r in enumerate(reqs):  # only the request's own (unpadded) positions are kept
+                new[i] = len(r.prompt)
+        store_new(reqs, layers, new, capacity)
+        logits = out.logits[:, -1]
+        for i, r in enumerate(reqs):
+            self._accept(r, sample(logits[i], r.sampling, r.generator), finished)
+
+    def _accept(self, r: Request, token: int, finished: list[Request]) -> None:
+        r.tokens.append(token)
+        if r.on_token is not None:
+            r.on_token(r, token)
+        eos = self.eos if r.sampling.eos is None else r.sampling.eos
+        if token in eos:
+            return self._finish(r, "eos", finished)
+        if r.sampling.stop:
+            text = self.tokenizer.decode(r.tokens)
+            hits = [text.find(s) for s in r.sampling.stop if s in text]
+            if hits:
+                r.text = text[:min(hits)]
+                return self._finish(r, "stop", finished)
+        if len(r.tokens) >= r.sampling.max_tokens:
+            return self._finish(r, "length", finished)
+
+    def _finish(self, r: Request, reason: str, finished: list[Request]) -> None:
+        r.status, r.finish_reason = "finished", reason
+        r.kv = None
+        if r in self.running:
+            self.running.remove(r)
+        if r.slot is not None:
+            self.slots.release(r.slot)
+            r.slot = None
+        if r.text is None and self.tokenizer is not None and reason != "error":
+            r.text = self.tokenizer.decode(r.tokens)
+        finished.append(r)

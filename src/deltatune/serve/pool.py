@@ -1,0 +1,262 @@
+"""The delta pool: registered deltas (disk tier, metadata only) and their factors in host memory (an LRU under a
+byte budget).
+
+Registration reads the delta's metadata (native `delta.json` / PEFT `adapter_config.json`) and its safetensors
+header, never its tensors, and validates it like `dt.load`: the format's own checks, `check_fits` against the
+model, pieces built from the config (on a meta copy of the model) compared with the file's tensor names and
+shapes. A refused file raises the same typed error and changes nothing. The result of validating one file
+(keyed by its path, sizes and modification times) is shared by every registration of that file.
+
+Which path a delta takes is decided here from declared capabilities, never from its kind's name (docs/serving.md):
+
+* **fast**: every piece is `mergeable`, needs no base (`needs_base`, `needs_shape` false) and its update
+  (`Delta.update` on the file's meta tensors) is a `LowRankDelta`: its factors go to the device banks as stored.
+* **converted**: other mergeable deltas, when the user passes `convert_rank=`: at registration their exact ΔW
+  (given the base) is truncated by SVD to that rank; the relative error is reported (`Registered.error`). This
+  reads the tensors, once per registration.
+* **refused**: pieces that are not weight updates (prompts, bottleneck adapters), bias changes, modules the
+  engine has no bank for, or a mergeable non-low-rank delta without `convert_rank`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..core.errors import ConfigError, DeltaNameError, ShapeMismatchError, UnsupportedError
+from ..core.tensors import LowRankDelta
+from ..io.delta import Delta
+from ..io.files import check_fits
+from ..runtime import build_pieces
+
+Factors = dict[str, tuple[Tensor, Tensor]]  # path -> (A [r, in], B [out, r] with the scale folded in)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What registration learned about one delta directory (shared by every registration of it)."""
+
+    kind: str
+    ranks: dict[str, int]          # module path -> rank of its update (fast) or of the conversion
+    fast: bool
+    nbytes: int                    # host bytes of the factors
+
+
+@dataclass
+class Registered:
+    """One registered name: the file it serves, its version (bumped by re-registering) and its path."""
+
+    name: str
+    path: Path
+    version: int
+    info: FileInfo
+    convert_rank: int | None = None
+    error: float | None = None     # the conversion's worst relative Frobenius error over modules (converted only)
+    errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+    @property
+    def rank(self) -> int:
+        return max(self.info.ranks.values())
+
+    @property
+    def policy(self) -> str:
+        return "fast" if self.info.fast else "converted"
+
+
+def _file_key(path: Path) -> tuple:
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+    return (str(path.resolve()), tuple(files))
+
+
+class DeltaPool:
+    """Registered deltas by name, and an LRU of their factors in host memory under `host_bytes`."""
+
+    def __init__(self, model: nn.Module, skeleton: nn.Module, bank_shapes: dict[str, tuple[int, int]],
+                 max_rank: int, host_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.skeleton, self.bank_shapes = model, skeleton, bank_shapes
+        self.max_rank, self.host_bytes, self.dtype = max_rank, int(host_bytes), dtype
+        self.entries: dict[str, Registered] = {}
+        self._files: dict[tuple, FileInfo] = {}
+        self._host: OrderedDict[tuple[str, int], tuple[Factors, int]] = OrderedDict()
+        self.host_used = 0
+        self.disk_reads = 0
+        self._versions: dict[str, int] = {}
+        self._lock = threading.RLock()
+
+    # --- registration ------------------------------------------------------------------------------
+    def register(self, name: str, path: str | Path, *, convert_rank: int | None = None) -> Registered:
+        if not isinstance(name, str) or not name:
+            raise DeltaNameError(f"a delta name must be a non-empty string, got {name!r}")
+        if convert_rank is not None and (not isinstance(convert_rank, int) or isinstance(convert_rank, bool)
+                                         or not 1 <= convert_rank <= self.max_rank):
+            raise ConfigError(f"convert_rank must be a whole number in 1..{self.max_rank} (the engine's largest slot "
+                              f"rank), got {convert_rank!r}")
+        path = Path(path)
+        from ..io.formats import format_of
+
+        format_of(path)  # DeltaNotFoundError for a missing or unrecognised directory
+        key = _file_key(path)
+        info = self._files.get(key)
+        if info is None:
+            info = self._inspect(path, convert_rank)
+            self._files[key] = info
+        if not info.fast and convert_rank is None:
+            raise UnsupportedError(self._convert_message(path, info.kind))
+        if max(info.ranks.values()) > self.max_rank and info.fast:
+            raise UnsupportedError(f"delta {str(path)!r} has rank {max(info.ranks.values())}, above the engine's largest "
+                                   f"slot rank {self.max_rank}; add a rank bucket of at least that rank, or convert it")
+        errors: dict[str, float] = {}
+        if not info.fast:  # converted: the exact update is read now, and the error reported
+            _, errors = self._convert(path, convert_rank)
+            info = FileInfo(info.kind, {p: convert_rank for p in info.ranks}, False,
+                            sum(convert_rank * sum(self.bank_shapes[p]) for p in info.ranks) * _size(self.dtype))
+        with self._lock:
+            version = self._versions.get(name, 0) + 1
+            self._versions[name] = version
+            old = self.entries.get(name)
+            if old is not None:
+                self._drop_host(old.key)
+            entry = Registered(name, path, version, info, convert_rank if not info.fast else None,
+                               max(errors.values()) if errors else None, errors)
+            self.entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> Registered:
+        with self._lock:
+            entry = self.get(name)
+            del self.entries[name]
+            self._drop_host(entry.key)
+            return entry
+
+    def get(self, name: str) -> Registered:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise DeltaNameError(f"no delta named {name!r} is registered ({len(self.entries)} are)") from None
+
+    def _convert_message(self, path: Path, kind: str) -> str:
+        return (f"delta {str(path)!r} ({kind}) is a weight update that is not low-rank and independent of the base, "
+                f"so it has no factors for the device slots; register it with convert_rank=r to serve its exact update "
+                f"truncated to rank r (the error is reported)")
+
+    def _inspect(self, path: Path, convert_rank: int | None) -> FileInfo:
+        delta = Delta.read_meta(path)
+        check_fits(self.skeleton, delta)
+        delta = delta.for_model(self.skeleton)
+        built = build_pieces(self.skeleton, delta.config, list(delta.state))
+        fast = True
+        for mpath, _module, piece in built:
+            own = piece.state_dict()
+            saved = {**{k: own[k] for k in piece.zero_if_missing if k in own}, **delta.state[mpath]}
+            if set(own) != set(saved):
+                raise ShapeMismatchError(f"delta {str(path)!r} at {mpath!r}: file holds {sorted(saved)}, the config "
+                                         f"implies {sorted(own)}")
+            for k, t in saved.items():
+                if tuple(own[k].shape) != tuple(t.shape):
+                    raise ShapeMismatchError(f"delta {str(path)!r}: {mpath}.{k} has shape {tuple(t.shape)} in the file "
+                                             f"but {tuple(own[k].shape)} on this model")
+            cls = type(piece)
+            if not cls.mergeable:
+                raise UnsupportedError(f"delta {str(path)!r} ({delta.config.kind}) at {mpath!r} is not a weight update "
+                                       f"(position {cls.position!r}); the serving engine serves weight updates only — "
+                                       f"use dt.load on a model of its own")
+            if mpath not in self.bank_shapes:
+                raise UnsupportedError(f"delta {str(path)!r} adapts {mpath!r}, which has no bank in this engine (banks "
+                                       f"cover the model's Linear/Conv1D layers outside the output head); it cannot be "
+                                       f"served here")
+            if cls.needs_base or cls.needs_shape:
+                fast = False
+        ranks: dict[str, int] = {}
+        for mpath in delta.state:
+            if fast:
+                dw, db = delta.update(mpath)
+                if not isinstance(dw, LowRankDelta):
+                    fast = False
+                else:
+                    ranks[mpath] = dw.rank
+                if db is not None:
+                    raise UnsupportedError(f"delta {str(path)!r} changes the bias of {mpath!r}; the serving engine "
+                                           f"adds weight updates only — bias changes are not served")
+            else:
+                ranks[mpath] = 0
+        if not fast:
+            for mpath in delta.state:
+                if delta.update(mpath, self.skeleton)[1] is not None:
+                    raise UnsupportedError(f"delta {str(path)!r} changes the bias of {mpath!r}; the serving engine "
+                                           f"adds weight updates only — bias changes are not served")
+        nbytes = sum(r * sum(self.bank_shapes[p]) for p, r in ranks.items()) * _size(self.dtype)
+        return FileInfo(delta.config.kind, ranks, fast, nbytes)
+
+    def _convert(self, path: Path, rank: int) -> tuple[Factors, dict[str, float]]:
+        delta = Delta.read(path).for_model(self.model)
+        self.disk_reads += 1
+        factors: Factors = {}
+        errors: dict[str, float] = {}
+        for mpath in delta.state:
+            dw = delta.update(mpath, self.model, with_bias=False)[0]
+            exact = dw.to_dense().double()
+            low = dw.svd(rank) if hasattr(dw, "svd") else LowRankDelta(*_svd(exact, rank))
+            approx = low.to_dense().double()
+            norm = float(exact.norm())
+            errors[mpath] = float((exact - approx).norm()) / norm if norm > 0 else 0.0
+            factors[mpath] = self._pad_to(mpath, low.A, low.B * low.scale, rank)
+        return factors, errors
+
+    def _pad_to(self, mpath: str, a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        if a.shape[0] < rank:  # an SVD of a matrix of lower rank may return fewer factors
+            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+        return a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+
+    # --- host tier ---------------------------------------------------------------------------------
+    def factors(self, entry: Registered) -> Factors:
+        """The delta's factors in host memory (read from disk, with every check of `dt.load`, when not cached)."""
+        with self._lock:
+            hit = self._host.get(entry.key)
+            if hit is not None:
+                self._host.move_to_end(entry.key)
+                return hit[0]
+        if entry.info.fast:
+            delta = Delta.read(entry.path)
+            self.disk_reads += 1
+            factors = {}
+            for mpath in delta.state:
+                dw = delta.update(mpath)[0]
+                factors[mpath] = (dw.A.to(self.dtype).contiguous(), (dw.B * dw.scale).to(self.dtype).contiguous())
+        else:
+            factors = self._convert(entry.path, entry.convert_rank)[0]
+        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
+        with self._lock:
+            if self.entries.get(entry.name) is entry and nbytes <= self.host_bytes:  # a replaced version is not kept
+                while self.host_used + nbytes > self.host_bytes and self._host:
+                    self._drop_host(next(iter(self._host)))
+                self._host[entry.key] = (factors, nbytes)
+                self.host_used += nbytes
+        return factors
+
+    def _drop_host(self, key: tuple[str, int]) -> None:
+        hit = self._host.pop(key, None)
+        if hit is not None:
+            self.host_used -= hit[1]
+
+    @property
+    def host_cached(self) -> list[tuple[str, int]]:
+        return list(self._host)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _svd(dense: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    return vh[:rank], u[:, :rank] * s[:rank]

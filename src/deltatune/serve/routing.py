@@ -1,0 +1,105 @@
+"""Per-token routing of the low-rank contribution (SGMV-style, in plain torch ops).
+
+The engine sets a `Plan` for each forward in a context variable; the forward hook it installs once on every banked
+module reads it. Tokens are the flattened [batch × time] positions of the forward's input; each carries a global
+slot number or none. Per rank bucket the plan groups the bucket's tokens by slot into u segments padded to the
+longest one (L): the hook gathers the u slots' factors once (A [u, R, in], B [u, out, R]), runs two batched
+matmuls over [u, L, ·] and adds the valid rows into the module's output with `index_add_`. Tokens without a delta
+are never touched, so their output is the base output exactly; a step's cost grows with its tokens and the
+distinct deltas in it, not with how many are registered or loaded."""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .slots import Banks
+
+_PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("deltatune_serve_plan", default=None)
+
+
+@dataclass
+class Group:
+    bucket: int
+    rows: Tensor    # [u] bank rows of the bucket
+    gather: Tensor  # [u * L] token index per padded position (padding points at token 0; dropped below)
+    valid: Tensor   # positions of real tokens in [u * L]
+    tokens: Tensor  # [n] token index of each valid position, in the same order
+    u: int
+    length: int
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+
+
+def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
+    """The plan for one forward from each flattened token's global slot (−1: none)."""
+    by_slot: dict[int, list[int]] = {}
+    for t, s in enumerate(slots):
+        if s >= 0:
+            by_slot.setdefault(s, []).append(t)
+    groups = []
+    for bi, b in enumerate(banks.buckets):
+        segs = [(s - b.offset, toks) for s, toks in sorted(by_slot.items()) if b.offset <= s < b.offset + b.count]
+        if not segs:
+            continue
+        length = max(len(toks) for _, toks in segs)
+        gather, valid, tokens = [], [], []
+        for i, (_, toks) in enumerate(segs):
+            gather.extend(toks + [0] * (length - len(toks)))
+            valid.extend(range(i * length, i * length + len(toks)))
+            tokens.extend(toks)
+        as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+        groups.append(Group(bi, as_t([r for r, _ in segs]), as_t(gather), as_t(valid), as_t(tokens), len(segs), length))
+    return Plan(groups)
+
+
+class use_plan:
+    """Context manager: forwards inside it route tokens by `plan` (context-local: threads and tasks see their own)."""
+
+    def __init__(self, plan: Plan | None) -> None:
+        self.plan, self._token = plan, None
+
+    def __enter__(self) -> Plan | None:
+        self._token = _PLAN.set(self.plan)
+        return self.plan
+
+    def __exit__(self, *exc) -> None:
+        _PLAN.reset(self._token)
+
+
+def low_rank_add(banks: Banks, path: str, x: Tensor, out: Tensor, plan: Plan) -> Tensor:
+    """out (flattened tokens × out) += for each token s · B_slot A_slot x, grouped as the plan says."""
+    x2 = x.reshape(-1, x.shape[-1])
+    o2 = out.view(-1, out.shape[-1])
+    for g in plan.groups:
+        a = banks.A[path][g.bucket].index_select(0, g.rows)  # [u, R, in]
+        b = banks.B[path][g.bucket].index_select(0, g.rows)  # [u, out, R]
+        xs = x2.index_select(0, g.gather).view(g.u, g.length, -1).to(a.dtype)
+        y = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # [u, L, out]
+        y = y.view(g.u * g.length, -1)
+        if g.valid.numel() != y.shape[0]:
+            y = y.index_select(0, g.valid)
+        o2.index_add_(0, g.tokens, y.to(o2.dtype))
+    return out
+
+
+def install_hooks(model: nn.Module, banks: Banks) -> list:
+    """A forward hook on every banked module; a no-op outside a plan (the model behaves as the bare base)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for path in banks.shapes:
+        def hook(module: nn.Module, args: tuple, out: Tensor, _path: str = path) -> Tensor | None:
+            plan = _PLAN.get()
+            if plan is None or not plan.groups:
+                return None
+            if not out.is_contiguous():
+                out = out.contiguous()
+            with torch.no_grad():
+                return low_rank_add(banks, _path, args[0], out, plan)
+        handles.append(modules[path].register_forward_hook(hook))
+    return handles

@@ -1,0 +1,150 @@
+"""Device slots: preallocated per-module factor banks, split into rank buckets, and the table of which delta
+(name, version) each slot holds, with pins for requests in flight and LRU eviction among the unpinned.
+
+A bucket of rank R with n slots holds, for every banked module of shape [out, in], A [n, R, in] and B [n, out, R]
+(the scale folded into B). A delta of rank r goes into the smallest bucket with R ≥ r (a larger one if that is
+full of pinned deltas); its rows are copied in and the unused R − r rows zeroed, which adds exactly nothing.
+Nothing is allocated after construction and no module of the model changes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core.errors import ConfigError
+from .pool import Factors
+
+
+@dataclass
+class Bucket:
+    rank: int
+    count: int
+    offset: int  # global slot number of its first slot
+
+
+class Banks:
+    """A [n, R, in] and B [n, out, R] per banked module and bucket, on the model's device, in its dtype."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], buckets: dict[int, int], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        if not buckets or any(not isinstance(r, int) or r < 1 or not isinstance(n, int) or n < 1 for r, n in buckets.items()):
+            raise ConfigError(f"rank buckets must map ranks ≥ 1 to slot counts ≥ 1, got {buckets!r}")
+        self.buckets: list[Bucket] = []
+        offset = 0
+        for rank in sorted(buckets):
+            self.buckets.append(Bucket(rank, buckets[rank], offset))
+            offset += buckets[rank]
+        self.size = offset
+        self.shapes = shapes
+        self.A: dict[str, list[Tensor]] = {}
+        self.B: dict[str, list[Tensor]] = {}
+        for path, (out_f, in_f) in shapes.items():
+            self.A[path] = [torch.zeros(b.count, b.rank, in_f, device=device, dtype=dtype) for b in self.buckets]
+            self.B[path] = [torch.zeros(b.count, out_f, b.rank, device=device, dtype=dtype) for b in self.buckets]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in (*self.A.values(), *self.B.values()) for t in ts)
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        """(bucket index, row in it) of a global slot number."""
+        for i, b in enumerate(self.buckets):
+            if slot < b.offset + b.count:
+                return i, slot - b.offset
+        raise IndexError(slot)
+
+    @torch.no_grad()
+    def write(self, slot: int, factors: Factors) -> None:
+        """Copy a delta's factors into the slot's rows (zeros for modules it does not adapt and unused ranks)."""
+        bi, row = self.locate(slot)
+        for path in self.shapes:
+            a_bank, b_bank = self.A[path][bi][row], self.B[path][bi][row]
+            f = factors.get(path)
+            if f is None:
+                a_bank.zero_()
+                b_bank.zero_()
+                continue
+            a, b = f
+            r = a.shape[0]
+            a_bank[:r].copy_(a, non_blocking=True)
+            b_bank[:, :r].copy_(b, non_blocking=True)
+            if r < a_bank.shape[0]:
+                a_bank[r:].zero_()
+                b_bank[:, r:].zero_()
+
+
+class SlotTable:
+    """Which (name, version) each slot holds; pins of requests in flight; LRU order of the unpinned."""
+
+    def __init__(self, banks: Banks) -> None:
+        self.banks = banks
+        self.key: list[tuple[str, int] | None] = [None] * banks.size
+        self.pins = [0] * banks.size
+        self.where: dict[tuple[str, int], int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # loaded, unpinned slots; oldest first
+        self.loads = 0
+        self.evictions = 0
+
+    def acquire(self, key: tuple[str, int], rank: int, load) -> int | None:
+        """Pin the slot holding `key`, loading it (`load(slot)`) into a free or least recently used unpinned slot
+        of the smallest bucket that fits; None when every fitting slot is pinned."""
+        slot = self.where.get(key)
+        if slot is not None:
+            self._pin(slot)
+            return slot
+        for b in self.banks.buckets:
+            if b.rank < rank:
+                continue
+            slot = self._free_in(b)
+            if slot is None:
+                continue
+            old = self.key[slot]
+            if old is not None:
+                del self.where[old]
+                self.evictions += 1
+            self.key[slot] = None
+            self.lru.pop(slot, None)
+            load(slot)  # may raise: the slot stays empty
+            self.key[slot] = key
+            self.where[key] = slot
+            self.loads += 1
+            self._pin(slot)
+            return slot
+        return None
+
+    def _free_in(self, b: Bucket) -> int | None:
+        for s in range(b.offset, b.offset + b.count):
+            if self.key[s] is None and self.pins[s] == 0:
+                return s
+        for s in self.lru:
+            if b.offset <= s < b.offset + b.count:
+                return s
+        return None
+
+    def _pin(self, slot: int) -> None:
+        self.pins[slot] += 1
+        self.lru.pop(slot, None)
+
+    def release(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0 and self.key[slot] is not None:
+            if self.key[slot][1] == -1:  # a replaced version: nothing will ask for it again
+                self.key[slot] = None
+            else:
+                self.lru[slot] = None
+
+    def forget(self, name: str) -> None:
+        """Versions of `name` in unpinned slots are dropped (re-registered or unregistered); pinned ones stay for
+        their requests, unreachable by new ones (their version differs), and are evicted first once released."""
+        for key, slot in list(self.where.items()):
+            if key[0] == name:
+                del self.where[key]
+                if self.pins[slot] == 0:
+                    self.key[slot] = None
+                    self.lru.pop(slot, None)
+                else:
+                    self.key[slot] = (name, -1)  # stale: released into the LRU's front below
+        for slot in [s for s, k in enumerate(self.key) if k == (name, -1) and self.pins[s] == 0]:
+            self.key[slot] = None
