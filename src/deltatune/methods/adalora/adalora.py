@@ -3,7 +3,7 @@
 ΔW = s · P diag(Λ) Q per module, P [out, r], Λ [r], Q [r, in], s = alpha / init_r (fixed, so removing a zero
 triplet never changes the output); Λ starts at 0, P and Q at N(0, 0.02²). Training adds the orthogonality penalty
 γ (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) per module (`regularizer`), and a rank allocator shared by the delta's pieces
-masks and finally removes the least important triplets under a global, cubic budget (adalora_budget.py).
+masks and finally removes the least important triplets under a global, cubic budget (budget.py).
 
 After pruning, `rank_pattern` (path → kept rank) records the ranks, so saved files hold only the kept triplets
 and load into pieces of those ranks.

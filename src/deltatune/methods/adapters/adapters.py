@@ -11,7 +11,7 @@ Series adapters are output-position pieces on the projection modules. A parallel
 GPT-2's `mlp`); where a block adds its input to its output itself before a LayerNorm (BERT's
 `BertOutput(hidden_states, input_tensor)`), adding the branch there equals transforming that argument
 x -> x + s·f(x), an input-position piece on argument `input_arg`. targets="auto" takes the modules from
-`adapter_map.py` by the model's `config.model_type`. Per adapter: 2·d·m + m + d trainable parameters.
+`sites.py` by the model's `config.model_type`. Per adapter: 2·d·m + m + d trainable parameters.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
   saved deltas hold the resulting plain prefixes.
 
 Neither is a weight update (mergeable = False). The pieces hold the tensors; the hooks that apply
-them live in prompt_hooks.py and read the active composition at call time.
+them live in hooks.py and read the active composition at call time.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class PromptPiece(Piece):
         return self.prompt
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        return acc  # applied by the model-level hooks (prompt_hooks.py), not at the embedding's output
+        return acc  # applied by the model-level hooks (hooks.py), not at the embedding's output
 
     def install(self, model: nn.Module, module: nn.Module) -> None:
         get = getattr(model, "get_input_embeddings", None)
@@ -154,7 +154,7 @@ class PrefixPiece(Piece):
         return k, v
 
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        return acc  # applied by the attention module's pre-hook (prompt_hooks.py)
+        return acc  # applied by the attention module's pre-hook (hooks.py)
 
     def install(self, model: nn.Module, module: nn.Module) -> None:
         acquire(module, "prefix", model, lambda: prefix_hooks(module))

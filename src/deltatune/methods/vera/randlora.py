@@ -8,7 +8,7 @@ rank-r bases B_i [M, r] (one per term) and one shared frozen A [r, m] give a ful
 where Λ_i = diag(λ_i), λ_i ∈ R^r and Γ_i = diag(γ_i), γ_i ∈ R^m are trained: n·(r + m) numbers per module. As in
 the paper, Γ scales the *smaller* side: ΔW = ΔWₘ when in ≤ out, and ΔW = ΔWₘᵀ when in > out. λ starts at 0 (ΔW = 0
 at step 0) and γ at 1/m (PEFT's initialisation). The bases have unit variance (U(±√3)) and are regenerated from the
-config's `seed`, never saved (random_projections.py); A is drawn column by column and B row by row, so the bases of
+config's `seed`, never saved (projections.py); A is drawn column by column and B row by row, so the bases of
 a smaller module are slices of a larger one's, as PEFT slices its shared bases.
 
 Forward: the scaled bases S = [λ_i[k] A[k] ⊙ γ_i] ([n·r, m], the size of the smaller square of W) are formed by an

@@ -4,7 +4,7 @@ A [r, in] and B [out, r] are frozen random matrices (Kaiming uniform, U(±√(6/
 the same size; only the vectors d ∈ R^r (Λ_d = diag(d), starts at `d_initial`) and b ∈ R^out (Λ_b = diag(b), starts
 at 0, so ΔW = 0 at step 0) are trained: r + out numbers per module.
 
-A and B are never saved: they are regenerated from the config's `seed` (random_projections.py), and pieces on
+A and B are never saved: they are regenerated from the config's `seed` (projections.py), and pieces on
 modules of one size hold the same tensors. A depends on (seed, r, in) and B on (seed, r, out), and B is drawn
 row by row, so the B of a smaller `out` is the first rows of a larger one (as PEFT slices its one shared B).
 Files hold d, b and the module's [out, in] size, so `Delta.update` rebuilds ΔW without a model.
