@@ -63,23 +63,31 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
     delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))
     for path, module, piece in built:
+        saved = fitted_state(repr(name), path, piece, delta.state[path])
         own = piece.state_dict()
-        # entries a piece may go without mean zero (e.g. no Δb in the file for a module whose base has a bias)
-        saved = {**{k: torch.zeros_like(own[k]) for k in piece.zero_if_missing if k in own}, **delta.state[path]}
-        if set(own) != set(saved):
-            raise ShapeMismatchError(f"delta {name!r} at {path!r}: file holds {sorted(saved)}, the config implies "
-                                     f"{sorted(own)}")
-        for key, t in saved.items():
-            if tuple(own[key].shape) != tuple(t.shape):
-                raise ShapeMismatchError(f"delta {name!r}: {path}.{key} has shape {tuple(t.shape)} in the file but "
-                                         f"{tuple(own[key].shape)} on this model")
-            if value_kind(t.dtype) != value_kind(own[key].dtype):
-                raise CorruptFileError(f"delta {name!r}: {path}.{key} holds {value_kind(t.dtype)} values ({t.dtype}) "
-                                       f"in the file, but the piece keeps {value_kind(own[key].dtype)} values "
-                                       f"({own[key].dtype}); the file is damaged or was not written for this method")
         with torch.no_grad():
             piece.load_state_dict({k: t.to(own[k].dtype) for k, t in saved.items()})
     return install(model, name, delta.config, built, trainable=trainable, activate=activate)
+
+
+def fitted_state(label: str, path: str, piece: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's tensors for `piece` at module `path`, checked against what the piece keeps: the same entries (those
+    the piece may go without mean zero, e.g. no Δb in the file for a module whose base has a bias), the same shapes,
+    the same kind of values. `label` names the delta in errors."""
+    own = piece.state_dict()
+    saved = {**{k: torch.zeros_like(own[k]) for k in piece.zero_if_missing if k in own}, **state}
+    if set(own) != set(saved):
+        raise ShapeMismatchError(f"delta {label} at {path!r}: file holds {sorted(saved)}, the config implies "
+                                 f"{sorted(own)}")
+    for key, t in saved.items():
+        if tuple(own[key].shape) != tuple(t.shape):
+            raise ShapeMismatchError(f"delta {label}: {path}.{key} has shape {tuple(t.shape)} in the file but "
+                                     f"{tuple(own[key].shape)} on this model")
+        if value_kind(t.dtype) != value_kind(own[key].dtype):
+            raise CorruptFileError(f"delta {label}: {path}.{key} holds {value_kind(t.dtype)} values ({t.dtype}) "
+                                   f"in the file, but the piece keeps {value_kind(own[key].dtype)} values "
+                                   f"({own[key].dtype}); the file is damaged or was not written for this method")
+    return saved
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainable: bool = False,

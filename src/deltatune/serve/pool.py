@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import ConfigError, DeltaNameError, ShapeMismatchError, UnsupportedError
+from ..core.errors import ConfigError, DeltaNameError, UnsupportedError
 from ..core.tensors import LowRankDelta
 from ..io.delta import Delta
-from ..io.files import check_fits
+from ..io.files import check_fits, fitted_state
 from ..runtime import build_pieces
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # path -> (A [r, in], B [out, r] with the scale folded in)
@@ -155,15 +155,7 @@ class DeltaPool:
         built = build_pieces(self.skeleton, delta.config, list(delta.state))
         fast = True
         for mpath, _module, piece in built:
-            own = piece.state_dict()
-            saved = {**{k: own[k] for k in piece.zero_if_missing if k in own}, **delta.state[mpath]}
-            if set(own) != set(saved):
-                raise ShapeMismatchError(f"delta {str(path)!r} at {mpath!r}: file holds {sorted(saved)}, the config "
-                                         f"implies {sorted(own)}")
-            for k, t in saved.items():
-                if tuple(own[k].shape) != tuple(t.shape):
-                    raise ShapeMismatchError(f"delta {str(path)!r}: {mpath}.{k} has shape {tuple(t.shape)} in the file "
-                                             f"but {tuple(own[k].shape)} on this model")
+            fitted_state(repr(str(path)), mpath, piece, delta.state[mpath])  # the checks of dt.load
             cls = type(piece)
             if not cls.mergeable:
                 raise UnsupportedError(f"delta {str(path)!r} ({delta.config.kind}) at {mpath!r} is not a weight update "
