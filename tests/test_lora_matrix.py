@@ -564,7 +564,7 @@ def _prepare_flags(model: nn.Module) -> dict[str, bool]:
 
 
 @pytest.mark.parametrize("case", ["linear-llama", "conv1d-gpt2", "embedding-llama", "linear-bert"])
-@pytest.mark.parametrize("how", ["detach", "unload", "unload-merged-first", "unload-merge_active"])
+@pytest.mark.parametrize("how", ["detach", "unload", "unload-merged-first", "unload-merge_active", "merge_and_unload"])
 def test_detach_and_unload_restore(case: str, how: str) -> None:
     tiny = build_tiny(CASES[case][0])
     model = tiny.model
@@ -590,10 +590,17 @@ def test_detach_and_unload_restore(case: str, how: str) -> None:
     elif how == "unload":
         y_end = y0
         dt.unload(model)
-    elif how == "unload-merged-first":
+    elif how == "unload-merged-first":  # merged deltas stay in the weights, as with peft's merge_adapter + unload
         dt.merge(model, "a")
         dt.unload(model)
-        y_end = y0
+        y_end = y_a
+        for k, v in base_params(model).items():
+            torch.testing.assert_close(v, dict(ref_a.named_parameters())[k], atol=1e-6, rtol=0)
+    elif how == "merge_and_unload":
+        dt.merge_and_unload(model)
+        y_end = y_a
+        for k, v in base_params(model).items():
+            torch.testing.assert_close(v, dict(ref_a.named_parameters())[k], atol=1e-6, rtol=0)
     else:
         dt.unload(model, merge_active=True)
         y_end = y_a
@@ -602,7 +609,7 @@ def test_detach_and_unload_restore(case: str, how: str) -> None:
             torch.testing.assert_close(v, dict(ref_a.named_parameters())[k], atol=1e-6, rtol=0)
     _assert_plain(model, keys, flags)
     torch.testing.assert_close(tiny.logits(), y_end, atol=1e-5, rtol=0)
-    if how != "unload-merge_active":
+    if how in ("detach", "unload"):
         for k, v in base_params(model).items():
             torch.testing.assert_close(v, w0[k], atol=1e-6, rtol=0)
     # the plain model takes a new delta again

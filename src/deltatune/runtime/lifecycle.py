@@ -84,6 +84,11 @@ def _restore_grads(model: nn.Module, flags: dict[str, bool]) -> None:
             p.requires_grad_(flags[pname])
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every active delta into the weights and remove all deltas and hooks (peft's `merge_and_unload`)."""
+    return unload(model, merge_active=True)
+
+
 def _remove(model: nn.Module, name: str) -> None:
     st = require_state(model)
     block = without(st.block, name)
@@ -113,17 +118,14 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 
 @serialised
 def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
-    """Remove every delta and hook. With merge_active=True the active deltas stay in the weights."""
+    """Remove every delta and hook; the plain model again, same object. Deltas merged with `dt.merge` stay in the
+    weights, as with peft's `merge_adapter()` then `unload()` (to get the base back, `dt.unmerge(model)` first). With
+    merge_active=True every active delta is merged first and stays: peft's `merge_and_unload()`."""
     st = require_state(model)
     if merge_active:
         todo = [n for n in st.active if n not in st.merged]
         if todo:
             merge(model, todo)
-        drop = [n for n in reversed(st.merged) if n not in set(st.active)]
-        if drop:
-            unmerge(model, drop)
-    elif st.merged:
-        unmerge(model)
     for name in list(st.deltas):
         _remove(model, name)
     _restore_grads(model, st.base_requires_grad)
