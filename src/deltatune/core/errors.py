@@ -16,7 +16,7 @@ class TargetError(DeltaTuneError, ValueError):
     """Targeting matched nothing, or matched a module the method cannot adapt."""
 
 
-class NameError_(DeltaTuneError, KeyError):
+class DeltaNameError(DeltaTuneError, KeyError):
     """A delta name is unknown or already taken."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
@@ -47,8 +47,8 @@ class UnsupportedError(DeltaTuneError, NotImplementedError):
     """The operation is not defined for this method, module type or format."""
 
 
-# Public alias with a better name; `NameError_` avoids shadowing the builtin inside this module.
-DeltaNameError = NameError_
+# The old name, kept so code that caught it keeps working.
+NameError_ = DeltaNameError
 
 
 class OutputPathError(ConfigError):
