@@ -251,3 +251,23 @@ def test_inspect_peft_directory(tmp_path):
     info = json.loads(res.stdout)
     assert info["format"] == "peft" and info["kind"] == "lora" and info["modules"] == 4
     assert info["parameters"] == dt.summary(model)["x"].params
+
+
+def test_subsets_are_stratified_not_the_first_n() -> None:
+    """train_examples / max_eval_examples / eval --limit: splits are often stored class by class."""
+    from collections import Counter
+
+    from deltatune.train.data import subset
+
+    examples = [{"text": f"t{i}", "label": 0} for i in range(50)] + [{"text": f"u{i}", "label": 1} for i in range(14)] \
+        + [{"text": f"v{i}", "label": 2} for i in range(6)]
+    got = subset(examples, 20, seed=0)
+    counts = Counter(e["label"] for e in got)
+    assert len(got) == 20 and counts == {0: 14, 1: 4, 2: 2}  # 20 × (50, 14, 6) / 70, largest remainder
+    assert got == sorted(got, key=examples.index)  # original order kept
+    assert subset(examples, 20, seed=0) == got and subset(examples, 20, seed=1) != got  # seeded
+    assert set(Counter(e["label"] for e in subset(examples, 3, seed=0))) == {0, 1, 2}  # every class where n allows
+    assert subset(examples, None, seed=0) == examples and subset(examples, 100, seed=0) == examples
+    gen = [{"prompt": str(i), "response": "", "answer": ""} for i in range(10)]
+    picked = subset(gen, 4, seed=0)
+    assert len(picked) == 4 and picked == sorted(picked, key=gen.index) and len({id(p) for p in picked}) == 4

@@ -48,7 +48,7 @@ class TrainConfig:
     lisa_layers: int | None = None
     lisa_interval: int = 20
     procedure: dict[str, Any] | None = None  # e.g. {kind: lt_sft, ...}: a procedure made of runs (train/procedures.py)
-    train_examples: int | None = None        # cap the training set (first N of the fixed split)
+    train_examples: int | None = None        # cap the training set (N examples, stratified by label, seeded)
     max_new_tokens: int = 256
     seed: int = 0
     log_every: int = 10

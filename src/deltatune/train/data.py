@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ..core.errors import ConfigError, DeltaNotFoundError
 from ..core.parsing import load_json, short
-from ..zoo.splits import Splits
+from ..zoo.splits import Example, Splits
 
 Example = dict[str, Any]
 
@@ -130,3 +131,29 @@ class Collator:
 def count_tokens(batch: dict[str, Tensor]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def subset(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """`n` of `examples` that represent them (all with None or n ≥ len): classification examples stratified by label
+    (each class gets its share by largest remainder, at least one where n allows), others a seeded sample; the chosen
+    examples keep their original order. Splits are often stored class by class, so the first n would be one class."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    if not all("label" in e for e in examples):
+        return [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
+    by_label: dict[Any, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e["label"], []).append(i)
+    labels = sorted(by_label, key=lambda lab: (-len(by_label[lab]), str(lab)))
+    exact = {lab: n * len(by_label[lab]) / len(examples) for lab in labels}
+    share = {lab: int(exact[lab]) for lab in labels}
+    for lab in sorted(labels, key=lambda lab: exact[lab] - share[lab], reverse=True)[: n - sum(share.values())]:
+        share[lab] += 1
+    for lab in labels:  # every class present where n allows, taken from the largest ones
+        if share[lab] == 0 and n >= len(labels):
+            donor = max(labels, key=lambda d: share[d])
+            share[donor] -= 1
+            share[lab] = 1
+    chosen = [i for lab in labels for i in rng.sample(by_label[lab], share[lab])]
+    return [examples[i] for i in sorted(chosen)]

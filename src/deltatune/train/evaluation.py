@@ -9,6 +9,7 @@ from ..core.parsing import short
 from ..io.files import load
 from ..io.formats import format_of
 from .config import TrainConfig
+from .data import subset
 from .evaluate import evaluate_classification, evaluate_generation
 from .loop import load_model, load_splits
 from ..core.progress import Progress
@@ -17,7 +18,7 @@ from ..core.progress import Progress
 def run_eval(model: str, data: str, delta: Path | None, split: str = "test", limit: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 256, max_length: int = 128,
              output: Path | None = None) -> dict[str, Any]:
-    """Metrics of `model` (with `delta`, if given) on the first `limit` examples of `split` (all with None). Every
+    """Metrics of `model` (with `delta`, if given) on `limit` examples of `split`, stratified by label (all with None). Every
     argument is checked before anything is loaded; `output`, if given, is where the caller will write the metrics
     (checked here, before the evaluation runs: a directory that exists, a name that is not a directory)."""
     if split not in ("train", "validation", "test"):
@@ -33,7 +34,7 @@ def run_eval(model: str, data: str, delta: Path | None, split: str = "test", lim
         format_of(Path(delta))  # the delta directory exists and holds a delta, before the model is loaded
     cfg = TrainConfig(model=model, data=data)
     splits = load_splits(cfg)
-    examples = getattr(splits, split)[:limit] if limit is not None else getattr(splits, split)
+    examples = subset(getattr(splits, split), limit, cfg.seed)  # stratified by label, not the first `limit`
     if not examples:
         raise ConfigError(f"dataset {short(data)} has no {split} examples")
     net, tok = load_model(cfg, splits.task, len(splits.labels) if splits.labels else None)

@@ -24,7 +24,7 @@ from .optim import param_groups
 from ..core.targeting import head_paths
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Collator, Splits, count_tokens, local_splits
+from .data import Collator, Splits, count_tokens, local_splits, subset
 from .distributed import Dist
 from .evaluate import evaluate_classification, evaluate_generation
 from .lisa import Lisa
@@ -178,8 +178,8 @@ class _Run:
         if tokenizer is None:
             raise ConfigError("pass tokenizer= together with model=")
         self.model, self.tok = model, tokenizer
-        self.train_set = self.splits.train[: cfg.train_examples] if cfg.train_examples else self.splits.train
-        self.val_set = self.splits.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else self.splits.validation
+        self.train_set = subset(self.splits.train, cfg.train_examples, cfg.seed)  # stratified, not the first n
+        self.val_set = subset(self.splits.validation, cfg.max_eval_examples, cfg.seed)
         self.out = Path(cfg.output_dir)
         self.delta_cfg = with_head(cfg.delta_config(), model, self.task)
         if prepare is None:
