@@ -99,7 +99,8 @@ class ServerProcess:
         raise RuntimeError(f"server did not start:\n{self.output()}")
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text()
 
     def terminate(self, timeout: float = 30) -> int:

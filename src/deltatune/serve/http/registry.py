@@ -37,6 +37,7 @@ class Registry:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.paths: dict[str, Path] = {}   # name -> resolved directory
         self.loaded_at: dict[str, int] = {}
+        self.unloaded: set[str] = set()    # directory names unloaded over HTTP (kept unloaded across restarts)
         self.lock = threading.Lock()       # one registration change at a time
 
     # --- start -------------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ class Registry:
                     continue
                 found[entry.name] = entry
         state = self._read_state()
-        for name in state.get("unloaded", []):
+        self.unloaded = set(state.get("unloaded", []))
+        for name in self.unloaded:
             found.pop(name, None)
         for name, path in state.get("loaded", {}).items():
             found[name] = Path(path)
@@ -113,6 +115,7 @@ class Registry:
             self.check_name(name)
             path = self.confine(given)
             self._register(name, path)
+            self.unloaded.discard(name)
             self._record()
 
     def unload(self, name: str) -> None:
@@ -121,6 +124,7 @@ class Registry:
                 raise KeyError(name)
             self.engine.unregister(name)
             del self.paths[name]
+            self.unloaded.add(name)
             self._record()
 
     # --- the state file ----------------------------------------------------------------------------
@@ -143,12 +147,12 @@ class Registry:
         return {"loaded": loaded, "unloaded": unloaded}
 
     def _record(self) -> None:
-        """What differs from a plain scan: names served from another directory, and directories not served."""
+        """What differs from a plain scan: names served from another directory, and directories unloaded."""
         plain: dict[str, Path] = {}
         for root in self.roots:
             for entry in sorted(root.iterdir()):
                 if not entry.name.startswith(".") and entry.is_dir() and entry.name not in plain:
                     plain[entry.name] = Path(os.path.realpath(entry))
         loaded = {n: str(p) for n, p in self.paths.items() if plain.get(n) != p}
-        unloaded = sorted(n for n in plain if n not in self.paths)
+        unloaded = sorted(n for n in self.unloaded if n in plain and n not in self.paths)
         write_text(self._state_path(), json.dumps({"loaded": loaded, "unloaded": unloaded}, indent=2) + "\n")
