@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect, merge, compress, extract."""
+"""The `deltatune` command line: train, eval, inspect, merge, compress, extract, serve, keys."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import typer
 
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
+from .serve import keys_app, serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
@@ -184,6 +185,10 @@ def merge_cmd(
     with _user_errors():
         summary = run_recipe(load_recipe(recipe), progress=not (quiet or as_json))
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+app.command("serve")(serve_command)
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:
