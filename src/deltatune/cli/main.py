@@ -96,7 +96,7 @@ def evaluate(
     data: str = typer.Option(..., help="zoo dataset name or local file"),
     delta: Optional[Path] = typer.Option(None, help="delta directory (native or PEFT); none = the base model"),
     split: str = typer.Option("test", help="train, validation or test"),
-    limit: Optional[int] = typer.Option(None, help="evaluate the first N examples of the split"),
+    limit: Optional[int] = typer.Option(None, help="evaluate N examples of the split, stratified by label"),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     max_length: int = typer.Option(128, "--max-length"),
