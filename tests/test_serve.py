@@ -191,15 +191,19 @@ def test_kind_policy(setup, tmp_path):
 
 
 # --- 4. continuous batching -----------------------------------------------------------------------------------
-def test_churn_is_exact(setup):
+@pytest.mark.parametrize("prefill_tokens,longest", [(256, 7), (3, 14)])
+def test_churn_is_exact(setup, prefill_tokens, longest):
+    """Random arrivals, evictions, mixed ranks; with prefill_tokens=3 prompts are prefilled in chunks across steps
+    while others decode, and the KV arena moves its columns several times."""
     base, paths = setup
-    eng = Engine(copy.deepcopy(base), max_loaded=3, max_rank=64, rank_buckets={8: 2, 64: 1}, max_batch=4)
+    eng = Engine(copy.deepcopy(base), max_loaded=3, max_rank=64, rank_buckets={8: 2, 64: 1}, max_batch=4,
+                 prefill_tokens=prefill_tokens)
     for n, p in paths.items():
         eng.register(n, p)
     rng = random.Random(0)
     names = [None, *paths]
-    plan = [(rng.randrange(12), rng.choice(names), [rng.randrange(1, 64) for _ in range(rng.randrange(1, 7))],
-             rng.randrange(1, 7)) for _ in range(14)]
+    plan = [(rng.randrange(12), rng.choice(names), [rng.randrange(1, 64) for _ in range(rng.randrange(1, longest))],
+             rng.randrange(1, 9)) for _ in range(14)]
     reqs, step = [], 0
     while step < 12 or not eng.idle:
         for at, name, prompt, n in plan:
@@ -210,6 +214,7 @@ def test_churn_is_exact(setup):
     for r, name, prompt, n in reqs:
         assert r.tokens == reference(base, paths.get(name), prompt, n), name
     assert eng.slots.evictions > 0 and all(x == 0 for x in eng.slots.pins)
+    assert eng.arena.moves > 0 and eng.arena.used == 0 and all(o is None for o in eng.arena.owner)
 
 
 def test_sampling_streaming_cancel_and_eos(setup):
