@@ -43,6 +43,12 @@ from deltatune.serve import Engine, SamplingParams  # noqa: E402
 COMMAND = "PYTHONPATH=src .venv/bin/python bench/serve.py --write docs/benchmarks.md"
 
 
+def command(a) -> str:
+    """The command line that reproduces this run (options that differ from the defaults spelled out)."""
+    extra = [x for x in a.argv if x != "--write" and not x.endswith(".md")]
+    return COMMAND.replace(" --write", (" " + " ".join(extra) if extra else "") + " --write")
+
+
 def rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -252,7 +258,7 @@ def render(out, a) -> str:
     base = eng.get(0)
     lines = [
         "## Serving (`bench/serve.py`)", "",
-        f"Command: `{COMMAND}` — one process, {a.model} (fp32) on CPU ({a.threads} threads, {platform.machine()}, "
+        f"Command: `{command(a)}` — one process, {a.model} (fp32) on CPU ({a.threads} threads, {platform.machine()}, "
         f"{os.cpu_count()} cores), {a.requests} requests (prompt {a.prompt} random tokens, {a.gen} generated, "
         f"greedy, EOS off), deltas drawn Zipf(1.0) over K registered LoRA r=16 on all linear layers (the K names share "
         f"{a.files} files; each name is its own delta to every server), engine with {a.slots} slots, max batch "
@@ -313,6 +319,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--write", default=None, help="markdown file whose section 'serve' gets the results")
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.smoke:
         a.model, a.requests, a.prompt, a.gen, a.ks, a.peft_ks, a.naive_ks = "tiny", 6, 4, 3, "0,4", "4", "4"
         a.files, a.slots, a.batch, a.peft_loaded, a.loads, a.registry, a.rounds, a.decode_steps = 2, 2, 4, 2, 3, 100, 1, 2
