@@ -90,7 +90,8 @@ def test_serve_bench_runs_on_a_tiny_model() -> None:
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        rows, hot, steps = bench.main(["--smoke"])
+        out = bench.main(["--smoke"])
     finally:
         torch.set_num_threads(threads)
-    assert set(rows) == {0, 4} and rows[4]["tok_s"] > 0 and hot > 0 and set(steps) == {10, 100}
+    assert set(out["engine"]) == {0, 4} and out["engine"][4]["tok_s"] > 0 and out["peft"][4]["tok_s"] > 0
+    assert out["naive"][4]["tok_s"] > 0 and min(out["hot"]) > 0 and set(out["scaling"][0]) == {10, 100}

@@ -191,15 +191,19 @@ def test_kind_policy(setup, tmp_path):
 
 
 # --- 4. continuous batching -----------------------------------------------------------------------------------
-def test_churn_is_exact(setup):
+@pytest.mark.parametrize("prefill_tokens,longest", [(256, 7), (3, 14)])
+def test_churn_is_exact(setup, prefill_tokens, longest):
+    """Random arrivals, evictions, mixed ranks; with prefill_tokens=3 prompts are prefilled in chunks across steps
+    while others decode, and the KV arena moves its columns several times."""
     base, paths = setup
-    eng = Engine(copy.deepcopy(base), max_loaded=3, max_rank=64, rank_buckets={8: 2, 64: 1}, max_batch=4)
+    eng = Engine(copy.deepcopy(base), max_loaded=3, max_rank=64, rank_buckets={8: 2, 64: 1}, max_batch=4,
+                 prefill_tokens=prefill_tokens)
     for n, p in paths.items():
         eng.register(n, p)
     rng = random.Random(0)
     names = [None, *paths]
-    plan = [(rng.randrange(12), rng.choice(names), [rng.randrange(1, 64) for _ in range(rng.randrange(1, 7))],
-             rng.randrange(1, 7)) for _ in range(14)]
+    plan = [(rng.randrange(12), rng.choice(names), [rng.randrange(1, 64) for _ in range(rng.randrange(1, longest))],
+             rng.randrange(1, 9)) for _ in range(14)]
     reqs, step = [], 0
     while step < 12 or not eng.idle:
         for at, name, prompt, n in plan:
@@ -210,6 +214,7 @@ def test_churn_is_exact(setup):
     for r, name, prompt, n in reqs:
         assert r.tokens == reference(base, paths.get(name), prompt, n), name
     assert eng.slots.evictions > 0 and all(x == 0 for x in eng.slots.pins)
+    assert eng.arena.moves > 0 and eng.arena.used == 0 and all(o is None for o in eng.arena.owner)
 
 
 def test_sampling_streaming_cancel_and_eos(setup):
@@ -242,3 +247,54 @@ def test_docs_example_runs():
     reqs = namespace["reqs"]
     assert all(len(r.tokens) == 5 for r in reqs) and namespace["engine"].slots.evictions >= 1
     assert len(namespace["streamed"]) == 15
+
+
+# --- 5. the real model (slow) ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_churn_is_exact(tmp_path):
+    """SmolLM2-135M: greedy engine tokens equal dt.load + model.generate for every request, under churn (arrivals
+    at random steps, 4 deltas over 2 slots so slots are evicted, prompts prefilled in 8-token chunks)."""
+    from deltatune import zoo
+
+    try:
+        base, tok = zoo.load_model("smollm2-135m")
+    except zoo.MissingAssetError as e:
+        pytest.skip(str(e))
+    paths = {}
+    for i, (r, targets) in enumerate([(16, "all-linear"), (16, "all-linear"), (8, ("q_proj", "v_proj")),
+                                      (4, "all-linear")]):
+        m = copy.deepcopy(base)
+        torch.manual_seed(i)
+        dt.attach(m, dt.LoRA(r=r, targets=targets), name="d")
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        paths[f"d{i}"] = dt.save(m, tmp_path / f"d{i}")
+        del m
+    eng = Engine(base, tokenizer=tok, max_loaded=2, max_rank=16, rank_buckets={8: 1, 16: 1}, max_batch=3,
+                 prefill_tokens=8)
+    for n, p in paths.items():
+        eng.register(n, p)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
+             "Water boils at", "List three colours:", "The quick brown fox", "import torch\nx =", "Hello"]
+    rng = random.Random(0)
+    names = [None, *paths]
+    plan = [(rng.randrange(8), names[i % len(names)], tok(t)["input_ids"], rng.randrange(3, 7))
+            for i, t in enumerate(texts)]
+    reqs, step = [], 0
+    while step < 8 or not eng.idle:
+        for at, name, prompt, n in plan:
+            if at == step:
+                reqs.append((eng.submit(prompt, name, SamplingParams(max_tokens=n, eos=())), name, prompt, n))
+        eng.step()
+        step += 1
+    eng.close()
+    for r, name, prompt, n in reqs:
+        m = copy.deepcopy(base)
+        if name is not None:
+            dt.load(m, paths[name])
+        m.generation_config.eos_token_id = None  # the engine ran with eos=(): no early stop on either side
+        out = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        assert r.tokens == out[0, len(prompt):].tolist(), name
+    assert eng.slots.evictions > 0 and eng.arena.joins == len(texts)

@@ -7,7 +7,7 @@ from collections import deque
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.errors import ConfigError, StateError
 from ..core.targeting import head_paths, linear_types
@@ -15,6 +15,7 @@ from ..core.layouts import layout_of
 from .pool import DeltaPool, Registered
 from .routing import install_hooks, make_plan, use_plan
 from .sampling import SamplingParams, generator_for, sample
+from .kv import Arena
 from .scheduler import Request, padded_cache, store_new
 from .skeleton import meta_skeleton
 from .slots import Banks, SlotTable
@@ -25,18 +26,21 @@ class Engine:
 
     `max_loaded` device slots hold deltas of rank ≤ `max_rank`; `rank_buckets` ({rank: slots}, summing to
     max_loaded) splits them so small ranks do not pay for the largest (default: all slots at max_rank).
-    `host_bytes` bounds the host-memory LRU of factors. `max_batch` bounds running requests, `prefill_tokens` the
-    prompt tokens admitted per step (at least one request)."""
+    `host_bytes` bounds the host-memory LRU of factors. `max_batch` bounds running requests (prefilling or
+    decoding), `prefill_tokens` the prompt tokens run per step (prompts longer than that are prefilled in chunks
+    over several steps, so decodes are never stalled by more than one budget of prefill)."""
 
     def __init__(self, model: nn.Module, *, tokenizer=None, max_loaded: int = 8, max_rank: int = 16,
                  rank_buckets: dict[int, int] | None = None, host_bytes: int = 1 << 30, max_batch: int = 32,
-                 prefill_tokens: int = 2048) -> None:
+                 prefill_tokens: int = 256) -> None:
         if rank_buckets is None:
             rank_buckets = {max_rank: max_loaded}
         if sum(rank_buckets.values()) != max_loaded or max(rank_buckets) != max_rank:
             raise ConfigError(f"rank_buckets {rank_buckets!r} must hold max_loaded={max_loaded} slots in all and "
                               f"reach max_rank={max_rank}")
         self.model, self.tokenizer = model.eval(), tokenizer
+        if not isinstance(prefill_tokens, int) or prefill_tokens < 1 or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch and prefill_tokens must be whole numbers ≥ 1, got {max_batch!r}, {prefill_tokens!r}")
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -51,7 +55,8 @@ class Engine:
         self.pool = DeltaPool(model, meta_skeleton(model), shapes, max_rank, host_bytes, self.dtype)
         self._hooks = install_hooks(model, self.banks)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # admitted: prefilling (row None) or decoding (a row of the arena)
+        self.arena = Arena(max_batch)
         self.steps = 0
         self._lock = threading.RLock()
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -130,7 +135,8 @@ class Engine:
     # --- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """Admit, prefill the admitted, decode the running, sample; returns the requests finished in this step."""
+        """Cancel, plan this step's prompt chunks (admitting), decode the requests past their prompt in place,
+        prefill the chunks, sample; returns the requests finished in this step."""
         with self._lock:
             self.steps += 1
             finished: list[Request] = []
@@ -139,20 +145,26 @@ class Engine:
             for r in [r for r in self.waiting if r._cancel]:
                 self.waiting.remove(r)
                 self._finish(r, "cancelled", finished)
-            admitted = self._admit(finished)
-            decode = [r for r in self.running if r not in admitted]
+            decode = [r for r in self.running if r.row is not None]
+            chunks = self._plan_chunks(finished)
             if decode:
-                self._forward(decode, prefill=False, finished=finished)
-            if admitted:
-                self._forward(admitted, prefill=True, finished=finished)
+                self._decode(finished)
+            if chunks:
+                self._prefill(chunks, finished)
             return finished
 
-    def _admit(self, finished: list[Request]) -> list[Request]:
-        admitted, budget = [], self.prefill_tokens
+    def _plan_chunks(self, finished: list[Request]) -> list[tuple[Request, int]]:
+        """(request, prompt tokens to run now) within the step's budget: requests already prefilling first, then
+        newly admitted ones (at least one chunk per step, so any prompt makes progress)."""
+        budget = self.prefill_tokens
+        chunks = []
+        for r in self.running:
+            if r.row is None and budget > 0:
+                n = min(len(r.prompt) - r.length, budget)
+                chunks.append((r, n))
+                budget -= n
         for req in list(self.waiting):
-            if len(self.running) >= self.max_batch:
-                break
-            if admitted and len(req.prompt) > budget:
+            if budget <= 0 or len(self.running) >= self.max_batch:
                 break
             if req.delta is not None:
                 try:
@@ -169,54 +181,65 @@ class Engine:
             self.waiting.remove(req)
             req.status = "running"
             self.running.append(req)
-            admitted.append(req)
-            budget -= len(req.prompt)
-        return admitted
+            n = min(len(req.prompt), budget)
+            chunks.append((req, n))
+            budget -= n
+        return chunks
 
-    def _forward(self, reqs: list[Request], prefill: bool, finished: list[Request]) -> None:
-        from transformers import DynamicCache
-
-        b = len(reqs)
-        if prefill:
-            width = max(len(r.prompt) for r in reqs)
-            ids = torch.zeros(b, width, dtype=torch.long)
-            mask = torch.zeros(b, width, dtype=torch.long)
-            pos = torch.zeros(b, width, dtype=torch.long)
-            slots = []
-            for i, r in enumerate(reqs):
-                n = len(r.prompt)
-                ids[i, width - n:] = torch.tensor(r.prompt)
-                mask[i, width - n:] = 1
-                pos[i, width - n:] = torch.arange(n)
-                slots.extend([-1] * (width - n) + [r.slot if r.slot is not None else -1] * n)
-            cache = DynamicCache()
-            new = [width] * b
-            capacity = [len(r.prompt) + r.sampling.max_tokens for r in reqs]
-        else:
-            past = max(r.length for r in reqs)
-            ids = torch.tensor([[r.tokens[-1]] for r in reqs])
-            mask = torch.zeros(b, past + 1, dtype=torch.long)
-            for i, r in enumerate(reqs):
-                mask[i, past - r.length:] = 1
-            pos = torch.tensor([[r.length] for r in reqs])
-            slots = [r.slot if r.slot is not None else -1 for r in reqs]
-            cache = DynamicCache()
-            for layer, (k, v) in enumerate(padded_cache(reqs, past)):
-                cache.update(k, v, layer)
-            new = [1] * b
-            capacity = [0] * b
+    def _run(self, ids: Tensor, mask: Tensor, pos: Tensor, slots: list[int], cache) -> Tensor:
         plan = make_plan(slots, self.banks, self.device)
         with use_plan(plan):
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                              position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out
+
+    def _decode(self, finished: list[Request]) -> None:
+        """One token for every request in the arena, written in place (serve/kv.py)."""
+        cache, used, lo = self.arena.cache()
+        owners = self.arena.owner[:used]
+        ids = torch.tensor([[r.tokens[-1] if r is not None else 0] for r in owners])
+        pos = torch.tensor([[r.length if r is not None else 0] for r in owners])
+        slots = [r.slot if r is not None and r.slot is not None else -1 for r in owners]
+        out = self._run(ids, self.arena.mask(used, lo), pos, slots, cache)
+        self.arena.advance()
+        logits = out.logits[:, -1]
+        for i, r in enumerate(owners):
+            if r is not None:
+                r.length += 1
+                self._accept(r, sample(logits[i], r.sampling, r.generator), finished)
+
+    def _prefill(self, chunks: list[tuple[Request, int]], finished: list[Request]) -> None:
+        """The step's prompt chunks, left-padded, over the prefilling requests' own caches; a request whose prompt
+        is done samples its first token and joins the arena (its prompt KV copied there once)."""
+        from transformers import DynamicCache
+
+        reqs = [r for r, _ in chunks]
+        b = len(reqs)
+        past = max(r.length for r in reqs)
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        mask = torch.zeros(b, past + width, dtype=torch.long)
+        pos = torch.zeros(b, width, dtype=torch.long)
+        slots = []
+        for i, (r, n) in enumerate(chunks):
+            ids[i, width - n:] = torch.tensor(r.prompt[r.length:r.length + n])
+            mask[i, past - r.length:past] = 1
+            mask[i, past + width - n:] = 1
+            pos[i, width - n:] = torch.arange(r.length, r.length + n)
+            slots.extend([-1] * (width - n) + [r.slot if r.slot is not None else -1] * n)
+        cache = DynamicCache()
+        if past:
+            for layer, (k, v) in enumerate(padded_cache(reqs, past)):
+                cache.update(k, v, layer)
+        out = self._run(ids, mask, pos, slots, cache)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        if prefill:
-            for i, r in enumerate(reqs):  # only the request's own (unpadded) positions are kept
-                new[i] = len(r.prompt)
-        store_new(reqs, layers, new, capacity)
+        store_new(reqs, layers, [n for _, n in chunks], [len(r.prompt) for r in reqs])
         logits = out.logits[:, -1]
         for i, r in enumerate(reqs):
-            self._accept(r, sample(logits[i], r.sampling, r.generator), finished)
+            if r.length == len(r.prompt):
+                self.arena.join(r, r.kv, r.length)
+                r.kv = None
+                self._accept(r, sample(logits[i], r.sampling, r.generator), finished)
 
     def _accept(self, r: Request, token: int, finished: list[Request]) -> None:
         r.tokens.append(token)
@@ -237,6 +260,7 @@ class Engine:
     def _finish(self, r: Request, reason: str, finished: list[Request]) -> None:
         r.status, r.finish_reason = "finished", reason
         r.kv = None
+        self.arena.leave(r)
         if r in self.running:
             self.running.remove(r)
         if r.slot is not None:

@@ -1,11 +1,14 @@
 """Requests and the continuous-batching policy.
 
-Every engine step: (1) cancelled requests leave (KV freed, delta unpinned); (2) waiting requests are admitted in
-arrival order while the batch has room, the step's prefill-token budget lasts and their delta gets a device slot
-(a request whose delta cannot get one — every fitting slot pinned — waits, without blocking the ones behind it);
-(3) one decode forward for every running request (one token each, a padded batch over their own KV caches) and one
-prefill forward for the newly admitted (their prompts, left-padded); (4) each request samples its next token,
-streams it, and finishes on max_tokens, EOS or a stop string, freeing its KV and unpinning its delta."""
+Every engine step: (1) cancelled requests leave (KV freed, delta unpinned); (2) the step's prefill-token budget
+(`prefill_tokens`) is spent on prompt chunks: first the requests already prefilling, in arrival order, then waiting
+requests admitted in arrival order while the batch has room and their delta gets a device slot (a request whose
+delta cannot get one — every fitting slot pinned — waits, without blocking the ones behind it); (3) one decode
+forward for every request past its prompt (one token each, in place in the KV arena, serve/kv.py) and one prefill
+forward for the step's chunks (left-padded over the prefilling requests' own caches); (4) each request that
+decoded or finished its prompt samples its next token, streams it, and finishes on max_tokens, EOS or a stop
+string, freeing its KV and unpinning its delta. A long prompt therefore never stalls the decodes for more than one
+chunk budget per step."""
 from __future__ import annotations
 
 import itertools
@@ -34,8 +37,9 @@ class Request:
     error: BaseException | None = None
     key: tuple[str, int] | None = None
     slot: int | None = None
-    kv: list[tuple[Tensor, Tensor]] | None = None  # per layer [kv_heads, capacity, head_dim]
-    length: int = 0                                 # tokens in the KV cache
+    kv: list[tuple[Tensor, Tensor]] | None = None  # while prefilling: per layer [kv_heads, prompt, head_dim]
+    length: int = 0                                 # tokens in the KV cache (prompt chunks done, then decoded)
+    row: int | None = None                          # its row of the decode arena once its prompt is done
     generator: torch.Generator | None = None
     _cancel: bool = False
 
@@ -49,13 +53,17 @@ class Request:
 
 
 def padded_cache(reqs: list[Request], width: int) -> list[tuple[Tensor, Tensor]]:
-    """Per layer K, V [batch, kv_heads, width, head_dim]: each request's cache left-padded to `width`."""
+    """Per layer K, V [batch, kv_heads, width, head_dim]: each request's cache left-padded to `width` (a request
+    with no cache yet is all padding)."""
     layers = []
-    for layer in range(len(reqs[0].kv)):
-        k0, v0 = reqs[0].kv[layer]
+    first = next(r for r in reqs if r.kv is not None)
+    for layer in range(len(first.kv)):
+        k0, v0 = first.kv[layer]
         k = k0.new_zeros(len(reqs), k0.shape[0], width, k0.shape[2])
         v = v0.new_zeros(len(reqs), v0.shape[0], width, v0.shape[2])
         for i, r in enumerate(reqs):
+            if r.kv is None:
+                continue
             rk, rv = r.kv[layer]
             k[i, :, width - r.length:] = rk[:, :r.length]
             v[i, :, width - r.length:] = rv[:, :r.length]
@@ -64,7 +72,8 @@ def padded_cache(reqs: list[Request], width: int) -> list[tuple[Tensor, Tensor]]
 
 
 def store_new(reqs: list[Request], layers: list[tuple[Tensor, Tensor]], new: list[int], capacity: list[int]) -> None:
-    """Append each request's last `new[i]` positions of the forward's cache to its own KV (allocated on first use)."""
+    """Append each request's last `new[i]` positions of the forward's cache to its own prefill KV (allocated on
+    first use with `capacity[i]` positions)."""
     for i, r in enumerate(reqs):
         n = new[i]
         if r.kv is None:
