@@ -339,3 +339,15 @@ def test_transformers_bitsandbytes_config_on_cpu(tmp_path) -> None:
     dt.attach(q, dt.LoRA(r=2, targets="all-linear"), name="l")
     with torch.no_grad():
         assert torch.allclose(q(ids).logits, base, atol=1e-6)
+
+
+# --- docs -----------------------------------------------------------------------------------------------------------
+def test_docs_example_runs(tmp_path) -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
+    code = text.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"/tmp/qlora-example"', repr(str(tmp_path / "qlora-example")))
+    namespace: dict = {}
+    exec(compile(code, "quantization.md", "exec"), namespace)
+    assert namespace["report"] and (tmp_path / "qlora-example" / "delta.json").exists()
