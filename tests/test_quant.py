@@ -351,3 +351,30 @@ def test_docs_example_runs(tmp_path) -> None:
     namespace: dict = {}
     exec(compile(code, "quantization.md", "exec"), namespace)
     assert namespace["report"] and (tmp_path / "qlora-example" / "delta.json").exists()
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+def test_cli_train_with_quantize_nf4(tmp_path) -> None:
+    """`deltatune train --set quantize=nf4`: QLoRA on a tiny BERT classifier learns, reports the base's memory, and
+    saves an ordinary delta that loads onto the full-precision base; a bad scheme is a config error."""
+    import os
+    import subprocess
+    import sys
+
+    from train_fixtures import save_bert_dir, sentiment, write_jsonl
+    from transformers import BertForSequenceClassification
+
+    model_dir = save_bert_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment(200, 5))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deltatune.cli.main", "train", "--model", str(model_dir), "--data", str(data),
+           "--max-steps", "30", "--batch-size", "8", "--lr", "0.01", "-o", str(out), "--set", "quantize=nf4",
+           "--set", "progress=false", "--set", "plot=false"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "quantize=nf4: base weights" in res.stderr
+    assert json.loads(res.stdout[: res.stdout.rindex("}") + 1])["test_accuracy"] >= 0.9
+    full = BertForSequenceClassification.from_pretrained(model_dir)
+    dt.load(full, out / "delta")  # the delta loads onto the full-precision base
+    bad = subprocess.run([*cmd[:-4], "--set", "quantize=int3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "quantize must be one of" in bad.stderr
