@@ -378,3 +378,37 @@ def test_cli_train_with_quantize_nf4(tmp_path) -> None:
     dt.load(full, out / "delta")  # the delta loads onto the full-precision base
     bad = subprocess.run([*cmd[:-4], "--set", "quantize=int3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "quantize must be one of" in bad.stderr
+
+
+# --- LoftQ ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_loftq_beats_plain_quantisation(scheme: str) -> None:
+    """Q + s·BA is closer to W than plain quantisation, per module and in total, and so are the model's logits."""
+    tiny = build_tiny("llama")
+    fp_logits = tiny.logits()
+    plain, _ = quantized(scheme)
+    report = dt.init.loftq(tiny.model, dt.LoRA(r=4, targets="all-linear"), "q", scheme=scheme, iters=3)
+    assert set(report["modules"]) == set(module_pieces(tiny.model, "q"))
+    for path, r in report["modules"].items():
+        assert r["loftq"] < r["plain"], path
+    assert report["total"]["loftq"] < report["total"]["plain"]
+    assert isinstance(tiny.model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt if scheme == "int8" else
+                      bnb.nn.Linear4bit)
+    # the report is what the model holds: dequantised base + the delta's update against W
+    for path, (m, piece) in module_pieces(tiny.model, "q").items():
+        w = build_tiny("llama").model.get_submodule(path).weight
+        err = (w - quant.dequantized(m) - piece.delta_weight(m).to_dense()).norm() / w.norm()
+        assert float(err) == pytest.approx(report["modules"][path]["loftq"], rel=1e-3, abs=1e-6)
+    assert (tiny.logits() - fp_logits).norm() < (plain.logits() - fp_logits).norm()
+
+
+def test_loftq_bad_input_leaves_the_model_untouched() -> None:
+    tiny = build_tiny("llama")
+    ref = copy.deepcopy(tiny.model.state_dict())
+    for kwargs, cfg in [({"iters": 0}, dt.LoRA(r=2)), ({"scheme": "q3"}, dt.LoRA(r=2)), ({}, dt.LoRA(r=2, dora=True)),
+                        ({}, dt.LoRA(r=2, init="pissa")), ({}, dt.LoRA(r=99))]:
+        with pytest.raises((ConfigError, TargetError)):
+            dt.init.loftq(tiny.model, cfg, "q", **kwargs)
+    sd = tiny.model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert all(type(m) is not bnb.nn.Linear4bit for m in tiny.model.modules())

@@ -139,5 +139,5 @@ def requantize(module: nn.Module, weight: Tensor) -> None:
                                 quant_storage=w.quant_storage).to(w.device)
         w.data, w.quant_state = new.data, new.quant_state
     else:
-        cb, scb, _ = lib.functional.int8_vectorwise_quant(weight.float().contiguous())
+        cb, scb, _ = lib.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())  # as Int8Params does
         _set8(module, cb, scb)
