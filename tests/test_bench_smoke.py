@@ -94,3 +94,18 @@ def test_serve_bench_runs_on_a_tiny_model() -> None:
     finally:
         torch.set_num_threads(threads)
     assert set(rows) == {0, 4} and rows[4]["tok_s"] > 0 and hot > 0 and set(steps) == {10, 100}
+
+
+def test_quant_bench_runs_on_a_tiny_model() -> None:
+    pytest.importorskip("bitsandbytes")
+    spec = importlib.util.spec_from_file_location("deltatune_bench_quant", BENCH.parent / "quant.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    shape = {"hidden": 96, "intermediate": 128, "layers": 1, "heads": 3, "vocab": 64}
+    rows = module.measure(shape, batch=2, seq=8, r=4, steps=1, threads=1)
+    assert [r["case"] for r in rows] == list(module.CASES)
+    assert all(r["step_s"] > 0 and r["peak_rss"] >= r["start_rss"] > 0 for r in rows)
+    assert rows[1]["base_bytes"] < 0.3 * rows[1]["fp32_bytes"] and rows[1]["loss"] == pytest.approx(rows[2]["loss"], abs=1e-4)
+    text = module.report(rows, shape, 2, 8, 4, 1, 1)
+    assert "deltatune QLoRA, NF4 base" in text and "Targets" in text

@@ -412,3 +412,26 @@ def test_loftq_bad_input_leaves_the_model_untouched() -> None:
     sd = tiny.model.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert all(type(m) is not bnb.nn.Linear4bit for m in tiny.model.modules())
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_unload_dequantize_merges_exactly_into_a_full_precision_model(scheme: str) -> None:
+    tiny, _ = quantized(scheme)
+    model = tiny.model
+    dt.attach(model, dt.LoRA(r=2, targets="all-linear"), name="a")
+    dt.attach(model, dt.LoRA(r=2, dora=True, targets=("q_proj", "v_proj")), name="d")
+    randomize_delta(model, "a", std=0.1)
+    randomize_delta(model, "d", seed=1, std=0.1)
+    dt.activate(model, ["a", "d"])
+    want = tiny.logits()
+    expected = {p: quant.dequantized(m) for p, m in model.named_modules() if quant.quant_kind(m)}
+    for p, (m, piece) in module_pieces(model, "a").items():
+        expected[p] = expected[p] + piece.delta_weight(m).to_dense()
+    with pytest.warns(RoundingWarning):
+        dt.merge(model)  # merged (requantised) first: unload unmerges exactly, then merges in full precision
+    out = dt.unload(model, merge_active=True, dequantize=True)
+    assert out is model and not any(quant.quant_kind(m) for m in model.modules())
+    assert not any(".deltatune" in n for n, _ in model.named_modules())
+    assert torch.allclose(model.model.layers[0].mlp.up_proj.weight, expected["model.layers.0.mlp.up_proj"], atol=1e-6)
+    got = tiny.logits()
+    assert torch.allclose(got, want, atol=1e-5 if scheme == "nf4" else 0.05), float((got - want).abs().max())

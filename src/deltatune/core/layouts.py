@@ -117,6 +117,16 @@ class QuantLinearLayout(LinearLayout):
         quant.requantize(module, weight)
         return self.weight(module).to(weight.dtype) - weight
 
+    def dense_module(self, module: nn.Module) -> nn.Linear:
+        """A full-precision nn.Linear computing what the module computes: the dequantised weight, the same bias."""
+        w = self.weight(module).detach()
+        dense = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device="meta")
+        dense.weight = nn.Parameter(w.clone(), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = nn.Parameter(module.bias.detach().clone().to(w.dtype), requires_grad=module.bias.requires_grad)
+        dense.train(module.training)
+        return dense
+
     def forward_with(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         bias = module.bias if bias is None else bias
         out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
