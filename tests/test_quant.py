@@ -435,3 +435,16 @@ def test_unload_dequantize_merges_exactly_into_a_full_precision_model(scheme: st
     assert torch.allclose(model.model.layers[0].mlp.up_proj.weight, expected["model.layers.0.mlp.up_proj"], atol=1e-6)
     got = tiny.logits()
     assert torch.allclose(got, want, atol=1e-5 if scheme == "nf4" else 0.05), float((got - want).abs().max())
+
+
+def test_detached_updates_read_the_dequantised_base() -> None:
+    """Merging of many deltas and Delta.tensors(base=) take the quantised base's dequantised weights (DoRA)."""
+    from deltatune.io.delta import Delta
+
+    tiny, _ = quantized("nf4")
+    model = tiny.model
+    dt.attach(model, dt.LoRA(r=2, dora=True, targets=("q_proj", "down_proj")), name="d")
+    randomize_delta(model, "d", std=0.1)
+    detached = Delta.from_model(model, "d").tensors(base=model)
+    for path, (m, piece) in module_pieces(model, "d").items():
+        assert torch.allclose(detached[path].to_dense(), piece.delta_weight(m).to_dense(), atol=1e-6), path
