@@ -117,7 +117,8 @@ def report(rows: list[dict], shape: dict, batch: int, seq: int, r: int, steps: i
              f"SmolLM2-135M's shapes (tied embeddings: the output head stays fp32), {threads} thread(s), "
              f"median of {steps} steps after a warm-up; {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}. Each case in its own process; peak RSS sampled during the timed steps. "
-             f"Regenerate: `{COMMAND}`.", "",
+             f"Step times need a quiet machine (a run beside other test suites on the same 2 cores measured steps "
+             f"up to 6× slower). Regenerate: `{COMMAND}`.", "",
              "\"peak\" is the peak RSS minus the process's RSS before the model was built (Python, torch and "
              "bitsandbytes themselves take the same few hundred MiB in every case; the full peak RSS is given too).", "",
              "| case | base weights (MiB) | × fp32 | peak (MiB) | × fp32 LoRA | peak RSS (MiB) | step (s) | × fp32 LoRA |",
