@@ -448,3 +448,49 @@ def test_detached_updates_read_the_dequantised_base() -> None:
     detached = Delta.from_model(model, "d").tensors(base=model)
     for path, (m, piece) in module_pieces(model, "d").items():
         assert torch.allclose(detached[path].to_dense(), piece.delta_weight(m).to_dense(), atol=1e-6), path
+
+
+def test_resume_on_a_quantised_base_gives_the_same_losses(tmp_path) -> None:
+    from deltatune.train import train
+    from deltatune.train.data import local_splits
+    from train_fixtures import sentiment, tiny_bert, word_tokenizer, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", sentiment(120, 1))
+    write_jsonl(tmp_path / "val.jsonl", sentiment(24, 2))
+    splits = local_splits(str(tmp_path / "train.jsonl"), "classification", validation=str(tmp_path / "val.jsonl"),
+                          test=str(tmp_path / "val.jsonl"))
+    base = dt.quantize(tiny_bert(), "nf4")
+    before = stored(base)
+    common = {"max_steps": 16, "batch_size": 8, "lr": 5e-3, "log_every": 1, "eval_every": 8, "progress": False,
+              "plot": False, "delta": {"kind": "lora", "r": 4}}
+    straight = train({**common, "output_dir": str(tmp_path / "a")}, model=copy.deepcopy(base),
+                     tokenizer=word_tokenizer(), splits=splits)
+    train({**common, "output_dir": str(tmp_path / "b"), "checkpoint_every": 8, "max_steps": 8},
+          model=copy.deepcopy(base), tokenizer=word_tokenizer(), splits=splits)
+    resumed = train({**common, "output_dir": str(tmp_path / "b"), "resume": True}, model=copy.deepcopy(base),
+                    tokenizer=word_tokenizer(), splits=splits)
+    la = [h["loss"] for h in straight.history if "loss" in h]
+    lb = [h["loss"] for h in resumed.history if "loss" in h]
+    assert len(la) == len(lb) == 16
+    assert la == pytest.approx(lb, abs=1e-5)
+    assert same_stored(stored(base), before)
+
+
+def test_gradient_checkpointing_on_a_quantised_base() -> None:
+    """With transformers' gradient checkpointing the delta's gradients equal those without it."""
+    grads = []
+    for checkpointing in (False, True):
+        tiny, _ = quantized("nf4")
+        model = tiny.model
+        torch.manual_seed(0)
+        dt.attach(model, dt.LoRA(r=2, targets="all-linear"), name="a")
+        randomize_delta(model, "a")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(**tiny.inputs, labels=tiny.inputs["input_ids"])
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
