@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sparse.py --write docs/benchmarks.md
 	$(BIN)/python bench/merge.py --write docs/benchmarks.md
 	$(BIN)/python bench/mixed.py --write docs/benchmarks.md
+	$(BIN)/python bench/quant.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
 	$(BIN)/python bench/results.py --resume --write docs/results.md
