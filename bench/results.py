@@ -147,6 +147,9 @@ def _data_init_prepare(method: str, splits, tok):
 
 
 CLS_DATA = {"bbc": 1.0, "r8": 0.5}  # epochs (R8 has 2.9x more training examples than BBC)
+# QLoRA: LoRA r=8 (the LoRA row's settings) on MiniLM-L6 with every linear layer but the classifier quantised to NF4
+# by dt.quantize (docs/quantization.md); peft's row puts peft's LoRA on the same NF4 base
+CLS_METHODS.update({"qlora": ("QLoRA r=8 (NF4 base)", 2e-3), "peft-qlora": ("peft QLoRA r=8 (NF4 base)", 2e-3)})
 GSM_TRAIN, GSM_TEST, GSM_STEPS = 240, 60, 30
 
 
@@ -182,11 +185,13 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
         extra = {"procedure": {"kind": "lt_sft", "k": sum(lora_entries(model).values()), "selection": "global", "dense_epochs": 0.5,
                             "dense_lr": 5e-5}}
     prepare = None
+    if method in ("qlora", "peft-qlora"):
+        dt.quantize(model, "nf4")
     if method == "full":
         def prepare(m):
             for p in m.parameters():
                 p.requires_grad_(True)
-    elif method == "peft-lora":
+    elif method in ("peft-lora", "peft-qlora"):
         def prepare(m):
             from peft import LoraConfig, get_peft_model
 
@@ -318,6 +323,7 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "not tuned; peft's row rescales the same modules. "
              "EVA (rho 2), CorDA (ipm) and LoRA-GA (ArB2r, stable scale γ=16) inits of the LoRA row's LoRA, from the first "
              "128 training examples, at its lr; peft's rows the same (peft's CorDA sees the examples one per forward). "
+             "QLoRA: the LoRA row's LoRA on MiniLM-L6 with every linear layer but the classifier quantised to NF4 (dt.quantize, docs/quantization.md); peft's QLoRA row puts peft's LoRA on the same NF4 base. "
              "Test accuracy on the fixed test split (docs/zoo.md). "
              "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python). "
              "CPU time is the row process's user+system time (includes loading and evaluation); wall time is "

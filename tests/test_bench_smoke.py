@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -95,3 +96,18 @@ def test_serve_bench_runs_on_a_tiny_model() -> None:
         torch.set_num_threads(threads)
     assert set(out["engine"]) == {0, 4} and out["engine"][4]["tok_s"] > 0 and out["peft"][4]["tok_s"] > 0
     assert out["naive"][4]["tok_s"] > 0 and min(out["hot"]) > 0 and set(out["scaling"][0]) == {10, 100}
+
+
+def test_quant_bench_runs_on_a_tiny_model() -> None:
+    pytest.importorskip("bitsandbytes")
+    spec = importlib.util.spec_from_file_location("deltatune_bench_quant", BENCH.parent / "quant.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    shape = {"hidden": 96, "intermediate": 128, "layers": 1, "heads": 3, "vocab": 64}
+    rows = module.measure(shape, batch=2, seq=8, r=4, steps=1, threads=1)
+    assert [r["case"] for r in rows] == list(module.CASES)
+    assert all(r["step_s"] > 0 and r["peak_rss"] >= r["start_rss"] > 0 for r in rows)
+    assert rows[1]["base_bytes"] < 0.3 * rows[1]["fp32_bytes"] and all(math.isfinite(r["loss"]) for r in rows)
+    text = module.report(rows, shape, 2, 8, 4, 1, 1)
+    assert "deltatune QLoRA, NF4 base" in text and "Targets" in text

@@ -1,7 +1,8 @@
 """deltatune: parameter-efficient fine-tuning as named, composable, saveable deltas on frozen models."""
 from . import errors
-from .runtime import (activate, active, active_block, active_names, attach, detach, merge, merge_and_unload, route, summary,
-                      unload, unmerge)
+from .runtime import (activate, active, active_block, active_names, attach, detach, merge, merge_and_unload, rounding_report,
+                      route, summary, unload, unmerge)
+from .core.quantize import quantize
 from .core.calls import batch
 from .compose import Arrow, Average, Fuse, Route, Stack, Sum
 from .core.config import DeltaConfig
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Arrow", "Average", "Delta", "DeltaConfig", "DeltaTensor", "DenseDelta", "Fuse", "LowRankDelta", "Route",
            "SparseDelta", "Stack", "Sum", "activate", "active", "active_block", "active_names", "attach", "batch", "detach",
-           "errors", "init", "load", "merge", "merge_and_unload", "param_groups", "route", "save", "summary", "unload", "unmerge",
+           "errors", "init", "load", "merge", "merge_and_unload", "param_groups", "quantize", "rounding_report", "route",
+           "save", "summary", "unload", "unmerge",
            *sorted(_CONFIGS)]

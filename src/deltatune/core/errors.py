@@ -57,3 +57,19 @@ class OutputPathError(ConfigError):
 
 
 __all__ += ['OutputPathError']
+
+
+class MissingDependencyError(UnsupportedError, ImportError):
+    """An optional dependency is not installed (bitsandbytes for quantised bases: the `quant` extra)."""
+
+
+class RoundingWarning(UserWarning):
+    """Merging into (or unmerging from) a quantised weight requantised it: the stored weight differs from the exact
+    sum by rounding. `report` maps module paths to {max_abs, relative, relative_to_update} (docs/quantization.md)."""
+
+    def __init__(self, message: str, report: dict[str, dict[str, float]] | None = None) -> None:
+        super().__init__(message)
+        self.report = dict(report or {})
+
+
+__all__ += ['MissingDependencyError', 'RoundingWarning']

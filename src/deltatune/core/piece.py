@@ -30,6 +30,9 @@ class Piece(nn.Module, ABC):
     * ``supported`` — module types (layout names: "Linear", "Conv1D", "Embedding", "Norm") the method adapts; the
       base ``__init__`` sets ``self.layout`` from it (a TargetError naming the module otherwise). ``None``: any
       module, no weight view (bottleneck adapters on a block, prompts); ``self.layout`` is then None.
+    * ``quantized_hosts`` — with "Linear" in ``supported``, the piece also adapts quantised linears (bitsandbytes
+      4-bit / 8-bit, layout "QuantLinear": the weight is a read-only dequantised view). Default True; False for a
+      piece that would copy or rewrite the base weight (a trained full copy).
     * ``position`` — where the piece acts: "weight" (adds f(x) to the module's output), "output" (h -> g(h)),
       "input" (x -> s(x) before the module runs), "attention" (extra keys/values or tokens, by the method's own
       ``install`` hooks), "block" (run only by a composition block: a fusion layer under Fuse). Composition blocks have one formula per position (docs/composition.md).
@@ -57,6 +60,7 @@ class Piece(nn.Module, ABC):
     """
 
     supported: ClassVar[tuple[str, ...] | None] = ("Linear", "Conv1D", "Embedding")
+    quantized_hosts: ClassVar[bool] = True
     position: ClassVar[str] = "weight"
     mergeable: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
@@ -94,7 +98,8 @@ class Piece(nn.Module, ABC):
         super().__init__()
         self.path = path
         self.cfg = cfg
-        self.layout: Layout | None = None if self.supported is None else layout_of(base, path, self.supported)
+        self.layout: Layout | None = None if self.supported is None else \
+            layout_of(base, path, self.supported, self.quantized_hosts)
 
     @abstractmethod
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]

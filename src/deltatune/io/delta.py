@@ -141,9 +141,9 @@ class Delta:
             piece = slot_of(module)[name]
             state[path] = {k: _full(v).detach().contiguous() for k, v in piece.state_dict().items()}
             layout = piece.layout
-            types[path] = layout.module_type if layout is not None else type(module).__name__
+            types[path] = layout.saved_type if layout is not None else type(module).__name__
             if getattr(module, "weight", None) is not None:
-                shapes[path] = list(module.weight.shape)
+                shapes[path] = list(layout.native_shape(module) if layout is not None else module.weight.shape)
         if model_name is None:
             model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         base = {"model_class": model_class_name(model), "model_name": model_name, "weight_shapes": shapes}

@@ -10,6 +10,7 @@ from torch import nn
 from ..runtime import check_new_name, build_pieces, install
 from .delta import Delta, model_class_name
 from .formats import check_output, format_named
+from ..core.layouts import weight_shape
 from ..core.errors import CorruptFileError, ShapeMismatchError, TargetError
 
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
@@ -44,8 +45,9 @@ def check_fits(model: nn.Module, delta: Delta) -> None:
         if p not in modules:  # a module this model lacks, so one the delta does not adapt (checked above)
             continue
         w = getattr(modules[p], "weight", None)
-        if w is not None and list(w.shape) != list(shape):
-            bad.append(f"{p}: file {list(shape)} vs model {list(w.shape)}")
+        have = list(weight_shape(modules[p]) or ())
+        if w is not None and have != list(shape):
+            bad.append(f"{p}: file {list(shape)} vs model {have}")
     if bad:
         raise ShapeMismatchError(f"delta {delta.name!r} does not fit this model; weight shapes differ at "
                                  f"{len(bad)} module(s): {bad[:3]}")

@@ -38,6 +38,7 @@ class FullPiece(Piece):
     supported: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
     mergeable: ClassVar[bool] = True
     needs_base: ClassVar[bool] = True  # ΔW = W_trained − W_base
+    quantized_hosts: ClassVar[bool] = False  # a trained copy of a quantised layer would store the base's weights
 
     def __init__(self, base: nn.Module, path: str, cfg: DeltaConfig) -> None:
         super().__init__(base, path, cfg)

@@ -84,7 +84,7 @@ class FusionPiece(Piece):
             raise TargetError(f"Fusion at {path!r}: the fused deltas act on values of different widths {sorted(widths)} "
                               f"(different positions); fuse deltas of one position")
         d = widths.pop()
-        ref = next(iter(base.parameters()), None)
+        ref = next((p for p in base.parameters() if p.is_floating_point()), None)  # not a quantised weight's bytes
         dtype = master_dtype(ref.dtype) if ref is not None else torch.float32
         device = ref.device if ref is not None else None
         self.features = d

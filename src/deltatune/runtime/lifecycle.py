@@ -8,7 +8,8 @@ from .activation import apply_plan, set_active
 from .build import Built, build_pieces, check_new_name
 from .calls import install_call_hooks
 from .weights import merge, names_of, slots, unmerge
-from .slot import ensure_slot, remove_slot, slot_of
+from .slot import _hook, _pre_hook, ensure_slot, remove_slot, slot_of
+from ..core.targeting import SLOT
 from .state import DeltaRecord, drop_state, new_state, require_state, serialised, state_of
 from ..compose import without
 
@@ -78,6 +79,45 @@ def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, activat
     return install(model, name, cfg.for_model(model), built, trainable=trainable, activate=activate)
 
 
+def _dequantize(model: nn.Module) -> None:
+    """Replace every module with a read-only (quantised) weight by the dense module its layout gives, moving its slot
+    (pieces, hooks) over. Merged deltas are unmerged first (restoring the stored weights exactly)."""
+    from ..core.layouts import LinearLayout, layout_of
+    from ..core.errors import TargetError
+
+    def read_only(module: nn.Module):
+        try:
+            layout = layout_of(module, "?", ("Linear",))
+        except TargetError:
+            return None
+        return layout if not layout.writable else None
+
+    swaps = [(path, m, lay) for path, m in model.named_modules() if (lay := read_only(m)) is not None]
+    if not swaps:
+        return
+    st = require_state(model)
+    if st.merged:
+        unmerge(model)
+    dense = {path: lay.dense_module(m) for path, m, lay in swaps}  # built first: a failure changes nothing
+    for path, module, _ in swaps:
+        new = dense[path]
+        slot = slot_of(module)
+        if slot is not None:
+            for handle in slot.internal.handles:
+                handle.remove()
+            del module._modules[SLOT]
+            new.add_module(SLOT, slot)
+            slot.internal.layout = LinearLayout()
+            slot.internal.pristine = None
+            for piece in slot.values():
+                if piece.layout is not None and not piece.layout.writable:
+                    piece.layout = LinearLayout()
+            slot.internal.handles = (new.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                                     new.register_forward_hook(_hook, with_kwargs=True))
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def _restore_grads(model: nn.Module, flags: dict[str, bool]) -> None:
     for pname, p in model.named_parameters():
         if pname in flags:
@@ -117,11 +157,15 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 
 
 @serialised
-def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge_active: bool = False, dequantize: bool = False) -> nn.Module:
     """Remove every delta and hook; the plain model again, same object. Deltas merged with `dt.merge` stay in the
     weights, as with peft's `merge_adapter()` then `unload()` (to get the base back, `dt.unmerge(model)` first). With
-    merge_active=True every active delta is merged first and stays: peft's `merge_and_unload()`."""
+    merge_active=True every active delta is merged first and stays: peft's `merge_and_unload()`. With dequantize=True
+    every module whose weight is not writable (a quantised linear) is first replaced by its full-precision equivalent
+    (dequantised weight, same bias), so the active deltas merge exactly and the result is a full-precision model."""
     st = require_state(model)
+    if dequantize:
+        _dequantize(model)
     if merge_active:
         todo = [n for n in st.active if n not in st.merged]
         if todo:

@@ -41,6 +41,9 @@ class SlotState:
     cache: dict[Any, Any] = field(default_factory=dict)
     #: caches valid for the current activation only, cleared whenever the active composition changes
     plan_cache: dict[Any, Any] = field(default_factory=dict)
+    #: a weight that is not writable (quantised): its exact stored state before the first merge, restored bit for bit
+    #: when the last merged delta here is unmerged
+    pristine: Any = None
 
 
 class DeltaSlot(nn.ModuleDict):
@@ -91,11 +94,14 @@ class DeltaSlot(nn.ModuleDict):
         return dw.to_dense(), db
 
     @torch.no_grad()
-    def merge_pieces(self, module: nn.Module, names: list[str], known: dict[str, tuple] | None = None) -> None:
+    def merge_pieces(self, module: nn.Module, names: list[str], known: dict[str, tuple] | None = None) -> dict | None:
         """Add the updates of `names` to the weights. Every update is computed against the weights *without*
         any merged delta, so several merged deltas add up exactly as they do unmerged (W + ΔW₁ + ΔW₂). `known`:
-        updates already computed against the current weights, used where those are the clean ones."""
+        updates already computed against the current weights, used where those are the clean ones. Returns the
+        rounding report of a weight that is not writable (quantised; see `_requantize`), else None."""
         st = self.internal
+        if st.layout is not None and not st.layout.writable:
+            return self._merge_stored(module, names, known)
         layout, w, bias = st.layout, module.weight, getattr(module, "bias", None)
         clean_w = clean_b = None
         if st.merged and any(self[n].needs_base for n in names):
@@ -119,9 +125,80 @@ class DeltaSlot(nn.ModuleDict):
                 st.saved_updates[n] = (dw, db)
             st.merged.append(n)
 
+    def _requantize(self, module: nn.Module, clean: Tensor, names: list[str]) -> dict | None:
+        """Store clean + the updates of `names` into a quantised weight: the rounding report {max_abs, relative,
+        relative_to_update} of the stored weight against the exact sum (None when `names` is empty: the pristine
+        state is restored exactly)."""
+        if not names:
+            return None
+        total = torch.zeros_like(clean, dtype=torch.float32)
+        for n in names:
+            total += self.merged_update(n, module)[0].to(torch.float32)
+        wanted = clean.to(torch.float32) + total
+        err = self.internal.layout.store(module, wanted).to(torch.float32)
+        norm = torch.linalg.vector_norm
+        return {"max_abs": float(err.abs().max()), "relative": float(norm(err) / norm(wanted).clamp_min(1e-30)),
+                "relative_to_update": float(norm(err) / norm(total).clamp_min(1e-30))}
+
+    def _merge_stored(self, module: nn.Module, names: list[str], known: dict[str, tuple] | None) -> dict | None:
+        """merge_pieces on a weight that is not writable: back to the pristine stored weight, dequantised, plus every
+        merged update, requantised (lossy: the report says by how much)."""
+        st = self.internal
+        layout, bias = st.layout, getattr(module, "bias", None)
+        if st.pristine is None:
+            st.pristine = layout.snapshot(module)
+        else:
+            layout.restore(module, st.pristine)
+        clean_w = layout.weight(module)
+        clean_b = bias.detach().clone() if bias is not None else None
+        if clean_b is not None:
+            for m in st.merged:
+                db = self.merged_update(m, module)[1]
+                if db is not None:
+                    clean_b -= db.to(clean_b.dtype)
+        added = []
+        try:
+            for n in names:
+                dw, db = (known or {}).get(n) if not st.merged and n in (known or {}) else \
+                    self[n].live_update(module, clean_w, clean_b)
+                if self[n].needs_base:
+                    st.saved_updates[n] = (dw.to_dense(), db)
+                if db is not None:
+                    bias.add_(db.to(bias.dtype))
+                st.merged.append(n)
+                added.append(n)
+            return self._requantize(module, clean_w, list(st.merged))
+        except BaseException:
+            for n in reversed(added):
+                db = self.merged_update(n, module)[1]
+                if db is not None:
+                    bias.sub_(db.to(bias.dtype))
+                st.saved_updates.pop(n, None)
+                st.merged.remove(n)
+            layout.restore(module, st.pristine)
+            self._requantize(module, clean_w, list(st.merged))
+            if not st.merged:
+                st.pristine = None
+            raise
+
     @torch.no_grad()
-    def unmerge_piece(self, module: nn.Module, name: str) -> None:
-        """Subtract the update merging `name` added (any order is exact)."""
+    def unmerge_piece(self, module: nn.Module, name: str) -> dict | None:
+        """Subtract the update merging `name` added (any order is exact). On a weight that is not writable
+        (quantised) the pristine stored weight is restored bit for bit, and the deltas still merged there are
+        requantised into it again (lossy: returns that rounding report)."""
+        st = self.internal
+        if st.layout is not None and not st.layout.writable:
+            db = self.merged_update(name, module)[1]
+            if db is not None:
+                module.bias.sub_(db.to(module.bias.dtype))
+            rest = [m for m in st.merged if m != name]
+            st.layout.restore(module, st.pristine)
+            report = self._requantize(module, st.layout.weight(module), rest)
+            st.saved_updates.pop(name, None)
+            st.merged.remove(name)
+            if not rest:
+                st.pristine = None
+            return report
         dw, db = self.merged_update(name, module)
         w = module.weight
         w.sub_(self.layout.to_native(dw).to(w.dtype))
@@ -129,6 +206,7 @@ class DeltaSlot(nn.ModuleDict):
             module.bias.sub_(db.to(module.bias.dtype))
         self.internal.saved_updates.pop(name, None)
         self.internal.merged.remove(name)
+        return None
 
 
 def local_plans(slot: DeltaSlot, node: Node | None) -> tuple[dict[str, Node], tuple]:

@@ -40,6 +40,9 @@ class ModelState:
     call_hooks: tuple = ()  # handles of the top model's hooks that take per-call keywords off its calls
     #: per-call keywords the attached pieces read (Piece.keywords), taken off the model's calls
     keywords: frozenset[str] = frozenset()
+    #: the last merge / unmerge into quantised weights: module path -> {max_abs, relative, relative_to_update} of
+    #: the rounding that requantising introduced (empty when no quantised weight was rewritten)
+    rounding: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def refresh_keywords(self) -> None:
         self.keywords = frozenset(k for rec in self.deltas.values() for cls in set(rec.pieces.values()) for k in cls.keywords)

@@ -1,12 +1,13 @@
 """Merging active deltas into the base weights and taking them out again, exactly and all-or-nothing."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
 from ..compose import additive_names
-from ..core.errors import DeltaNameError, StateError, UnsupportedError
+from ..core.errors import DeltaNameError, RoundingWarning, StateError, UnsupportedError
 from .slot import slot_of
 from .state import overrides, require_state, serialised
 
@@ -104,17 +105,40 @@ def merge(model: nn.Module, names: Names = None) -> nn.Module:
         for module, slot in slots(model, name):
             per_module.setdefault(id(module), (module, slot, []))[2].append(name)
     done: list[tuple[nn.Module, object, list[str]]] = []
+    rounding: dict[str, dict[str, float]] = {}
     try:
         for module, slot, here in per_module.values():
-            slot.merge_pieces(module, here, {n: known[(id(module), n)] for n in here if (id(module), n) in known})
+            report = slot.merge_pieces(module, here, {n: known[(id(module), n)] for n in here if (id(module), n) in known})
             done.append((module, slot, here))
+            if report is not None:
+                rounding[slot[here[0]].path] = report
     except BaseException:
         for module, slot, here in reversed(done):  # all or nothing: take back what was already added
             for n in reversed(here):
                 slot.unmerge_piece(module, n)
         raise
     st.merged.extend(names)
+    _report_rounding(st, rounding, "merging")
     return model
+
+
+def _report_rounding(st, rounding: dict[str, dict[str, float]], verb: str) -> None:
+    """Keep the rounding report of requantised weights on the model state (`state.rounding`) and warn with it."""
+    st.rounding = rounding
+    if rounding:
+        worst = max(rounding.values(), key=lambda r: r["relative"])
+        warnings.warn(RoundingWarning(
+            f"{verb} requantised {len(rounding)} quantised weight(s): rounding error max |ΔW| = "
+            f"{max(r['max_abs'] for r in rounding.values()):.3g}, worst relative ‖err‖/‖W‖ = {worst['relative']:.3g} "
+            f"(‖err‖/‖ΔW‖ = {worst['relative_to_update']:.3g}); per module: the warning's .report and "
+            f"dt.rounding_report(model)", rounding), stacklevel=4)
+
+
+def rounding_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """The rounding the last dt.merge / dt.unmerge introduced into quantised weights, per module path:
+    {"max_abs", "relative" (‖stored − exact‖/‖exact‖), "relative_to_update" (‖stored − exact‖/‖merged ΔW‖)}.
+    Empty when no quantised weight was requantised (unmerging the last delta of a module restores it exactly)."""
+    return dict(require_state(model).rounding)
 
 
 @serialised
@@ -128,8 +152,14 @@ def unmerge(model: nn.Module, names: Names = None) -> nn.Module:
     conflict = weight_conflict(model, st.active, [m for m in st.merged if m not in names])
     if conflict:
         raise StateError(f"cannot unmerge only {names}: {conflict}; unmerge all merged deltas (dt.unmerge(model))")
+    rounding: dict[str, dict[str, float]] = {}
     for name in names:
         for module, slot in slots(model, name):
-            slot.unmerge_piece(module, name)
+            report = slot.unmerge_piece(module, name)
+            if report is not None:
+                rounding[slot[name].path] = report
+            else:
+                rounding.pop(slot[name].path, None)
         st.merged.remove(name)
+    _report_rounding(st, rounding, "unmerging")
     return model

@@ -9,6 +9,7 @@ from typing import Any
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.parsing import read_yaml
+from ..core.quant import SCHEMES as QUANT_SCHEMES
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -54,6 +55,7 @@ class TrainConfig:
     log_every: int = 10
     plot: bool = True
     progress: bool = True
+    quantize: str | None = None              # nf4 | fp4 | int8: quantise the base's linears (docs/quantization.md)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -63,6 +65,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lisa_interval", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
+            raise ConfigError(f"quantize must be one of {QUANT_SCHEMES} (or unset), got {self.quantize!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.max_steps is None and self.epochs <= 0:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core.errors import ConfigError, DeltaNotFoundError
 from ..core.parsing import load_json, short
-from ..zoo.splits import Example, Splits
+from ..zoo.splits import Splits
 
 Example = dict[str, Any]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,36 @@ def load_splits(cfg: TrainConfig) -> Splits:
 
 
 def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer `cfg` names, its linears quantised when `cfg.quantize` is set (the base's memory
+    before and after is reported on stderr)."""
+    net, tok = _load_model(cfg, task, num_labels)
+    if cfg.quantize:
+        from ..core.quantize import quantize
+
+        before = base_bytes(net)
+        quantize(net, cfg.quantize)
+        after = base_bytes(net)
+        print(f"quantize={cfg.quantize}: base weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+              f"({after / max(before, 1):.2f}x)", file=sys.stderr)
+    return net, tok
+
+
+def base_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, quantisation scales included."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            total += sum(t.numel() * t.element_size() for t in (qs.absmax, getattr(getattr(qs, "state2", None), "absmax", None))
+                         if t is not None)
+        scb = getattr(getattr(m, "state", None), "SCB", None) if getattr(getattr(m, "weight", None), "SCB", None) is None \
+            else m.weight.SCB
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def _load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
     from .. import zoo
 
     if cfg.model in zoo.list_models():

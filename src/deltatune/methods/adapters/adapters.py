@@ -150,7 +150,7 @@ class AdapterPiece(Piece):
     def __init__(self, base: nn.Module, path: str, cfg: BottleneckAdapter, d_in: int, d_out: int) -> None:
         super().__init__(base, path, cfg)
         m = cfg.size(d_out)
-        ref = next(base.parameters(), None)
+        ref = next((p for p in base.parameters() if p.is_floating_point()), None)  # not a quantised weight's bytes
         kw = {"dtype": master_dtype(ref.dtype) if ref is not None else torch.get_default_dtype(),
               "device": ref.device if ref is not None else None}
         # flat names: a delta file stores `<module path>.<name>`

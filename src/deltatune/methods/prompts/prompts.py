@@ -129,7 +129,7 @@ class PrefixPiece(Piece):
     def __init__(self, base: nn.Module, path: str, cfg: PrefixTuning) -> None:
         super().__init__(base, path, cfg)
         self.kv_heads, self.head_dim, d_model = attention_shape(base, path)
-        ref = next(base.parameters(), None)
+        ref = next((p for p in base.parameters() if p.is_floating_point()), None)  # not a quantised weight's bytes
         dtype = master_dtype(ref.dtype) if ref is not None else torch.float32
         device = ref.device if ref is not None else None
         n, d_kv = cfg.n_tokens, self.kv_heads * self.head_dim
