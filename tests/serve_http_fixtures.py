@@ -51,14 +51,15 @@ def load_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def write_lora(base, path: Path, seed: int, r: int = 8, **kw) -> Path:
+def write_lora(base, path: Path, seed: int, r: int = 8, std: float = 0.3, **kw) -> Path:
+    """A LoRA delta of `base` (B drawn N(0, std²), so it changes outputs) saved at `path` as delta "d"."""
     m = copy.deepcopy(base)
     torch.manual_seed(seed)
     dt.attach(m, dt.LoRA(r=r, targets=kw.pop("targets", "all-linear"), **kw), name="d")
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
     return dt.save(m, path)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from serve_http_fixtures import write_lora
 from deltatune.errors import CorruptFileError, DeltaNameError, ShapeMismatchError, UnsupportedError
 from deltatune.io.delta import Delta
 from deltatune.serve import Engine, SamplingParams
@@ -29,14 +30,7 @@ def build_base(seed: int = 0):
 
 
 def make_lora(base, path: Path, r: int, seed: int, **kw) -> Path:
-    m = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    dt.attach(m, dt.LoRA(r=r, targets=kw.pop("targets", "all-linear"), **kw), name="d")
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return dt.save(m, path)
+    return write_lora(base, path, seed, r=r, std=0.05, **kw)
 
 
 @pytest.fixture(scope="module")
