@@ -655,3 +655,17 @@ def test_unsupported_version_still_unsupported(model_and_delta):
     model, d = model_and_delta
     rewrite_json(d, lambda meta: meta.update(format_version=2))
     fails_untouched(model, UnsupportedError, lambda: dt.load(model, d, "new"), "upgrade")
+
+
+def test_finiteness_check_fast_path_and_its_fallback():
+    """One fused pass per dtype; a finite tensor whose norm overflows falls back to the exact per-tensor check."""
+    from deltatune.errors import NonFiniteError
+    from deltatune.io.safetensors_io import check_finite
+
+    big = torch.full((4, 4), 3e38)  # finite, but its norm is inf in float32
+    check_finite({"a": big, "b": torch.ones(3, dtype=torch.bfloat16), "i": torch.arange(3)}, "here")
+    for bad in (float("nan"), float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        with pytest.raises(NonFiniteError, match="'b'.*1 NaN/inf"):
+            check_finite({"a": big, "b": t}, "here")

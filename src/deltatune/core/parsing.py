@@ -75,8 +75,21 @@ def load_json(text: str | bytes, where: str, error: type[DeltaTuneError] = Corru
         raise error(f"{where} is not UTF-8 text ({e}); the file is damaged") from None
     except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
         raise error(f"{where} is not valid JSON ({short(str(e), 200)}); the file is damaged") from None
-    check_tree(data, where, error, max_nodes=None)  # JSON has no aliases: its size is the file's
+    _check_depth(data, where, error)  # JSON has no aliases (its size is the file's) and no shared values
     return data
+
+
+def _check_depth(data: Any, where: str, error: type[DeltaTuneError], max_depth: int = MAX_DEPTH) -> None:
+    """`check_tree` for freshly parsed JSON (a tree: no shared values, no cycles, size bounded by the file): depth only,
+    walking containers alone."""
+    stack = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise error(f"{where} nests lists/mappings more than {max_depth} deep; refused")
+        for child in (value.values() if isinstance(value, dict) else value):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
 
 
 def read_json(path: Path, what: str = "", error: type[DeltaTuneError] = CorruptFileError,
