@@ -271,3 +271,18 @@ def test_subsets_are_stratified_not_the_first_n() -> None:
     gen = [{"prompt": str(i), "response": "", "answer": ""} for i in range(10)]
     picked = subset(gen, 4, seed=0)
     assert len(picked) == 4 and picked == sorted(picked, key=gen.index) and len({id(p) for p in picked}) == 4
+
+
+def test_cli_version_help_texts_and_unknown_data_names_the_zoo() -> None:
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"deltatune {dt.__version__}"
+    helptext = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    for words in ("passes over the training set", "peak learning rate", "examples per optimizer step", "run directory"):
+        assert words in helptext
+    bad = runner.invoke(app, ["train", "--data", "bbcc", "--model", "minilm-l6"])
+    assert bad.exit_code == 2 and "did you mean 'bbc'?" in bad.output and "zoo datasets:" in bad.output

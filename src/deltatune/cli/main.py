@@ -16,6 +16,20 @@ from .serve import keys_app, serve_command
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"deltatune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print deltatune's version and exit")) -> None:
+    """Parameter-efficient fine-tuning as deltas."""
+
+
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in sets:
@@ -60,13 +74,14 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="YAML file of training options (flags override it)"),
     model: Optional[str] = typer.Option(None, help="zoo model name or local HF directory"),
     data: Optional[str] = typer.Option(None, help="zoo dataset name or local .jsonl/.csv file"),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="run directory (delta, metrics, "
+                                                                            "checkpoints); default runs/default"),
     delta: Optional[str] = typer.Option(None, help='delta config as JSON/YAML, e.g. \'{kind: lora, r: 8}\''),
-    epochs: Optional[float] = None,
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    lr: Optional[float] = None,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = None,
+    epochs: Optional[float] = typer.Option(None, help="passes over the training set (fractions allowed)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate, e.g. 2e-4"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="examples per optimizer step"),
+    seed: Optional[int] = typer.Option(None, help="seed of initialisation, data order and subsets"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output-dir"),
     set_: list[str] = typer.Option([], "--set", help="any training option as key=value (repeatable)"),
 ) -> None:

@@ -1,6 +1,7 @@
 """dt.train: one training run — data, model, delta, optimizer, schedule, eval, early stopping, checkpoints."""
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import random
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..runtime import attach
 from ..core.config import DeltaConfig
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DeltaNotFoundError
 from ..core.parsing import read_json, short
 from ..io.files import save as save_delta
 from ..io.delta import Delta
@@ -47,6 +48,11 @@ def load_splits(cfg: TrainConfig) -> Splits:
 
     if cfg.data in zoo.list_datasets():
         return zoo.load_dataset(cfg.data)
+    if not Path(cfg.data).exists():  # neither a zoo dataset nor a file: say which names exist
+        close = difflib.get_close_matches(cfg.data, list(zoo.list_datasets()), n=1)
+        raise DeltaNotFoundError(f"data {cfg.data!r} is neither a zoo dataset nor an existing file"
+                                 f"{f'; did you mean {close[0]!r}?' if close else ''} (zoo datasets: "
+                                 f"{', '.join(zoo.list_datasets())}; or a .jsonl/.json/.csv/.tsv file)")
     task = "classification" if cfg.task == "auto" else cfg.task
     return local_splits(cfg.data, task, cfg.text_column, cfg.label_column, cfg.prompt_column, cfg.response_column,
                         cfg.answer_column, cfg.validation_data, cfg.test_data, cfg.seed)
