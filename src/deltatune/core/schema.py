@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Annotated, Any, Literal, Union
@@ -170,15 +171,16 @@ class Invalid(Exception):
         self.value, self.problem, self.node, self.path, self.detail = value, problem, node, path, detail
 
 
-class Node:
+class Node(ABC):
     """A compiled schema of one value: `check` returns the (normalised) value or raises `Invalid`."""
 
+    @abstractmethod
     def check(self, value: Any, ctx: Any = None) -> Any:
-        raise NotImplementedError
+        """The value, normalised (lists to tuples, ...); `Invalid` when it does not fit."""
 
+    @abstractmethod
     def describe(self, ctx: Any = None, plural: bool = False) -> str:
         """What an accepted value is: "a positive integer" (plural: "positive integers")."""
-        raise NotImplementedError
 
     def fail(self, value: Any, problem: str, detail: str = "") -> Invalid:
         return Invalid(value, problem, self, "", detail)
