@@ -96,18 +96,25 @@ def read_json(path: Path, what: str = "", error: type[DeltaTuneError] = CorruptF
               max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON file at `path`, bounded (see the module doc); `what` names it in messages ("delta file")."""
     where = f"{what + ' ' if what else ''}{str(path)!r}"
+    return load_json(_read_file(path, where, "JSON", error, DeltaNotFoundError, max_bytes), where, error)
+
+
+def _read_file(path: Path, where: str, kind: str, error: type[DeltaTuneError], missing: type[DeltaTuneError],
+               max_bytes: int | None = None) -> bytes:
+    """The bytes of the `kind` ("JSON") file at `path`, as typed errors naming `where`: `missing` when it does not
+    exist, `error` when it is a directory, unreadable, or larger than `max_bytes`."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{where} is {size} bytes; a JSON file deltatune reads is at most {max_bytes}")
-        raw = path.read_bytes()
+        if max_bytes is not None:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise error(f"{where} is {size} bytes; a {kind} file deltatune reads is at most {max_bytes}")
+        return path.read_bytes()
     except FileNotFoundError:
-        raise DeltaNotFoundError(f"{where} does not exist") from None
+        raise missing(f"{where} does not exist") from None
     except IsADirectoryError:
-        raise error(f"{where} is a directory, not a JSON file") from None
+        raise error(f"{where} is a directory, not a {kind} file") from None
     except OSError as e:
         raise error(f"{where} cannot be read ({e.strerror or e})") from None
-    return load_json(raw, where, error)
 
 
 def check_tree(data: Any, where: str, error: type[DeltaTuneError] = ConfigError, max_depth: int = MAX_DEPTH,
@@ -202,15 +209,9 @@ def read_yaml(path: Path, what: str, error: type[DeltaTuneError] = ConfigError) 
     """The YAML file at `path` (see `load_yaml`); `what` names it ("recipe")."""
     where = f"{what} {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{where} does not exist") from None
-    except IsADirectoryError:
-        raise error(f"{where} is a directory, not a YAML file") from None
+        text = _read_file(path, where, "YAML", error, error).decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{where} is not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise error(f"{where} cannot be read ({e.strerror or e})") from None
     return load_yaml(text, where, error)
 
 

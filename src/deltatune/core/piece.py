@@ -207,6 +207,13 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def add_to(acc: Tensor, y: Tensor) -> Tensor:
+    """acc + y in acc's dtype: in place when grad is off (inference: the piece runs alone or on the host's copy)."""
+    if torch.is_grad_enabled():
+        return acc + y.to(acc.dtype)
+    return acc.add_(y.to(acc.dtype))
+
+
 def add_product(acc: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """acc + x wᵀ (+ bias) for an [out, in] weight w: in place into `acc` when grad is off and dtypes allow
     (inference, the piece running alone or on the host's copy), else out of place."""

@@ -20,7 +20,7 @@ from ..core.config import DeltaConfig, register
 from ..core.schema import Check, PositiveInt, Scale
 
 from ..core.layouts import Layout
-from ..core.piece import Piece, master_dtype
+from ..core.piece import Piece, add_to, master_dtype
 from ..core.tensors import DeltaTensor, DenseDelta
 from .lora.inits import kaiming_a
 
@@ -111,9 +111,7 @@ class LoKrPiece(Piece):
         else:
             z = (xs @ self.w2_b.t()) @ self.w2_a.t()
         y = torch.einsum("ij,njk->nik", w1, z).reshape(*x.shape[:-1], a * b)  # W₁ X W₂ᵀ: [N, a, b]
-        if torch.is_grad_enabled():
-            return acc + y.to(acc.dtype)
-        return acc.add_(y.to(acc.dtype))
+        return add_to(acc, y)
 
     @classmethod
     def update(cls, state: dict[str, Tensor], cfg: LoKr, layout: Layout, weight: Tensor | None = None,

@@ -18,7 +18,7 @@ from ..core.config import DeltaConfig, register
 from ..core.schema import Finite, PositiveInt, Range
 from ..core.errors import TargetError
 from ..core.layouts import Layout
-from ..core.piece import Piece, master_dtype
+from ..core.piece import Piece, add_to, master_dtype
 from ..core.tensors import DeltaTensor, LowRankDelta
 
 
@@ -67,9 +67,7 @@ class SORSAPiece(Piece):
         # the trained and the initial principal part each through their own r columns, then subtracted: at step 0
         # both are the same computation on the same numbers, so the output is the base's exactly
         y = ((x @ self.Vh.t()) * self.S) @ self.U.t() - ((x @ self.Vh0.t()) * self.S0) @ self.U0.t()
-        if torch.is_grad_enabled():
-            return acc + y.to(acc.dtype)
-        return acc.add_(y.to(acc.dtype))
+        return add_to(acc, y)
 
     def regularizer(self) -> Tensor | None:
         if self.gamma == 0:

@@ -17,7 +17,7 @@ from ...core.config import DeltaConfig, check_count_or_fraction, register
 from ...core.schema import Fraction, PositiveInt
 from ...core.errors import TargetError, UnsupportedError
 from ...core.layouts import Layout
-from ...core.piece import Piece, master_dtype
+from ...core.piece import Piece, add_to, master_dtype
 from ...core.tensors import DeltaTensor, SparseDelta
 from .sparse import check_index, path_seed
 
@@ -87,9 +87,7 @@ class PaCAPiece(Piece):
         contrib = part @ self.block.t()
         if hasattr(self, "bias"):
             contrib = contrib + self.bias
-        if torch.is_grad_enabled():
-            return acc + contrib.to(acc.dtype)
-        return acc.add_(contrib.to(acc.dtype))
+        return add_to(acc, contrib)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.r}, shape={self.dims}"

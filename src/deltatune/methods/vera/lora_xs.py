@@ -23,7 +23,7 @@ from ...core.config import DeltaConfig, register
 from ...core.schema import Dropout, PositiveInt, Scale
 from ...core.errors import TargetError
 from ...core.layouts import Layout
-from ...core.piece import Piece, master_dtype
+from ...core.piece import Piece, add_to, master_dtype
 from ...core.tensors import DeltaTensor, LowRankDelta
 
 
@@ -74,9 +74,7 @@ class LoRAXSPiece(Piece):
         if self.training and self.cfg.dropout > 0:
             h = F.dropout(h, self.cfg.dropout, True)
         y = ((h @ self.A.t()) @ self.R.t()) @ self.B.t()  # x Aᵀ Rᵀ Bᵀ through r dimensions
-        if torch.is_grad_enabled():
-            return acc + (y * self.scale).to(acc.dtype)
-        return acc.add_(y.mul_(self.scale).to(acc.dtype))
+        return add_to(acc, y * self.scale)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}"

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ...core.config import DeltaConfig, register
 from ...core.schema import Dropout, NonNegativeInt, PositiveInt, Scale
 from ...core.layouts import Layout
-from ...core.piece import Piece, master_dtype
+from ...core.piece import Piece, add_to, master_dtype
 from ...core.tensors import DeltaTensor, DenseDelta
 from . import projections as rp
 from .vera import check_saved_shape
@@ -141,9 +141,7 @@ class RandLoRAPiece(Piece):
             s, b_flat = scaled_bases(a, self.lambdas, self.gammas), b.reshape(b.shape[0], -1)
             y = (h @ s.t()) @ b_flat.t() if self.in_is_small else (h @ b_flat) @ s
             y = y * self.scale
-        if torch.is_grad_enabled():
-            return acc + y.to(acc.dtype)
-        return acc.add_(y.to(acc.dtype))
+        return add_to(acc, y)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}, bases={self.lambdas.shape[0]}, shape={self.dims}"

@@ -23,7 +23,7 @@ from ...core.config import DeltaConfig, register
 from ...core.schema import Dropout, NonNegativeInt, PositiveInt, Scale
 from ...core.errors import ShapeMismatchError
 from ...core.layouts import Layout
-from ...core.piece import Piece, master_dtype
+from ...core.piece import Piece, add_to, master_dtype
 from ...core.tensors import DeltaTensor, LowRankDelta
 from . import projections as rp
 
@@ -86,9 +86,7 @@ class VeRAPiece(Piece):
         if self.training and self.cfg.dropout > 0:
             h = F.dropout(h, self.cfg.dropout, True)
         y = ((h @ a.t()) * self.lambda_d) @ b.t() * self.lambda_b  # x Aᵀ Λ_d Bᵀ Λ_b, never out × in
-        if torch.is_grad_enabled():
-            return acc + y.to(acc.dtype)
-        return acc.add_(y.to(acc.dtype))
+        return add_to(acc, y)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, r={self.cfg.r}, shape={self.dims}"
