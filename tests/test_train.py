@@ -286,3 +286,30 @@ def test_cli_version_help_texts_and_unknown_data_names_the_zoo() -> None:
         assert words in helptext
     bad = runner.invoke(app, ["train", "--data", "bbcc", "--model", "minilm-l6"])
     assert bad.exit_code == 2 and "did you mean 'bbc'?" in bad.output and "zoo datasets:" in bad.output
+
+
+def test_dt_train_is_the_function_and_the_package(cls_splits, tmp_path):
+    """`dt.train(cfg, **options)` runs the loop (same losses as `deltatune.train.train`), while `deltatune.train`
+    stays the package for submodule imports in every import form."""
+    import importlib
+    import inspect
+
+    import deltatune.train as pkg
+    import deltatune.train.data
+    from deltatune.train import loop
+
+    assert dt.train is pkg and dt.train.data is deltatune.train.data and dt.train.loop is loop
+    assert importlib.import_module("deltatune.train") is dt.train and dt.train.TrainConfig is TrainConfig
+    assert list(inspect.signature(dt.train).parameters)[:2] == ["cfg", "model"]
+    common = {"max_steps": 4, "batch_size": 8, "lr": 5e-3, "log_every": 1, **QUIET}
+    a = dt.train({**common, "output_dir": str(tmp_path / "a")}, model=tiny_bert(), tokenizer=word_tokenizer(),
+                 splits=cls_splits)
+    b = train(common, output_dir=str(tmp_path / "b"), model=tiny_bert(), tokenizer=word_tokenizer(),
+              splits=cls_splits)
+    assert isinstance(a, dt.train.TrainResult) and a.steps == b.steps == 4
+    la, lb = ([h["loss"] for h in r.history if "loss" in h] for r in (a, b))
+    assert len(la) == 4 and la == lb
+    assert dt.Delta.read(a.delta_path).state.keys() == dt.Delta.read(b.delta_path).state.keys()
+    with pytest.raises(ConfigError):
+        dt.train({**common, "output_dir": str(tmp_path / "c"), "batch_size": 0}, model=tiny_bert(),
+                 tokenizer=word_tokenizer(), splits=cls_splits)

@@ -9,6 +9,7 @@ from .core.config import DeltaConfig
 from .io.delta import Delta
 from .io.files import load, save
 from .train.optim import param_groups
+from . import train  # the package, callable: dt.train(config_or_path, **options) runs one training run
 from .core.tensors import DenseDelta, DeltaTensor, LowRankDelta, SparseDelta
 from . import init
 from .methods import CONFIGS as _CONFIGS
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = ["Arrow", "Average", "Delta", "DeltaConfig", "DeltaTensor", "DenseDelta", "Fuse", "LowRankDelta", "Route",
            "SparseDelta", "Stack", "Sum", "activate", "active", "active_block", "active_names", "attach", "batch", "detach",
            "errors", "init", "load", "merge", "merge_and_unload", "param_groups", "quantize", "rounding_report", "route",
-           "save", "summary", "unload", "unmerge",
+           "save", "summary", "train", "unload", "unmerge",
            *sorted(_CONFIGS)]
