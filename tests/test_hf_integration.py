@@ -236,3 +236,110 @@ def test_gradient_checkpointing_same_grads(dropout, reentrant, dora):
         assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-5), n
     assert any(g.abs().sum() > 0 for g in g0.values())
     assert base0 == [] and base1 == []
+
+
+# --- save_pretrained with deltas attached; DeltaCallback checkpoints and resume -------------------------------
+def _file_keys(directory) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_save_pretrained_writes_the_base_only_and_says_how_to_save_deltas(tmp_path, caplog):
+    m = tiny_llama()
+    own = set(m._keys_to_ignore_on_save)
+    base_keys = set(m.state_dict())
+    dt.attach(m, dt.LoRA(r=4), "d")
+    randomize(m, "d")
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        want, bare = m(ids).logits, tiny_llama()(ids).logits
+    assert any("deltatune" in k for k in m.state_dict())  # the state_dict keeps the delta keys
+    copied = copy.deepcopy(m)  # copying does not warn, and the copy saves the same way
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="deltatune"):
+        m.save_pretrained(tmp_path / "ckpt")
+    warned = [r.getMessage() for r in caplog.records if r.name == "deltatune"]
+    assert len(warned) == 1 and "'d'" in warned[0] and "dt.save" in warned[0], warned
+    assert _file_keys(tmp_path / "ckpt") == base_keys  # the base's keys, no delta key
+    dt.save(m, tmp_path / "ckpt" / "deltatune" / "d", "d")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    dt.load(back, tmp_path / "ckpt" / "deltatune" / "d")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+        assert not torch.allclose(want, bare, atol=1e-3)
+    copied.save_pretrained(tmp_path / "copy")
+    assert _file_keys(tmp_path / "copy") == _file_keys(tmp_path / "ckpt")
+    # the last detach gives the model its own set back: a plain save, no warning
+    dt.detach(m, "d")
+    assert type(m._keys_to_ignore_on_save) is set and m._keys_to_ignore_on_save == own
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deltatune"):
+        m.save_pretrained(tmp_path / "plain")
+    assert not [r for r in caplog.records if r.name == "deltatune"]
+
+
+def _trainer(model, out, steps, callbacks):
+    gen = torch.Generator().manual_seed(1)
+    seqs = torch.randint(3, VOCAB, (8, 16), generator=gen)
+    data = [{"input_ids": s, "labels": s, "attention_mask": torch.ones_like(s)} for s in seqs] * 4
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, learning_rate=1e-2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=3, logging_steps=1,
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def _delta_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "deltatune" in k}
+
+
+def test_trainer_callback_checkpoints_deltas_and_resume_equals_an_uninterrupted_run(tmp_path, caplog):
+    """An unmodified Trainer with dt.DeltaCallback: every checkpoint-N/ holds the base (model.safetensors, no delta
+    keys) and the delta (deltatune/<name>/); resuming from checkpoint-3 on a fresh model with a differently
+    initialised delta ends with the same delta as the uninterrupted 6-step run (dropout on: the Trainer restores
+    its RNG, the callback the delta)."""
+    m = tiny_llama()
+    dt.attach(m, dt.LoRA(r=4, alpha=8, dropout=0.1), "d")
+    with caplog.at_level("WARNING", logger="deltatune"):
+        _trainer(m, tmp_path / "run", 6, [dt.DeltaCallback()]).train()
+    assert not [r for r in caplog.records if r.name == "deltatune"]  # the callback saves the deltas: no warning
+    final = _delta_tensors(m)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    m.eval()
+    with torch.no_grad():
+        want = m(ids).logits
+    for step in (3, 6):
+        ckpt = tmp_path / "run" / f"checkpoint-{step}"
+        assert (ckpt / "deltatune" / "d" / "delta.safetensors").is_file()
+        assert _file_keys(ckpt) and not any("deltatune" in k for k in _file_keys(ckpt))
+    at3 = dt.Delta.read(tmp_path / "run" / "checkpoint-3" / "deltatune" / "d")
+    assert not torch.equal(at3.state["model.layers.0.self_attn.q_proj"]["lora_B"],
+                           final["model.layers.0.self_attn.q_proj.deltatune.d.lora_B"])
+    # from_pretrained(checkpoint) + dt.load restores the adapted model exactly
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-6").eval()
+    dt.load(back, tmp_path / "run" / "checkpoint-6" / "deltatune" / "d")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+
+    # resume from checkpoint-3 (checkpoint-6 gone, as after a crash) on a fresh model
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    fresh = tiny_llama()
+    torch.manual_seed(99)
+    dt.attach(fresh, dt.LoRA(r=4, alpha=8, dropout=0.1), "d")
+    randomize(fresh, "d", seed=5)  # another starting point: only a restore can make it end where the run ended
+    _trainer(fresh, tmp_path / "run", 6, [dt.DeltaCallback()]).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    got = _delta_tensors(fresh)
+    assert got.keys() == final.keys()
+    for k in final:
+        assert torch.allclose(got[k], final[k], atol=1e-6), k
+    # without the saved delta, resuming is refused with the reason
+    shutil.rmtree(tmp_path / "run" / "checkpoint-3" / "deltatune")
+    again = tiny_llama()
+    dt.attach(again, dt.LoRA(r=4, alpha=8, dropout=0.1), "d")
+    with pytest.raises(dt.errors.DeltaNotFoundError, match="checkpoint-3"):
+        _trainer(again, tmp_path / "run", 6, [dt.DeltaCallback()]).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))

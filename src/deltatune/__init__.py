@@ -18,7 +18,15 @@ globals().update(_CONFIGS)  # every registered method config: dt.LoRA, dt.IA3, .
 
 __version__ = "0.1.0"
 
-__all__ = ["Arrow", "Average", "Delta", "DeltaConfig", "DeltaTensor", "DenseDelta", "Fuse", "LowRankDelta", "Route",
+
+def __getattr__(name: str):  # dt.DeltaCallback without importing transformers' Trainer on `import deltatune`
+    if name == "DeltaCallback":
+        from .train.callback import DeltaCallback
+
+        return DeltaCallback
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+__all__ = ["Arrow", "Average", "Delta", "DeltaCallback", "DeltaConfig", "DeltaTensor", "DenseDelta", "Fuse", "LowRankDelta", "Route",
            "SparseDelta", "Stack", "Sum", "activate", "active", "active_block", "active_names", "attach", "batch", "detach",
            "errors", "init", "load", "merge", "merge_and_unload", "param_groups", "quantize", "rounding_report", "route",
            "save", "summary", "train", "unload", "unmerge",

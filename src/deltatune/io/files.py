@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..runtime import check_new_name, build_pieces, install
+from ..runtime import check_new_name, build_pieces, install, slot_of, state_of
 from .delta import Delta, model_class_name
 from .formats import check_output, format_named
 from ..core.layouts import weight_shape
-from ..core.errors import CorruptFileError, ShapeMismatchError, TargetError
+from ..core.errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchError, TargetError
 
 def save(model: nn.Module, path: str | Path, name: str | None = None, format: str = "native") -> Path:
     """Write delta `name` of `model` to directory `path` (created if needed) in a registered format ("native",
@@ -97,3 +97,25 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainab
     """Read a native or PEFT delta directory and attach it to `model` as `name` (default: the saved name)."""
     delta = Delta.read(path)
     return apply(model, delta, name, trainable=trainable, activate=activate)
+
+
+def restore(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
+    """Put a saved delta's tensors into the delta of that name already attached to `model`, in place: the pieces
+    keep their Parameter objects, so an optimizer holding them goes on (resuming training). The file must cover
+    exactly the modules the attached delta adapts."""
+    delta = Delta.read(path)
+    name = name or delta.name
+    st = state_of(model)
+    if st is None or name not in st.deltas:
+        raise DeltaNotFoundError(f"cannot restore {str(path)!r} into delta {name!r}: no delta of that name is attached "
+                                 f"(attached: {sorted(st.deltas) if st else []}); dt.load attaches a new one")
+    paths = st.deltas[name].paths
+    if sorted(delta.state) != sorted(paths):
+        raise ShapeMismatchError(f"cannot restore {str(path)!r} into delta {name!r}: the file adapts "
+                                 f"{len(delta.state)} module(s), the attached delta {len(paths)} (e.g. "
+                                 f"{sorted(set(delta.state) ^ set(paths))[:3]})")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for p, state in delta.state.items():
+            slot_of(modules[p])[name].load_state_dict(state)
+    return model

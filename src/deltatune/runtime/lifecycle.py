@@ -11,6 +11,7 @@ from .weights import merge, names_of, slots, unmerge
 from .slot import _hook, _pre_hook, ensure_slot, remove_slot, slot_of
 from ..core.targeting import SLOT
 from .state import DeltaRecord, drop_state, new_state, require_state, serialised, state_of
+from .save_keys import sync_save_keys
 from ..compose import without
 
 
@@ -64,6 +65,7 @@ def install(model: nn.Module, name: str, cfg: DeltaConfig, built: Built, trainab
             _restore_grads(model, st.base_requires_grad)
             drop_state(model)
         raise
+    sync_save_keys(model)
     return model
 
 
@@ -140,6 +142,8 @@ def _remove(model: nn.Module, name: str) -> None:
     del st.deltas[name]
     st.refresh_keywords()
     apply_plan(model, block)
+    if st.deltas:
+        sync_save_keys(model)
 
 
 @serialised
@@ -153,6 +157,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     if not st.deltas:
         _restore_grads(model, st.base_requires_grad)
         drop_state(model)
+        sync_save_keys(model)
     return model
 
 
@@ -174,4 +179,5 @@ def unload(model: nn.Module, merge_active: bool = False, dequantize: bool = Fals
         _remove(model, name)
     _restore_grads(model, st.base_requires_grad)
     drop_state(model)
+    sync_save_keys(model)
     return model

@@ -186,7 +186,7 @@ class RankAllocator:
             return
         if not self.updates:
             raise StateError("AdaLoRA has no importance scores yet: prune after training steps that call the pieces' "
-                             "step hooks (dt.train, DeltaCallback, or deltatune.train.step_hooks in a custom loop)")
+                             "step hooks (dt.train, DeltaCallback, or deltatune.runtime.step_hooks in a custom loop)")
         for piece, scores, kept in zip(self.pieces, self.scores, self.choose(self.target_budget())):
             idx = torch.nonzero(kept.to(piece.Lambda.device)).view(-1)
             for name, param in piece.triplet_params().items():
