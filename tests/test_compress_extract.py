@@ -323,6 +323,25 @@ def test_extract_gpt2_conv1d(tmp_path):
     torch.testing.assert_close(tiny.logits(loaded), tiny.logits(reference), atol=1e-4, rtol=0)
 
 
+def test_extract_skips_identical_modules_and_the_file_reads_back(tmp_path):
+    """Modules identical in base and tuned are left out of the delta, and of its recorded base shapes, so the
+    written delta reads and loads (it was refused as naming modules it does not list)."""
+    tiny, tuned, updates = _tuned_pair("llama", tmp_path)
+    untouched = sorted(updates)[:3]
+    base = tiny.fresh()
+    with torch.no_grad():
+        for p in untouched:
+            tuned.get_submodule(p).weight.copy_(base.get_submodule(p).weight)
+    tuned.save_pretrained(tmp_path / "tuned")
+    delta, report = extract(tmp_path / "base", tmp_path / "tuned", rank=2, dense=("embed_tokens",))
+    assert all(f"{p}: identical in base and tuned; not in the delta" in report.notes for p in untouched)
+    assert not set(untouched) & set(delta.state) and set(delta.base["weight_shapes"]) <= set(delta.state)
+    delta.write(tmp_path / "x")
+    loaded = tiny.fresh()
+    dt.load(loaded, tmp_path / "x")
+    torch.testing.assert_close(tiny.logits(loaded), tiny.logits(tuned), atol=1e-4, rtol=0)
+
+
 def _wide_llama(path: Path) -> None:
     """A tiny llama with another MLP width: the same tensor names as the fixtures' llama, other shapes."""
     from transformers import LlamaForCausalLM

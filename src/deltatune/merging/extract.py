@@ -210,6 +210,8 @@ def extract(base_dir: str | Path, tuned_dir: str | Path, *, rank: int | None = N
         delta.config = delta.config.replace(modules_to_save=tuple(whole))
         delta.state.update(whole)
         delta.module_types.update({p: types[p] for p in whole})
+    # the file records the base shapes of the modules it adapts only (a module identical in both is not one)
+    delta.base["weight_shapes"] = {p: s for p, s in shapes.items() if p in delta.state}
     for row in rows:
         row.bytes = row.bytes or state_bytes(delta.state[row.path])
     notes += _uncaptured(base, tuned, plan)
