@@ -1,0 +1,131 @@
+"""Every ```python / ```bash / ```sh / ```console block of README.md and docs/*.md runs as its own test (id
+FILE:LINE). The rules (markers skip / slow / continues, fresh directory, shared state) are in tests/docs_blocks.py;
+`python tests/docs_blocks.py` lists the blocks. A failure prints the block with its line numbers and the tail of
+its stderr; a python traceback names the markdown file and line."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from docs_blocks import Block, ForkServer, block_env, collect, failure_report, run_block
+
+BLOCKS, PROBLEMS = collect()
+RUNNABLE = [b for b in BLOCKS if b.kind]
+TIMEOUT = {False: 180.0, True: 1800.0}  # seconds per block: default suite, slow suite
+
+
+def _param(block: Block):
+    marks = []
+    if "skip" in block.markers:
+        marks.append(pytest.mark.skip(reason=f"{block.id} marked skip: {block.comment or 'an intentional fragment'}"))
+    elif block.slow:
+        marks.append(pytest.mark.slow)
+    return pytest.param(block, id=block.id, marks=marks)
+
+
+@pytest.fixture(scope="module")
+def server():
+    if os.environ.get("DELTATUNE_DOCS_FRESH") == "1" or not hasattr(os, "fork"):
+        yield None
+        return
+    s = ForkServer(block_env())
+    yield s
+    s.close()
+
+
+def test_every_block_is_accounted_for():
+    """Every fenced block names its language and only known markers; every runnable one is collected below, and
+    the ones not run are exactly those marked skip (listed here)."""
+    assert PROBLEMS == [], "\n".join(PROBLEMS)
+    assert RUNNABLE, "no code blocks found"
+    skipped = [b.id for b in RUNNABLE if "skip" in b.markers]
+    run = [b.id for b in RUNNABLE if "skip" not in b.markers]
+    assert len(skipped) + len(run) == len(RUNNABLE) and not set(skipped) & set(run)
+    print(f"{len(run)} blocks run, {len(skipped)} marked skip: {', '.join(skipped)}", file=sys.stderr)
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
+def test_doc_block(block: Block, tmp_path, server):
+    outcome = run_block(block, tmp_path, TIMEOUT[block.slow], None if block.kind != "python" else server)
+    if outcome.rc != 0 or outcome.timed_out:
+        pytest.fail(failure_report(block, outcome), pytrace=False)
+
+
+# --- the runner itself, on a made-up repository ---------------------------------------------------------------
+FAKE_DOC = """# Doc
+```python
+x = 41
+```
+text
+```python continues
+assert x + 1 == 42, "continues sees the names of the block before"
+open("out.txt", "w").write("made here")
+```
+```python
+print(x)
+```
+```bash
+test -f data.txt
+echo fine
+false
+echo never
+```
+```python skip # a fragment
+undefined_name
+```
+```console
+$ echo "a \\
+b" > c.txt
+output line, not run
+$ test "$(cat c.txt)" = "a b"
+```
+"""
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "README.md").write_text("```text\nnothing to run\n```\n")
+    (root / "docs" / "a.md").write_text(FAKE_DOC)
+    (root / "data.txt").write_text("a repository file")
+    return root
+
+
+def test_runner_on_a_made_up_repository(fake_repo, tmp_path):
+    blocks, problems = collect(fake_repo)
+    assert problems == []
+    runnable = {b.line: b for b in blocks if b.kind}
+    assert sorted(runnable) == [2, 6, 10, 13, 19, 22]
+    assert [b.line for b in runnable[6].chain] == [2] and runnable[10].chain == []
+    assert runnable[19].comment == "a fragment" and "skip" in runnable[19].markers
+
+    def run(line):
+        work = tmp_path / f"w{line}"
+        work.mkdir()
+        return run_block(runnable[line], work, 120, None, fake_repo)
+
+    assert run(2).rc == 0 and run(6).rc == 0  # the chain: names carry over
+    assert (tmp_path / "w6" / "out.txt").read_text() == "made here"  # outputs land in the temporary directory
+    third = run(10)  # a block alone: `x` is not defined; the traceback names the markdown file and line
+    assert third.rc == 1 and 'docs/a.md", line 11' in third.stderr and "NameError" in third.stderr
+    shell = run(13)  # repository files resolve; the failing command and its markdown line are reported
+    assert shell.rc == 1 and shell.stdout.strip() == "fine" and "docs/a.md:16: exit 1: false" in shell.stderr
+    assert "never" not in shell.stdout
+    assert run(22).rc == 0  # console: the $ lines (with a continuation) run, output lines do not
+    report = failure_report(runnable[10], third)
+    assert "docs/a.md:10 (python) exited with status 1" in report and "   11 | print(x)" in report
+
+
+def test_markers_and_languages_are_checked(fake_repo):
+    (fake_repo / "docs" / "b.md").write_text("```\ncode\n```\n```python slwo\npass\n```\n```yaml slow\na: 1\n```\n"
+                                             "```python continues\npass\n```\n")
+    _, problems = collect(fake_repo)
+    assert len(problems) == 3 and "docs/b.md:1: a code block without a language" in problems[0]
+    assert "unknown marker(s) ['slwo']" in problems[1] and "markers on a 'yaml' block" in problems[2]
+    (fake_repo / "docs" / "b.md").write_text("```python continues\npass\n```\n```python\n")
+    _, problems = collect(fake_repo)
+    assert sorted(p.split(": ", 1)[1] for p in problems) == ["marked continues, but no block before it runs",
+                                                             "the code block is never closed"]
