@@ -186,7 +186,8 @@ def _trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
           splits: Splits | None = None, prepare: Callable[[nn.Module], Any] | None = None,
           **overrides: Any) -> TrainResult:
-    """Train a delta. `cfg` is a TrainConfig, a dict of options or a YAML path; keyword options override it.
+    """`dt.train(config_or_path, **options)`: train a delta. `cfg` is a TrainConfig, a dict of options or a YAML path
+    (the options of `deltatune train`, docs/training.md); keyword options override it. Returns a `TrainResult`.
     Pass `model`/`tokenizer`/`splits` to use objects already in memory instead of loading by name.
     `prepare(model)` replaces attaching the configured delta (for baselines such as full fine-tuning or
     another library's adapters: it must leave exactly the parameters to train with requires_grad=True)."""
