@@ -242,7 +242,11 @@ class ForkServer:
         request = {"spec": spec, "cwd": str(cwd), "env": env, "timeout": timeout, "out": str(out)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        reply = json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the docs fork server exited (status {self.proc.poll()}); "
+                               f"DELTATUNE_DOCS_FRESH=1 runs each block in a new interpreter instead")
+        reply = json.loads(line)
         return Outcome(reply["rc"], reply["timed_out"], (out / "stdout.txt").read_text(errors="replace"),
                        (out / "stderr.txt").read_text(errors="replace"), time.perf_counter() - start)
 
