@@ -14,7 +14,9 @@ Info string of a fenced block: ``LANG [MARKER ...] [# comment]``, e.g. ```` ```p
   top-level entry of the repository (``examples/``, ``src/``, ...) and ``.venv`` (the running environment): repository paths resolve, outputs (``runs/``,
   ``out/``) land in the temporary directory. A block marked ``continues`` runs after the blocks before it in the
   same file, back to and including the nearest one not marked ``continues`` (skipped blocks excepted): they run
-  again, in order, in the same directory, python blocks in one interpreter, so names and files carry over.
+  again, in order, in the same directory, python blocks in one interpreter, so names and files carry over. (A
+  shell block continuing a block that already passed in this session runs in that block's directory instead: files
+  are all a shell block can use, so the chain is not run twice.)
 * Environment: the running interpreter's ``bin/`` first on ``PATH`` (``deltatune``, ``python``), ``src/`` on
   ``PYTHONPATH``, one thread (``OMP_NUM_THREADS=1``), offline Hugging Face, ``MPLBACKEND=Agg``.
 * Python blocks are compiled under the markdown file's path with their real line numbers, so a traceback names
@@ -310,15 +312,16 @@ def _serve() -> None:
 
 
 def run_block(block: Block, tmp: Path, timeout: float, server: ForkServer | None = None,
-              root: Path = ROOT) -> Outcome:
+              root: Path = ROOT, reuse: Path | None = None) -> Outcome:
     """Run a block (after the blocks it continues) in a fresh directory made from `tmp`; files of the output
-    go to `tmp/.out-N`."""
-    cwd = workdir(tmp, root)
+    go to `tmp/.out-N`. `reuse`: for a shell block, the directory where the blocks it continues already ran (their
+    files are all it needs), so they are not run again."""
+    cwd = workdir(tmp, root) if reuse is None else reuse
     env = block_env(root)
     deadline = time.monotonic() + timeout
     outcome = Outcome(0, False, "", "", 0.0)
     groups: list[list[Block]] = []
-    for b in [*block.chain, block]:  # consecutive python blocks share one interpreter
+    for b in [*(block.chain if reuse is None else []), block]:  # consecutive python blocks share one interpreter
         if groups and b.kind == "python" and groups[-1][-1].kind == "python":
             groups[-1].append(b)
         else:

@@ -46,11 +46,17 @@ def test_every_block_is_accounted_for():
     print(f"{len(run)} blocks run, {len(skipped)} marked skip: {', '.join(skipped)}", file=sys.stderr)
 
 
+PASSED: dict[str, object] = {}  # block id -> the directory it passed in (holding its chain's files too)
+
+
 @pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
 def test_doc_block(block: Block, tmp_path, server):
-    outcome = run_block(block, tmp_path, TIMEOUT[block.slow], None if block.kind != "python" else server)
+    reuse = PASSED.get(block.chain[-1].id) if block.chain and block.kind != "python" else None
+    outcome = run_block(block, tmp_path, TIMEOUT[block.slow], None if block.kind != "python" else server,
+                        reuse=reuse)
     if outcome.rc != 0 or outcome.timed_out:
         pytest.fail(failure_report(block, outcome), pytrace=False)
+    PASSED[block.id] = reuse or tmp_path
 
 
 # --- the runner itself, on a made-up repository ---------------------------------------------------------------
@@ -81,6 +87,12 @@ b" > c.txt
 output line, not run
 $ test "$(cat c.txt)" = "a b"
 ```
+```python
+open("made.txt", "w").write("by python")
+```
+```bash continues
+grep -q "by python" made.txt
+```
 """
 
 
@@ -98,7 +110,7 @@ def test_runner_on_a_made_up_repository(fake_repo, tmp_path):
     blocks, problems = collect(fake_repo)
     assert problems == []
     runnable = {b.line: b for b in blocks if b.kind}
-    assert sorted(runnable) == [2, 6, 10, 13, 19, 22]
+    assert sorted(runnable) == [2, 6, 10, 13, 19, 22, 28, 31]
     assert [b.line for b in runnable[6].chain] == [2] and runnable[10].chain == []
     assert runnable[19].comment == "a fragment" and "skip" in runnable[19].markers
 
@@ -115,6 +127,12 @@ def test_runner_on_a_made_up_repository(fake_repo, tmp_path):
     assert shell.rc == 1 and shell.stdout.strip() == "fine" and "docs/a.md:16: exit 1: false" in shell.stderr
     assert "never" not in shell.stdout
     assert run(22).rc == 0  # console: the $ lines (with a continuation) run, output lines do not
+    # a shell block continuing a python one: the chain runs again, or its passed directory is reused
+    assert run(31).rc == 0 and run(28).rc == 0
+    for n, (reused, ok) in enumerate([("w28", True), ("w2", False)]):
+        (tmp_path / f"r{n}").mkdir()
+        got = run_block(runnable[31], tmp_path / f"r{n}", 60, None, fake_repo, reuse=tmp_path / reused)
+        assert (got.rc == 0) == ok
     report = failure_report(runnable[10], third)
     assert "docs/a.md:10 (python) exited with status 1" in report and "   11 | print(x)" in report
 
