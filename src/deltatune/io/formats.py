@@ -11,6 +11,7 @@ the integrity manifest of formats that have one (`integrity.verify`) before the 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,39 @@ def read(path: str | Path, meta: bool = False) -> "Delta":
     fmt = format_of(path)
     if meta and fmt.read_meta is not None:
         return fmt.read_meta(path)
-    verify(path)
-    return fmt.read(path)
+    if not (path / MANIFEST).is_file() or written_bytes(path) < _OVERLAP_BYTES:
+        verify(path)
+        return fmt.read(path)
+    return _read_verifying(path, fmt)
+
+
+_OVERLAP_BYTES = 4 << 20  # from this size on, hashing (which releases the GIL) runs beside the reader
+
+
+def _read_verifying(path: Path, fmt: Format) -> "Delta":
+    """`verify` in a second thread while the format's reader runs; the reader's result is returned only after the
+    hashes matched, and a mismatch is reported in preference to whatever the reader made of the torn files."""
+    failure: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            verify(path)
+        except BaseException as e:  # handed to the reading thread, raised there
+            failure.append(e)
+
+    worker = threading.Thread(target=check, name="deltatune-verify", daemon=True)
+    worker.start()
+    try:
+        delta = fmt.read(path)
+    except BaseException:
+        worker.join()
+        if failure:
+            raise failure[0] from None
+        raise
+    worker.join()
+    if failure:
+        raise failure[0]
+    return delta
 
 
 # --- writing -----------------------------------------------------------------------------------------------------

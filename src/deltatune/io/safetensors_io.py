@@ -20,10 +20,12 @@ from torch import Tensor
 
 from ..core.errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
 from ..core.parsing import load_json, short
-from .checkpoints import DTYPES
-
 #: the largest header accepted (the safetensors format's own limit)
 MAX_HEADER_BYTES = 100 << 20
+#: safetensors dtype names
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = None, manifest: str = "",
@@ -34,21 +36,9 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     no tensor data is read and the hash is not checked."""
     path = Path(path)
     where = repr(str(path))
+    fd = _open(path, where)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise DeltaNotFoundError(f"tensor file {where} does not exist") from None
-    except IsADirectoryError:
-        raise CorruptFileError(f"tensor file {where} is a directory") from None
-    except OSError as e:
-        raise CorruptFileError(f"tensor file {where} cannot be opened ({e.strerror or e})") from None
-    except ValueError:  # a NUL character in the name
-        raise CorruptFileError(f"tensor file {where} is not a valid file name") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CorruptFileError(f"tensor file {where} is not a regular file")
-        actual = info.st_size
+        actual = os.fstat(fd).st_size
         if size is not None and actual != size:
             raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
                                    f"the file was truncated, modified or belongs to another save — it was not read")
@@ -65,6 +55,45 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     finally:
         os.close(fd)
     return tensors, metadata
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The checked tensor table ({key: dtype, shape, data_offsets}, metadata left out) of the safetensors file at
+    `path` and the offset where its data starts; only the header's pages are read."""
+    path = Path(path)
+    where = repr(str(path))
+    fd = _open(path, where)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < 8:
+            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+        with mmap.mmap(fd, actual, access=mmap.ACCESS_READ) as mm:
+            header, start = _header(mm, actual, where)
+    finally:
+        os.close(fd)
+    header.pop("__metadata__", None)
+    return header, start
+
+
+def _open(path: Path, where: str) -> int:
+    """A read-only descriptor of the regular file at `path`, or the typed error saying why there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DeltaNotFoundError(f"tensor file {where} does not exist") from None
+    except IsADirectoryError:
+        raise CorruptFileError(f"tensor file {where} is a directory") from None
+    except OSError as e:
+        raise CorruptFileError(f"tensor file {where} cannot be opened ({e.strerror or e})") from None
+    except ValueError:  # a NUL character in the name
+        raise CorruptFileError(f"tensor file {where} is not a valid file name") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptFileError(f"tensor file {where} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _corrupt(where: str, why: str) -> CorruptFileError:
