@@ -278,20 +278,26 @@ def test_kill_at_every_file_operation_of_a_training_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_hash_checked_beside_the_reader_refuses_a_changed_file(tmp_path, monkeypatch, overlap):
-    """From `formats._OVERLAP_BYTES` on, the manifest's hashes are checked in a second thread while the reader runs:
-    a same-size change of the weights (so only the hash can tell) is still refused, with the manifest's error, and
-    an intact directory reads back equal."""
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_hash_checked_beside_the_reader_refuses_a_changed_file(tmp_path, monkeypatch, overlap, fmt):
+    """From a size threshold on, a file's SHA-256 (PEFT: the manifest's, checked by `formats.read`; native: the one
+    delta.json records, checked by `read_tensors`) is computed in a second thread while the tensors are read: a
+    same-size change of the weights (so only the hash can tell) is still refused, and an intact delta reads back
+    equal."""
+    from deltatune.io import safetensors_io
+
     monkeypatch.setattr(formats, "_OVERLAP_BYTES", 0 if overlap else 1 << 62)
+    monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if overlap else 1 << 62)
     delta = _delta(1, 4)
     path = tmp_path / "d"
-    _write(delta, "peft", path)
+    _write(delta, fmt, path)
     back = dt.Delta.read(path)
-    assert all(torch.equal(back.state[p][k], delta.state[p][k]) for p in delta.state for k in delta.state[p]
-               if k in back.state[p])
-    weights = path / "adapter_model.safetensors"
+    compared = [torch.equal(back.state[p][k], delta.state[p][k]) for p in delta.state for k in delta.state[p]
+                if k in back.state[p]]
+    assert compared and all(compared)
+    weights = next(path.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-4:] = bytes(4)  # last tensor's last value, same size
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match="SHA-256 recorded in deltatune_manifest.json"):
+    with pytest.raises(CorruptFileError, match="SHA-256"):
         dt.Delta.read(path)

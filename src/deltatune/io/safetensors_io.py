@@ -12,6 +12,7 @@ import hashlib
 import mmap
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,53 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
             raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
         with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
             header, start = _header(mm, actual, where)
-            if sha256 is not None and not header_only and hashlib.sha256(mm).hexdigest() != sha256:
-                raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
-                                       f"; the file was modified, damaged or belongs to another save")
             metadata = header.pop("__metadata__", {})
-            tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta") if header_only
-                       else _tensor(mm, start, entry) for key, entry in header.items()}
+            if header_only:
+                tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
+                           for key, entry in header.items()}
+            else:
+                beside = sha256 is not None and actual >= HASH_BESIDE_BYTES
+                if sha256 is not None and not beside:
+                    _check_hash(hashlib.sha256(mm).hexdigest(), sha256, where, manifest)
+                with _Digest(mm if beside else None) as digest:
+                    tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
+                if beside:
+                    _check_hash(digest.value, sha256, where, manifest)
     finally:
         os.close(fd)
     return tensors, metadata
+
+
+#: from this size on, a file's hash is computed in a second thread while its tensors are copied out (hashlib and
+#: torch's copies both release the GIL); the tensors are returned only after the hash matched
+HASH_BESIDE_BYTES = 4 << 20
+
+
+class _Digest:
+    """The SHA-256 of a mapping computed in a second thread for the duration of a `with` block (nothing runs when
+    the mapping is None); the block's exit waits for it, so the mapping outlives the thread, error or not."""
+
+    def __init__(self, mm: mmap.mmap | None) -> None:
+        self.mm, self.value = mm, None
+        self.worker = None if mm is None else threading.Thread(target=self._run, name="deltatune-sha256", daemon=True)
+
+    def _run(self) -> None:
+        self.value = hashlib.sha256(self.mm).hexdigest()
+
+    def __enter__(self) -> "_Digest":
+        if self.worker is not None:
+            self.worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.worker is not None:
+            self.worker.join()
+
+
+def _check_hash(actual: str | None, expected: str, where: str, manifest: str) -> None:
+    if actual != expected:
+        raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
+                               f"; the file was modified, damaged or belongs to another save")
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
