@@ -1,3 +1,3 @@
-"""The PEFT mappings, one module per peft adapter type; each registers a `PeftKind` (io/peft/registry.py).
-These modules name methods by design: they are the one place where a peft type meets a deltatune method."""
-from . import lora  # noqa: F401
+"""The PEFT mappings, one module per peft adapter type (or family); each registers a `PeftKind`
+(io/peft/registry.py). These modules name methods by design: they are where a peft type meets a deltatune method."""
+from . import adalora, ia3, lora, lycoris  # noqa: F401
