@@ -48,6 +48,12 @@ def _cases() -> dict[str, tuple[str, object]]:
         "adalora-gpt2": ("gpt2", lambda: peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=4, total_step=10,
                                                             target_modules=["c_attn"], fan_in_fan_out=True)),
         "adalora-bert": ("bert", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=BERT_QV)),
+        "beft-bert": ("bert", lambda: peft.BeftConfig(target_modules=["query", "value", "intermediate.dense"])),
+        "ln-llama": ("llama", lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "model.norm"])),
+        "ln-gpt2": ("gpt2", lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_f"])),
+        "ln-bert": ("bert", lambda: peft.LNTuningConfig(target_modules=["attention.output.LayerNorm"])),
+        "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=LLAMA_QV)),
+        "shira-bert": ("bert", lambda: peft.ShiraConfig(r=1, target_modules=BERT_QV + ["output.dense"])),
     }
 
 

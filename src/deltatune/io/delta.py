@@ -31,6 +31,9 @@ class Delta:
     state: dict[str, dict[str, Tensor]]
     module_types: dict[str, str] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
+    #: the live model the delta was just taken from (`dt.save` sets it; never saved or compared): writers of formats
+    #: that store values relative to nothing (a PEFT file's tuned LayerNorm weights) read the base weights there
+    source: nn.Module | None = field(default=None, repr=False, compare=False)
 
     # --- algebra view ----------------------------------------------------------------------------
     def update(self, path: str, base: BaseWeights = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:

@@ -20,6 +20,7 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, format: st
     fmt = format_named(format)
     check_output(path)
     delta = Delta.from_model(model, name)
+    delta.source = model
     return fmt.write(delta, Path(path))
 
 
