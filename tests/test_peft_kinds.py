@@ -26,6 +26,8 @@ from conftest import Tiny, build_tiny_with_biases  # noqa: E402
 ATOL = 1e-5
 LLAMA_QV = ["q_proj", "v_proj"]
 BERT_QV = ["query", "value"]
+VIRTUAL = 3  # prompt tokens
+TASK_IDS = torch.tensor([1, 0])  # Poly's per-example task ids (batch of 2)
 STD = {"llama": 0.3, "gpt2": 0.3, "bert": 2.0}  # BERT's pooled logits move little otherwise
 
 
@@ -54,6 +56,11 @@ def _cases() -> dict[str, tuple[str, object]]:
         "ln-bert": ("bert", lambda: peft.LNTuningConfig(target_modules=["attention.output.LayerNorm"])),
         "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=LLAMA_QV)),
         "shira-bert": ("bert", lambda: peft.ShiraConfig(r=1, target_modules=BERT_QV + ["output.dense"])),
+        "poly-llama": ("llama", lambda: peft.PolyConfig(r=2, n_tasks=3, n_skills=2, target_modules=LLAMA_QV)),
+        "mhr-bert": ("bert", lambda: peft.PolyConfig(r=2, n_tasks=2, n_skills=3, n_splits=2, target_modules=BERT_QV)),
+        "prompt-llama": ("llama", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
+        "prompt-gpt2": ("gpt2", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
+        "prompt-bert": ("bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=VIRTUAL)),
     }
 
 
@@ -68,6 +75,19 @@ def _randomize(model: torch.nn.Module, marker: str, seed: int = 1, std: float = 
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def logits(tiny: Tiny, model: torch.nn.Module, case: str, peft_side: bool = False) -> torch.Tensor:
+    """The model's logits on the tiny inputs (with task ids for Poly); peft's causal-LM prompt-tuning logits
+    without the virtual positions (ours have none)."""
+    extra = {"task_ids": TASK_IDS} if case.startswith(("poly", "mhr")) else {}
+    if extra and peft_side:
+        model = model.base_model  # PolyModel takes task_ids; PeftModel's forward does not pass them on
+    with torch.no_grad():
+        out = _quiet(model, **tiny.inputs, **extra).logits
+    if peft_side and case.startswith("prompt") and tiny.kind != "bert":
+        out = out[:, VIRTUAL:]
+    return out
+
+
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -79,9 +99,9 @@ def peft_saved(case: str, path: Path) -> tuple[Tiny, torch.Tensor]:
     kind, make = CASES[case]
     tiny = build_tiny_with_biases(kind)
     pm = _quiet(get_peft_model, tiny.fresh(), make())
-    _randomize(pm, "peft", std=STD[kind])
+    _randomize(pm, "peft", std=3.0 if case.startswith("prompt") else STD[kind])  # prompts: enough to change tokens
     pm.eval()
-    ref = tiny.logits(pm)
+    ref = logits(tiny, pm, case, peft_side=True)
     assert (ref - tiny.logits(tiny.fresh())).abs().max() > 1e-3  # the adapter changes the logits
     _quiet(pm.save_pretrained, path)
     return tiny, ref
@@ -96,7 +116,7 @@ def test_peft_to_deltatune(case: str, tmp_path: Path) -> None:
     tiny, ref = peft_saved(case, tmp_path / "a")
     model = tiny.fresh()
     _quiet(dt.load, model, tmp_path / "a", name="p")
-    torch.testing.assert_close(tiny.logits(model), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(tiny, model, case), ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -106,8 +126,27 @@ def test_deltatune_to_peft(case: str, tmp_path: Path) -> None:
     model = tiny.fresh()
     dt.attach(model, config, name="ours")
     _randomize(model, ".deltatune.ours.", seed=1, std=STD[tiny.kind])
-    ours = tiny.logits(model)
+    ours = logits(tiny, model, case)
     assert (ours - tiny.logits(tiny.fresh())).abs().max() > 1e-3
     dt.save(model, tmp_path / "b", "ours", format="peft")
     theirs = _quiet(PeftModel.from_pretrained, tiny.fresh(), tmp_path / "b").eval()
-    torch.testing.assert_close(tiny.logits(theirs), ours, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(tiny, theirs, case, peft_side=True), ours, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["prompt-llama"])  # the tiny GPT-2 repeats one token whatever the prompt
+def test_generation_matches_peft(case: str, tmp_path: Path) -> None:
+    """Greedy generate() gives peft's tokens after loading its prompt adapter (and peft ours after saving)."""
+    tiny, _ = peft_saved(case, tmp_path / "a")
+    ids = tiny.inputs["input_ids"]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    theirs_model = _quiet(PeftModel.from_pretrained, tiny.fresh(), tmp_path / "a").eval()
+    theirs = _quiet(theirs_model.generate, input_ids=ids, **kw)
+    model = tiny.fresh()
+    _quiet(dt.load, model, tmp_path / "a", name="p")
+    ours = _quiet(model.generate, input_ids=ids, **kw)
+    assert ours.shape == (ids.shape[0], ids.shape[1] + 5)
+    assert torch.equal(ours[:, -theirs.shape[1]:], theirs[:, -ours.shape[1]:])
+    assert not torch.equal(ours, _quiet(tiny.fresh().generate, input_ids=ids, **kw))  # the prompt changes them
+    dt.save(model, tmp_path / "b", "p", format="peft")
+    again = _quiet(PeftModel.from_pretrained, tiny.fresh(), tmp_path / "b").eval()
+    assert torch.equal(_quiet(again.generate, input_ids=ids, **kw), theirs)

@@ -291,7 +291,7 @@ def read_peft(path: Path, header_only: bool = False) -> Delta:
     _check_supported(cfg, kind, where)
     flat = read_tensors(weights, header_only=header_only)[0]
     check_finite(flat, str(weights))
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): t for k, t in flat.items()}
+    tensors = {(k[len(kind.prefix):] if k.startswith(kind.prefix) else k): t for k, t in flat.items()}
     file = PeftFile(path, where, cfg, tensors, header_only)
     delta = kind.read(file)
     whole = _whole_modules(file)
@@ -355,7 +355,7 @@ def write_peft(delta: Delta, path: Path) -> Path:
     for mpath, st in delta.state.items():
         if isinstance(delta.config.for_module(mpath), whole_cls):
             save_paths.append(mpath)
-            flat.update({module_key(mpath, k): t for k, t in st.items()})
+            flat.update({f"{kind.prefix}{mpath}.{k}": t for k, t in st.items()})
         else:
             own.append(mpath)
     tensors, fields = kind.write(delta, own, f"delta {delta.name!r}")

@@ -37,6 +37,9 @@ class PeftKind:
     refuse: dict[str, str] = field(default_factory=dict)
     check: Callable[[dict[str, Any], str], None] | None = None
     description: str = ""
+    #: what peft puts before module paths in its keys: the wrapped model's ("base_model.model.") for tuner layers,
+    #: "base_model." for prompt learning (whose PeftModel wraps the model directly)
+    prefix: str = "base_model.model."
 
 
 _KINDS: dict[str, PeftKind] = {}
