@@ -56,6 +56,13 @@ def _cases() -> dict[str, tuple[str, object]]:
         "ln-bert": ("bert", lambda: peft.LNTuningConfig(target_modules=["attention.output.LayerNorm"])),
         "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=LLAMA_QV)),
         "shira-bert": ("bert", lambda: peft.ShiraConfig(r=1, target_modules=BERT_QV + ["output.dense"])),
+        "vera-llama": ("llama", lambda: peft.VeraConfig(r=4, target_modules=LLAMA_QV + ["down_proj"])),
+        "vera-seeded-llama": ("llama", lambda: peft.VeraConfig(r=4, target_modules=LLAMA_QV + ["down_proj"],
+                                                               save_projection=False, projection_prng_key=7)),
+        "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+        "vera-bert": ("bert", lambda: peft.VeraConfig(r=4, target_modules=BERT_QV + ["intermediate.dense"])),
+        "randlora-llama": ("llama", lambda: peft.RandLoraConfig(r=5, randlora_alpha=3, target_modules=LLAMA_QV)),
+        "randlora-bert": ("bert", lambda: peft.RandLoraConfig(r=4, randlora_alpha=2, target_modules=BERT_QV)),
         "poly-llama": ("llama", lambda: peft.PolyConfig(r=2, n_tasks=3, n_skills=2, target_modules=LLAMA_QV)),
         "mhr-bert": ("bert", lambda: peft.PolyConfig(r=2, n_tasks=2, n_skills=3, n_splits=2, target_modules=BERT_QV)),
         "prompt-llama": ("llama", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
@@ -121,10 +128,11 @@ def test_peft_to_deltatune(case: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_deltatune_to_peft(case: str, tmp_path: Path) -> None:
+    """Our delta of the structure read from peft's file (frozen parts, e.g. VeRA's projections, included), its
+    trained tensors set to new random values, saved for peft."""
     tiny, _ = peft_saved(case, tmp_path / "a")
-    config = _quiet(dt.Delta.read, tmp_path / "a").config
     model = tiny.fresh()
-    dt.attach(model, config, name="ours")
+    _quiet(dt.load, model, tmp_path / "a", name="ours", trainable=True)
     _randomize(model, ".deltatune.ours.", seed=1, std=STD[tiny.kind])
     ours = logits(tiny, model, case)
     assert (ours - tiny.logits(tiny.fresh())).abs().max() > 1e-3

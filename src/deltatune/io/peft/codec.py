@@ -221,6 +221,50 @@ class PeftDelta(Delta):
         return super().write(path)
 
 
+# --- a delta whose tensors need the module sizes --------------------------------------------------------------------
+class SizedDelta(Delta):
+    """A Delta read from a PEFT file whose state can only be made once the adapted modules' [out, in] sizes are known
+    (peft's shared projections are sliced per module, and the file does not record the sizes): `complete(delta,
+    sizes)` gives the concrete Delta; `for_model` calls it with the model's sizes."""
+
+    complete: Any = None
+
+    def sizes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        lookup = base_lookup(model, self.module_types)
+        return {p: tuple(int(v) for v in lookup(p)[0].shape) for p in self.state}  # type: ignore[misc]
+
+    def for_model(self, model: nn.Module) -> Delta:
+        return type(self).complete(self, self.sizes(model))
+
+    def update(self, path: str, base: Any = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:
+        if not isinstance(base, nn.Module):
+            raise UnsupportedError(f"PEFT adapter {self.name!r} needs the adapted modules' sizes to place its shared "
+                                   f"tensors; pass base= a model (or dt.load it)")
+        return self.for_model(base).update(path, base, with_bias)
+
+    def write(self, path: str | Path) -> Path:
+        raise UnsupportedError(f"PEFT adapter {self.name!r} needs the adapted modules' sizes to place its shared "
+                               f"tensors; dt.load it into the model and dt.save")
+
+
+def shared_tensor(parts: dict[str, tuple[tuple[slice, ...], Tensor]], shape: tuple[int, ...], where: str,
+                  what: str) -> Tensor:
+    """One tensor of `shape` holding every module's `parts[path] = (slices, tensor)` at its slices, as peft's shared
+    projections hold every module's; an UnsupportedError names a module whose tensor disagrees with another's where
+    their slices overlap (then no single shared tensor gives both)."""
+    first = next(iter(parts.values()))[1]
+    out = torch.zeros(shape, dtype=first.dtype)
+    written = torch.zeros(shape, dtype=torch.bool)
+    for path, (where_in, t) in parts.items():
+        seen = written[where_in]
+        if bool(seen.any()) and not torch.equal(out[where_in][seen], t.to(out.dtype)[seen]):
+            raise UnsupportedError(f"{where}: the {what} of {path!r} differ from another module's where peft's single "
+                                   f"shared tensor would hold both; it has no PEFT form")
+        out[where_in] = t.to(out.dtype)
+        written[where_in] = True
+    return out
+
+
 # --- reading -----------------------------------------------------------------------------------------------------
 def _load_config(path: Path) -> tuple[dict[str, Any], PeftKind]:
     file = path / CONFIG_FILE
