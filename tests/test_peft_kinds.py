@@ -63,6 +63,7 @@ def _cases() -> dict[str, tuple[str, object]]:
         "vera-bert": ("bert", lambda: peft.VeraConfig(r=4, target_modules=BERT_QV + ["intermediate.dense"])),
         "randlora-llama": ("llama", lambda: peft.RandLoraConfig(r=5, randlora_alpha=3, target_modules=LLAMA_QV)),
         "randlora-bert": ("bert", lambda: peft.RandLoraConfig(r=4, randlora_alpha=2, target_modules=BERT_QV)),
+        "prefix-llama": ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
         "poly-llama": ("llama", lambda: peft.PolyConfig(r=2, n_tasks=3, n_skills=2, target_modules=LLAMA_QV)),
         "mhr-bert": ("bert", lambda: peft.PolyConfig(r=2, n_tasks=2, n_skills=3, n_splits=2, target_modules=BERT_QV)),
         "prompt-llama": ("llama", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
@@ -106,7 +107,7 @@ def peft_saved(case: str, path: Path) -> tuple[Tiny, torch.Tensor]:
     kind, make = CASES[case]
     tiny = build_tiny_with_biases(kind)
     pm = _quiet(get_peft_model, tiny.fresh(), make())
-    _randomize(pm, "peft", std=3.0 if case.startswith("prompt") else STD[kind])  # prompts: enough to change tokens
+    _randomize(pm, "peft", std=3.0 if case.startswith(("prompt", "prefix")) else STD[kind])  # prompts: enough to change tokens
     pm.eval()
     ref = logits(tiny, pm, case, peft_side=True)
     assert (ref - tiny.logits(tiny.fresh())).abs().max() > 1e-3  # the adapter changes the logits
@@ -141,7 +142,7 @@ def test_deltatune_to_peft(case: str, tmp_path: Path) -> None:
     torch.testing.assert_close(logits(tiny, theirs, case, peft_side=True), ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["prompt-llama"])  # the tiny GPT-2 repeats one token whatever the prompt
+@pytest.mark.parametrize("case", ["prompt-llama", "prefix-llama"])  # the tiny GPT-2 repeats one token whatever the prompt
 def test_generation_matches_peft(case: str, tmp_path: Path) -> None:
     """Greedy generate() gives peft's tokens after loading its prompt adapter (and peft ours after saving)."""
     tiny, _ = peft_saved(case, tmp_path / "a")
