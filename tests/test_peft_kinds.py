@@ -9,6 +9,7 @@ Cases are (peft config, tiny model) pairs on tiny Llama (GQA), GPT-2 (Conv1D) an
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 import deltatune as dt  # noqa: E402
 from deltatune.io.peft import peft_types  # noqa: E402
 
-from conftest import Tiny, build_tiny_with_biases  # noqa: E402
+from conftest import Tiny, build_tiny_with_biases, pieces_of  # noqa: E402
 
 ATOL = 1e-5
 LLAMA_QV = ["q_proj", "v_proj"]
@@ -159,3 +160,27 @@ def test_generation_matches_peft(case: str, tmp_path: Path) -> None:
     dt.save(model, tmp_path / "b", "p", format="peft")
     again = _quiet(PeftModel.from_pretrained, tiny.fresh(), tmp_path / "b").eval()
     assert torch.equal(_quiet(again.generate, input_ids=ids, **kw), theirs)
+
+
+def test_adalora_pruned_ranks_both_ways(tmp_path: Path) -> None:
+    """Pruned ranks: ours (rank_pattern: path -> rank) → peft (rank_pattern: `<path>.lora_E` -> mask, the kept
+    triplets in the file) → peft's own save → ours again, logits equal at every step."""
+    tiny = build_tiny_with_biases("llama")
+    model = tiny.fresh()
+    pruned = {r"model\.layers\.0\.self_attn\.q_proj": 1, r"model\.layers\.1\.self_attn\.v_proj": 3}
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, alpha=6.0, targets=tuple(LLAMA_QV), rank_pattern=pruned), "a")
+    _randomize(model, ".deltatune.a.", seed=5)
+    ours = tiny.logits(model)
+    dt.save(model, tmp_path / "ours", "a", format="peft")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["rank_pattern"] == {"model.layers.0.self_attn.q_proj.lora_E": [True, False, False, False],
+                                       "model.layers.1.self_attn.v_proj.lora_E": [True, True, True, False]}
+    theirs = _quiet(PeftModel.from_pretrained, tiny.fresh(), tmp_path / "ours").eval()
+    torch.testing.assert_close(tiny.logits(theirs), ours, atol=ATOL, rtol=0)
+    _quiet(theirs.save_pretrained, tmp_path / "theirs")
+    back = tiny.fresh()
+    _quiet(dt.load, back, tmp_path / "theirs", name="b")
+    torch.testing.assert_close(tiny.logits(back), ours, atol=ATOL, rtol=0)
+    ranks = {p: piece.rank for p, piece in pieces_of(back, "b").items()}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 1 and ranks["model.layers.1.self_attn.v_proj"] == 3
+    assert ranks["model.layers.0.self_attn.v_proj"] == 4
