@@ -250,3 +250,12 @@ def test_ln_tuning_needs_the_base_to_be_written(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedError, match="base model"):
         write_peft(delta, tmp_path / "x")
+
+
+def test_shared_projections_with_a_head_kept_whole(tmp_path: Path) -> None:
+    """VeRA regenerated from peft's seed, next to a classification head kept whole (modules_to_save)."""
+    tiny, ref, _ = _saved("bert", peft.VeraConfig(r=4, target_modules=["query", "value"], save_projection=False,
+                                                  projection_prng_key=3, modules_to_save=["classifier"]),
+                          tmp_path / "a", std=2.0)
+    delta = _both_ways(tiny, ref, tmp_path / "a", tmp_path)
+    assert "classifier" in delta.state and delta.config.modules_to_save == ("classifier",)

@@ -66,10 +66,16 @@ class Delta:
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
+        concrete = self.for_model(base) if isinstance(base, nn.Module) else self
+        if concrete is not self:  # a format whose file places its tensors only relative to the model
+            return concrete.tensors(base)
         lookup = base_lookup(base, self.module_types)
         return {path: self.update(path, lookup, with_bias=False)[0] for path in self.state}
 
     def biases(self, base: BaseWeights = None) -> dict[str, Tensor]:
+        concrete = self.for_model(base) if isinstance(base, nn.Module) else self
+        if concrete is not self:
+            return concrete.biases(base)
         out = {}
         lookup = base_lookup(base, self.module_types)
         for path in self.state:

@@ -59,10 +59,14 @@ class VeRAFileDelta(SizedDelta):
             a_sh, b_sh = self.shared
         else:  # peft's draw: one generator, A then B, of the largest sizes
             gen = torch.Generator(device="cpu").manual_seed(self.key)
-            a_sh = _kaiming((r, max(s[1] for s in sizes.values())), gen)
-            b_sh = _kaiming((max(s[0] for s in sizes.values()), r), gen)
+            own = [s for p, s in sizes.items() if not self.config.saves_whole(p)]
+            a_sh = _kaiming((r, max(s[1] for s in own)), gen)
+            b_sh = _kaiming((max(s[0] for s in own), r), gen)
         state = {}
         for path, st in self.state.items():
+            if self.config.saves_whole(path):  # a module kept whole (modules_to_save)
+                state[path] = st
+                continue
             d_out, d_in = sizes[path]
             if a_sh.shape[1] < d_in or b_sh.shape[0] < d_out:
                 raise CorruptFileError(f"PEFT adapter {self.name!r}: its shared projections [{tuple(a_sh.shape)}, "
@@ -125,6 +129,9 @@ class RandLoRAFileDelta(SizedDelta):
         a_sh, b_sh = self.shared
         state = {}
         for path, st in self.state.items():
+            if self.config.saves_whole(path):  # a module kept whole (modules_to_save)
+                state[path] = st
+                continue
             d_out, d_in = sizes[path]
             m, big = min(d_out, d_in), max(d_out, d_in)
             n = n_bases(r, m)

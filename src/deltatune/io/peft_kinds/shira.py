@@ -15,7 +15,7 @@ from torch import Tensor
 from ...core.errors import CorruptFileError, UnsupportedError
 from ...methods.sparse.sparse import Sparse
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftFile, PeftKind, SizedDelta, module_key, register_kind
 
 _KNOWN = frozenset({"r", "mask_type", "random_seed", "fan_in_fan_out", "init_weights"})
 
@@ -46,29 +46,20 @@ def read(file: PeftFile) -> Delta:
     k = max(ks.values(), default=1)
     config = file.config(Sparse, targets=tuple(parts) or ("none",), k=k, mask="random",
                          k_pattern={re.escape(p): n for p, n in ks.items() if n != k})
-    delta = _ShiraDelta(file.name(), config, state, {p: "Linear" for p in parts}, file.base())
-    delta.rank = r
-    return delta
+    return _ShiraDelta(file.name(), config, state, {p: "Linear" for p in parts}, file.base())
 
 
-class _ShiraDelta(Delta):
-    """A SHiRA file's entries before the module sizes are known: (row, column) pairs become flat positions in
-    `for_model` (the flat position needs the weight's column count, which the file does not record)."""
+class _ShiraDelta(SizedDelta):
+    """A SHiRA file's entries before the module sizes are known: (row, column) pairs become flat positions once the
+    weight's column count is (the file does not record it)."""
 
-    rank: int = 0
-
-    def for_model(self, model: Any) -> Delta:
-        modules = dict(model.named_modules())
+    def complete(self, sizes: dict[str, tuple[int, int]]) -> Delta:
         state = {}
         for mpath, st in self.state.items():
-            if "rows" not in st:
+            if "rows" not in st:  # a module kept whole
                 state[mpath] = st
                 continue
-            weight = getattr(modules.get(mpath), "weight", None)
-            if not isinstance(weight, Tensor) or weight.dim() != 2 or type(modules[mpath]).__name__ != "Linear":
-                raise UnsupportedError(f"PEFT SHiRA adapter {self.name!r}: module {mpath!r} is not an nn.Linear on this "
-                                       f"model")
-            d_out, d_in = (int(s) for s in weight.shape)
+            d_out, d_in = sizes[mpath]
             rows, cols = st["rows"], st["cols"]
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= d_out or int(cols.min()) < 0
                                  or int(cols.max()) >= d_in):
@@ -79,18 +70,6 @@ class _ShiraDelta(Delta):
             state[mpath] = {"shape": torch.tensor([d_out, d_in], dtype=torch.int64), "index": flat[order],
                             "values": st["values"][order]}
         return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
-
-    def update(self, path: str, base: Any = None, with_bias: bool = True):  # type: ignore[no-untyped-def]
-        if "rows" in self.state.get(path, {}):
-            if not hasattr(base, "named_modules"):
-                raise UnsupportedError(f"PEFT SHiRA adapter {self.name!r}: its positions need the module sizes; pass "
-                                       f"base= a model (or dt.load it)")
-            return self.for_model(base).update(path, base, with_bias)
-        return super().update(path, base, with_bias)
-
-    def write(self, path: Any) -> Any:
-        raise UnsupportedError(f"PEFT SHiRA adapter {self.name!r}: its positions need the module sizes; dt.load it into "
-                               f"the model and dt.save")
 
 
 def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
