@@ -5,7 +5,10 @@
 * deltatune → peft: the config read from that file attached to a fresh base + random non-zero weights +
   `dt.save(format="peft")`, then `PeftModel.from_pretrained` gives our logits.
 
-Cases are (peft config, tiny model) pairs on tiny Llama (GQA), GPT-2 (Conv1D) and BERT where peft applies the method.
+Cases are (peft config, tiny model) pairs on tiny Llama (GQA), GPT-2 (Conv1D) and BERT where peft applies the method
+(peft's LoHa, LoKr, SHiRA, BEFT and Poly adapt nn.Linear only, so not GPT-2's Conv1D; BEFT on Llama, whose linears
+have no bias, and prefix tuning on GPT-2 and BERT, whose positions are absolute, are refused:
+tests/test_peft_kinds_config.py).
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def _cases() -> dict[str, tuple[str, object]]:
         "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
         "vera-bert": ("bert", lambda: peft.VeraConfig(r=4, target_modules=BERT_QV + ["intermediate.dense"])),
         "randlora-llama": ("llama", lambda: peft.RandLoraConfig(r=5, randlora_alpha=3, target_modules=LLAMA_QV)),
+        "randlora-gpt2": ("gpt2", lambda: peft.RandLoraConfig(r=4, randlora_alpha=2, target_modules=["c_attn", "c_fc"],
+                                                              fan_in_fan_out=True)),
         "randlora-bert": ("bert", lambda: peft.RandLoraConfig(r=4, randlora_alpha=2, target_modules=BERT_QV)),
         "prefix-llama": ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
         "poly-llama": ("llama", lambda: peft.PolyConfig(r=2, n_tasks=3, n_skills=2, target_modules=LLAMA_QV)),
