@@ -108,7 +108,7 @@ class LoRAPeftDelta(PeftDelta):
         state = {p: dict(st) for p, st in self.state.items()}
         for path, st in state.items():
             local = self.config.for_module(path)
-            if isinstance(local, Full):
+            if isinstance(local, Full) or path not in modules:  # a module the model lacks: check_fits names it
                 continue
             base_bias = getattr(modules.get(path), "bias", None)
             if "bias" not in st:
