@@ -189,3 +189,25 @@ def test_adalora_pruned_ranks_both_ways(tmp_path: Path) -> None:
     ranks = {p: piece.rank for p, piece in pieces_of(back, "b").items()}
     assert ranks["model.layers.0.self_attn.q_proj"] == 1 and ranks["model.layers.1.self_attn.v_proj"] == 3
     assert ranks["model.layers.0.self_attn.v_proj"] == 4
+
+
+@pytest.mark.parametrize("case", ["adalora-llama", "vera-llama", "randlora-llama", "shira-llama", "ln-bert",
+                                  "prefix-llama", "prompt-gpt2", "poly-llama"])
+def test_a_damaged_tensor_is_refused_and_the_model_untouched(case: str, tmp_path: Path) -> None:
+    """The last tensor of the file (in key order) one row short: a typed error, and nothing attached."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.core.errors import DeltaTuneError
+
+    tiny, _ = peft_saved(case, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = sorted(tensors)[-1]
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, file)
+    model = tiny.fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DeltaTuneError):
+        _quiet(dt.load, model, tmp_path / "a", name="p")
+    assert not any("deltatune" in n for n, _ in model.named_modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
