@@ -1,2 +1,2 @@
-"""Files: the detached Delta, the registry of file formats (native, PEFT), checkpoints, atomic writes."""
-from . import native, peft  # noqa: F401  (each registers its format)
+"""Files: the detached Delta, the registry of file formats (native, PEFT, AdapterHub), checkpoints, atomic writes."""
+from . import native, peft, adapterhub  # noqa: F401  (each registers its format)

@@ -61,8 +61,8 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
     """Attach a detached Delta to `model` with its saved tensors; all checks happen before any change."""
     name = name or delta.name
     check_new_name(model, name)
+    delta = delta.for_model(model)  # before check_fits: a format may place its tensors by the model (AdapterHub prefixes)
     check_fits(model, delta)
-    delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))
     for path, module, piece in built:
         saved = fitted_state(repr(name), path, piece, delta.state[path])
