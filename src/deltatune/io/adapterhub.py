@@ -174,6 +174,8 @@ def _bottleneck(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where
                   non_linearity=_activation(cfg, where), scaling=float(scaling),
                   init="kaiming" if cfg.get("init_weights") == "mam_adapter" else "normal")
     rf = cfg.get("reduction_factor")
+    if isinstance(rf, (int, float)) and not isinstance(rf, bool) and rf > 0:
+        common["reduction_factor"] = float(rf)
     if common["bottleneck"] is None:
         raise UnsupportedError(f"{where}: the adapter's bottleneck width differs between layers (reduction_factor "
                                f"{short(rf)}); a deltatune adapter has one width")
@@ -290,10 +292,8 @@ class AdapterHubDelta(Delta):
         return Delta(self.name, config, state, {p: "Attention" for p in state}, dict(self.base))
 
     def write(self, path: str | Path) -> Path:
-        if any(set(st) == {"pool"} for st in self.state.values()):
-            raise UnsupportedError(f"AdapterHub prefix tuning {self.name!r}: its prefixes are split per layer by the "
-                                   f"model's key/value heads, which the file does not record; dt.load it onto the "
-                                   f"model and dt.save it from there")
+        if self.needs_model:
+            raise UnsupportedError(self.needs_model)
         return super().write(path)
 
 
@@ -309,10 +309,16 @@ def read_adapterhub(path: Path, header_only: bool = False) -> Delta:
     if architecture == "prefix_tuning" and header_only:
         raise UnsupportedError(f"{where}: AdapterHub prefix tuning needs its tensors' values to be read")
     config, state = readers[architecture](meta, cfg, flat, name, where)
-    delta = AdapterHubDelta(name, config, state, {p: "?" for p in state},
+    types = {"lora": "Linear", "houlsby": "Linear", "pfeiffer": "LayerNorm" if getattr(config, "original_ln_before", 0)
+             else "Linear"}.get(config.kind, "?")
+    delta = AdapterHubDelta(name, config, state, {p: types for p in state},
                             {"model_class": meta.get("model_class"), "model_name": meta.get("model_name")})
     delta.hub = {"arch": ARCHITECTURES.get(meta.get("model_type"), {}), "config": cfg,
                  "model_class": meta.get("model_class")}
+    if architecture == "prefix_tuning":
+        delta.needs_model = (f"AdapterHub prefix tuning {name!r}: its prefixes are split per layer by the model's "
+                             f"key/value heads, which the file does not record; load it onto the model first (dt.load, "
+                             f"or `deltatune convert --base MODEL_DIR`)")
     return delta
 
 
@@ -347,6 +353,7 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
                                f"block's residual argument (input_arg=1); this one reads argument {config.input_arg!r}")
     flat: dict[str, Tensor] = {}
     widths, kinds, locations = set(), set(), set()
+    per_layer: dict[int, set[str]] = {}
     for module, st in delta.state.items():
         hub = None
         for kind, arch in ARCHITECTURES.items():
@@ -362,6 +369,7 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
             raise UnsupportedError(f"delta {delta.name!r} adapts {module!r}, which is not where AdapterHub puts a "
                                    f"{mode} bottleneck adapter in BERT/RoBERTa or Llama-family models")
         locations.add(hub)
+        per_layer.setdefault(int(m.group("layer").rsplit(".", 1)[1]), set()).add(hub)
         base = f"{m.group('root')}{m.group('layer')}.{hub}.adapters.{delta.name}."
         for ours, theirs in {v: k for k, v in _BN_PARAMS.items()}.items():
             flat[base + theirs] = st[ours].detach().float().contiguous()
@@ -369,10 +377,15 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
     if len(widths) != 1 or len(kinds) != 1:
         raise UnsupportedError(f"delta {delta.name!r}: AdapterHub writes one bottleneck width for one architecture; "
                                f"this delta has widths {sorted(widths)}")
+    if any(sites != locations for sites in per_layer.values()):
+        raise UnsupportedError(f"delta {delta.name!r} adapts different sites in different layers; AdapterHub puts the same "
+                               f"adapters ({', '.join(sorted(locations))}) in every layer it does not leave out")
     (d, m), = widths
     mh = any(loc.startswith("attention") for loc in locations)
     cfg = _hub_config(config, mh=mh, out=any(not loc.startswith("attention") for loc in locations))
     cfg["reduction_factor"] = d / m if d % m else d // m
+    # layers without adapters below the last adapted one (layers after it are not known from the delta: docs)
+    cfg["leave_out"] = [i for i in range(max(per_layer) + 1) if i not in per_layer]
     model_class = delta.base.get("model_class") or ""
     model_type = next((k for k in ("xlm-roberta", "roberta", "bert", "llama", "mistral", "qwen2")
                        if k.replace("-", "") in model_class.lower()), None)
@@ -381,11 +394,11 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
             "version": VERSION}
     data = st_save(flat)
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    write_directory("adapterhub", path, {WEIGHTS_FILE: data, CONFIG_FILE: text.encode("utf-8")})
+    write_directory("adapters", path, {WEIGHTS_FILE: data, CONFIG_FILE: text.encode("utf-8")})
     return path
 
 
-register_format(Format("adapterhub", CONFIG_FILE, read_adapterhub, write_adapterhub,
+register_format(Format("adapters", CONFIG_FILE, read_adapterhub, write_adapterhub,
                        "AdapterHub's adapters: adapter_config.json + adapter.safetensors",
                        files=(CONFIG_FILE, WEIGHTS_FILE),
                        companions=(PICKLE_FILE, "head_config.json", "model_head.safetensors"),

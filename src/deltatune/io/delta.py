@@ -31,6 +31,8 @@ class Delta:
     state: dict[str, dict[str, Tensor]]
     module_types: dict[str, str] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
+    #: why this delta must be placed on a model (`for_model`) before a writer can write it; "" when it is complete
+    needs_model = ""
 
     # --- algebra view ----------------------------------------------------------------------------
     def update(self, path: str, base: BaseWeights = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:
