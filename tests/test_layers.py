@@ -53,7 +53,8 @@ def test_an_injected_import_breaks_a_contract(tmp_path: Path, module: str, line:
 # --- generic code names no method, block or method keyword --------------------------------------------------------
 GENERIC = ["core", "runtime", "io", "merging", "compose/blocks.py", "serve"]
 #: files of generic packages whose job is one method family: the PEFT codec maps peft's LoRA/DoRA onto ours
-PLUGINS = {"io/peft.py"}
+#: and the AdapterHub codec maps adapters' bottleneck adapters, LoRA and prefix tuning onto ours
+PLUGINS = {"io/peft.py", "io/adapterhub.py"}
 #: merging's own vocabulary for how a result is stored (output storage "dense", "sparse", "lowrank"), which two kinds
 #: happen to share as names; string literals equal to these are storage names there, not methods
 STORAGE_WORDS = {"dense", "sparse", "lowrank"}

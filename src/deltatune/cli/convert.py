@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..core.errors import ConfigError
+from .serve import _user_errors  # one `error:` line and exit status 2 (main.py imports this module)
 
 
 def convert_command(
@@ -20,7 +21,6 @@ def convert_command(
                                                              "load the delta onto before writing it"),
 ) -> None:
     """Convert a delta between file formats; prints what was written and which libraries load it."""
-    from .main import _user_errors
     from ..io.delta import Delta
     from ..io.formats import check_output, format_named, format_of, loaders
 
