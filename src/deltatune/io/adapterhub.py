@@ -59,8 +59,7 @@ _LLAMA = {"layer": r"(?P<root>.*?)(?P<layer>layers\.\d+)\.",
           "attention": None,  # adapters 1.3's prefix tuning on Llama disagrees with deltatune's (docs/formats.md)
           "sites": {"attention_adapters": {"series": "self_attn.o_proj"},
                     "output_adapters": {"series": "mlp.down_proj"}}}
-ARCHITECTURES: dict[str, dict[str, Any]] = {"bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT,
-                                            "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+ARCHITECTURES: dict[str, dict[str, Any]] = {"bert": _BERT, "roberta": _BERT, "llama": _LLAMA}  # those tested
 # AdapterHub activation names (transformers' get_activation, lower-cased) -> deltatune's
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
 _BN_PARAMS = {"adapter_down.0.weight": "down_weight", "adapter_down.0.bias": "down_bias",
@@ -387,8 +386,7 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
     # layers without adapters below the last adapted one (layers after it are not known from the delta: docs)
     cfg["leave_out"] = [i for i in range(max(per_layer) + 1) if i not in per_layer]
     model_class = delta.base.get("model_class") or ""
-    model_type = next((k for k in ("xlm-roberta", "roberta", "bert", "llama", "mistral", "qwen2")
-                       if k.replace("-", "") in model_class.lower()), None)
+    model_type = next((k for k in ("roberta", "bert", "llama") if k in model_class.lower()), None)
     meta = {"config": cfg, "hidden_size": d, "model_class": model_class or None,
             "model_name": delta.base.get("model_name"), "model_type": model_type, "name": delta.name,
             "version": VERSION}
