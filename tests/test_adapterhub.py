@@ -204,3 +204,15 @@ def test_inspect_shows_the_format_and_its_loaders():
 
 def test_fixtures_stay_small():
     assert sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file()) < 500_000
+
+
+@pytest.mark.parametrize("name", ["houlsby", "lora", "prefix"])
+def test_adapter_saved_from_the_base_model_loads_onto_a_model_with_a_head(name):
+    """AdapterHub keeps the saving model's module paths (here BertModel's); a BertForSequenceClassification holds
+    that model as `bert`, and its encoder then gives the reference hidden states."""
+    from transformers import BertForSequenceClassification
+
+    net = BertForSequenceClassification.from_pretrained(FIXTURES / "bert" / "base", dtype=torch.float32).eval()
+    dt.load(net, FIXTURES / "bert" / name / "adapter")
+    ref = reference("bert", name)
+    torch.testing.assert_close(run(net.bert, ref), ref["last_hidden_state"], atol=ATOL, rtol=0)

@@ -261,6 +261,9 @@ class AdapterHubDelta(Delta):
     hub: dict[str, Any] = {}
 
     def for_model(self, model: nn.Module) -> Delta:
+        moved = self._rooted(model)
+        if moved is not self:
+            return moved.for_model(model)
         (first,) = self.state if len(self.state) == 1 else (None,)
         if first is None or set(self.state[first]) != {"pool"}:
             return self
@@ -289,6 +292,23 @@ class AdapterHubDelta(Delta):
             state[path] = {"prefix_keys": kv[2 * j].contiguous(), "prefix_values": kv[2 * j + 1].contiguous()}
         config = self.config.replace(targets=tuple(state))
         return Delta(self.name, config, state, {p: "Attention" for p in state}, dict(self.base))
+
+    def _rooted(self, model: nn.Module) -> "AdapterHubDelta":
+        """This delta with module paths for `model` where it was saved from the model's base model or a model with
+        a head around it (AdapterHub keeps the saving model's paths): `base_model_prefix` added or removed."""
+        names = {p for p, _ in model.named_modules()}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        if not prefix or all(p in names for p in self.state):
+            return self
+        for move in (lambda p: f"{prefix}.{p}", lambda p: p[len(prefix) + 1:] if p.startswith(prefix + ".") else p):
+            state = {move(p): st for p, st in self.state.items()}
+            if all(p in names for p in state):
+                targets = tuple(move(p) for p in self.config.targets)
+                out = AdapterHubDelta(self.name, self.config.replace(targets=targets), state,
+                                      {move(p): t for p, t in self.module_types.items()}, dict(self.base))
+                out.hub, out.needs_model = self.hub, self.needs_model
+                return out
+        return self
 
     def write(self, path: str | Path) -> Path:
         if self.needs_model:
