@@ -67,9 +67,11 @@ def test_the_configs_map_to_deltatunes_methods():
 
 
 def test_llama_prefix_tuning_is_refused_and_changes_nothing():
-    net = base("llama")
+    """adapters 1.3 does not apply prefixes on Llama: its reference is the base model's output."""
+    ref, net = reference("llama", "prefix"), base("llama")
+    torch.testing.assert_close(run(net, ref), ref["last_hidden_state"], atol=ATOL, rtol=0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(UnsupportedError, match="prefix tuning on llama"):
+    with pytest.raises(UnsupportedError, match="prefix tuning on llama.*does not apply"):
         dt.load(net, FIXTURES / "llama" / "prefix" / "adapter")
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not hasattr(net, "deltatune_state") or not dt.summary(net)
@@ -216,3 +218,26 @@ def test_adapter_saved_from_the_base_model_loads_onto_a_model_with_a_head(name):
     dt.load(net, FIXTURES / "bert" / name / "adapter")
     ref = reference("bert", name)
     torch.testing.assert_close(run(net.bert, ref), ref["last_hidden_state"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(config=[1]), "config must be the adapter's config"),
+    (lambda m: m.pop("name"), "name must be the adapter's name"),
+    (lambda m: m.update(name="other"), "not a part of bottleneck adapter 'other'"),
+    (lambda m: m.update(model_type="gpt_neox"), "model_type 'gpt_neox'"),
+    (lambda m: m["config"].update(architecture="reft"), "architecture 'reft'"),
+])
+def test_malformed_configs_raise_one_clear_error_and_change_nothing(tmp_path, edit, match):
+    from deltatune.core.errors import DeltaTuneError
+
+    target = tmp_path / "a"
+    shutil.copytree(FIXTURES / "bert" / "houlsby" / "adapter", target)
+    meta = json.loads((target / "adapter_config.json").read_text())
+    edit(meta)
+    (target / "adapter_config.json").write_text(json.dumps(meta))
+    net = base("bert")
+    with pytest.raises(DeltaTuneError, match=match):
+        dt.load(net, target)
+    assert not any(hasattr(m, "deltatune") for m in net.modules())
+    result = CliRunner().invoke(app, ["inspect", str(target)])
+    assert result.exit_code == 2 and result.output.count("error:") == 1

@@ -56,7 +56,7 @@ _BERT = {"layer": r"(?P<root>.*?)(?P<layer>encoder\.layer\.\d+)\.",
                                         "parallel": "attention.output"},
                    "output": {"series": "output.dense", "norm": "output.LayerNorm", "parallel": "output"}}}
 _LLAMA = {"layer": r"(?P<root>.*?)(?P<layer>layers\.\d+)\.",
-          "attention": None,  # adapters 1.3's prefix tuning on Llama disagrees with deltatune's (docs/formats.md)
+          "attention": None,  # adapters 1.3 does not apply prefix tuning on Llama (docs/formats.md)
           "sites": {"attention_adapters": {"series": "self_attn.o_proj"},
                     "output_adapters": {"series": "mlp.down_proj"}}}
 ARCHITECTURES: dict[str, dict[str, Any]] = {"bert": _BERT, "roberta": _BERT, "llama": _LLAMA}  # those tested
@@ -215,9 +215,10 @@ def _prefix(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where: st
                                f"deltatune's prefixes have no gate")
     arch = _architecture(meta, where)
     if arch["attention"] is None:
-        raise UnsupportedError(f"{where}: AdapterHub prefix tuning on {meta.get('model_type')} models is not read: on the "
-                               f"test fixture adapters 1.3 computes outputs that differ from deltatune's prefix tuning "
-                               f"with the same prefixes (docs/formats.md, 'AdapterHub')")
+        raise UnsupportedError(f"{where}: AdapterHub prefix tuning on {meta.get('model_type')} models is not read: "
+                               f"adapters 1.3 (with transformers 4.57) does not apply these prefixes — its outputs equal "
+                               f"the base model's — so no deltatune delta reproduces what the adapter does there "
+                               f"(docs/formats.md, 'AdapterHub')")
     length = cfg.get("prefix_length")
     expect(type(length) is int and length > 0, where, "config.prefix_length", "a positive integer", length)
     pool = re.compile(rf"(?P<root>.*?)prefix_tuning\.prefix_tunings\.{re.escape(name)}\.(?P<loc>[^.]+)\.(?P<param>.+)")
