@@ -58,7 +58,12 @@ _BERT = {"layer": r"(?P<root>.*?)(?P<layer>encoder\.layer\.\d+)\.",
 _LLAMA = {"layer": r"(?P<root>.*?)(?P<layer>layers\.\d+)\.",
           "attention": None,  # adapters 1.3 does not apply prefix tuning on Llama (docs/formats.md)
           "sites": {"attention_adapters": {"series": "self_attn.o_proj"},
-                    "output_adapters": {"series": "mlp.down_proj"}}}
+                    "output_adapters": {"series": "mlp.down_proj"}},
+          # pre-LN blocks have no LayerNorm after the residual add: AdapterHub's adapters there read the residual stream
+          "why": {"norm": "reads the residual stream h + r (there is no LayerNorm after the add); deltatune's series "
+                          "adapters read the projection's output",
+                  "parallel": "reads the un-normalised residual stream; deltatune's parallel adapter reads the FFN "
+                              "block's (normalised) input"}}
 ARCHITECTURES: dict[str, dict[str, Any]] = {"bert": _BERT, "roberta": _BERT, "llama": _LLAMA}  # those tested
 # AdapterHub activation names (transformers' get_activation, lower-cased) -> deltatune's
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "silu", "tanh": "tanh"}
@@ -114,7 +119,7 @@ def _activation(cfg: dict[str, Any], where: str) -> str:
 
 def _architecture(meta: dict[str, Any], where: str) -> dict[str, Any]:
     kind = meta.get("model_type")
-    if kind not in ARCHITECTURES:
+    if not isinstance(kind, str) or kind not in ARCHITECTURES:
         raise UnsupportedError(f"{where}: model_type {short(kind)}; deltatune maps AdapterHub adapters of "
                                f"{sorted(ARCHITECTURES)}")
     return ARCHITECTURES[kind]
@@ -163,8 +168,10 @@ def _bottleneck(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where
         local = site[m.end():]
         target = arch["sites"].get(local, {}).get(mode)
         if target is None:
-            raise UnsupportedError(f"{where}: an AdapterHub {mode} adapter at {short(local)} of a {meta.get('model_type')} "
-                                   f"model computes something no deltatune adapter does (docs/formats.md, 'AdapterHub')")
+            why = arch.get("why", {}).get(mode, "is at a place deltatune's adapters do not go")
+            raise UnsupportedError(f"{where}: the AdapterHub {'Pfeiffer-placed (original_ln_before)' if mode == 'norm' else mode} "
+                                   f"adapter at {short(local)} of a {meta.get('model_type')} model {why} "
+                                   f"(docs/formats.md, 'AdapterHub')")
         state.setdefault(f"{m.group('root')}{m.group('layer')}.{target}", {})[_BN_PARAMS[param]] = t
     if not state:
         raise CorruptFileError(f"{where}: {WEIGHTS_FILE} holds no tensors of adapter {short(name)}")
@@ -179,9 +186,6 @@ def _bottleneck(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where
         raise UnsupportedError(f"{where}: the adapter's bottleneck width differs between layers (reduction_factor "
                                f"{short(rf)}); a deltatune adapter has one width")
     if parallel:
-        if arch is _LLAMA:
-            raise UnsupportedError(f"{where}: AdapterHub's parallel adapter on {meta.get('model_type')} reads the "
-                                   f"un-normalised residual stream; deltatune's reads the FFN block's input")
         config: DeltaConfig = ParallelAdapter(input_arg=1, **common)
     else:
         cls = Houlsby if cfg.get("mh_adapter") else Pfeiffer
@@ -205,7 +209,9 @@ def _lora(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where: str)
     ranks = {int(st["lora_A"].shape[0]) for st in state.values() if "lora_A" in st}
     if ranks - {r}:
         raise ShapeMismatchError(f"{where}: config.r is {r} but the tensors have rank {sorted(ranks)}")
-    dropout = cfg.get("dropout", 0.0)
+    dropout = cfg.get("dropout") or 0.0
+    expect(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1, where,
+           "config.dropout", "a probability", dropout)
     return LoRA(targets=tuple(sorted(state)), r=r, alpha=float(alpha), dropout=float(dropout or 0.0)), state
 
 
@@ -219,6 +225,9 @@ def _prefix(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where: st
                                f"adapters 1.3 (with transformers 4.57) does not apply these prefixes — its outputs equal "
                                f"the base model's — so no deltatune delta reproduces what the adapter does there "
                                f"(docs/formats.md, 'AdapterHub')")
+    leave_out = cfg.get("leave_out") or []
+    expect(isinstance(leave_out, list) and all(type(i) is int for i in leave_out), where, "config.leave_out",
+           "a list of layer indices", leave_out)
     length = cfg.get("prefix_length")
     expect(type(length) is int and length > 0, where, "config.prefix_length", "a positive integer", length)
     pool = re.compile(rf"(?P<root>.*?)prefix_tuning\.prefix_tunings\.{re.escape(name)}\.(?P<loc>[^.]+)\.(?P<param>.+)")
@@ -233,14 +242,25 @@ def _prefix(meta: dict, cfg: dict, flat: dict[str, Tensor], name: str, where: st
                                    f"prefixes (self_prefix) only")
         parts[m.group("param")] = t
         root = m.group("root")
-    if cfg.get("flat"):
-        kv = parts["control_trans"].float().reshape(length, -1)
-    else:  # the MLP the pool runs on its embedding of positions 0..n-1
-        act = _activation(cfg, where)
-        h = F.linear(parts["wte.weight"].float(), parts["control_trans.0.weight"].float(),
-                     parts["control_trans.0.bias"].float())
-        kv = F.linear(NON_LINEARITIES[act](h), parts["control_trans.2.weight"].float(),
-                      parts["control_trans.2.bias"].float())
+    flat_pool = bool(cfg.get("flat"))
+    need = {"control_trans"} if flat_pool else {"wte.weight", "control_trans.0.weight", "control_trans.0.bias",
+                                                "control_trans.2.weight", "control_trans.2.bias"}
+    if set(parts) != need:
+        raise CorruptFileError(f"{where}: prefix tuning {short(name)} (flat={flat_pool}) holds {short(sorted(parts))}; "
+                               f"expected {sorted(need)}")
+    try:
+        if flat_pool:
+            kv = parts["control_trans"].float().reshape(length, -1)
+        else:  # the MLP the pool runs on its embedding of positions 0..n-1
+            act = _activation(cfg, where)
+            h = F.linear(parts["wte.weight"].float(), parts["control_trans.0.weight"].float(),
+                         parts["control_trans.0.bias"].float())
+            kv = F.linear(NON_LINEARITIES[act](h), parts["control_trans.2.weight"].float(),
+                          parts["control_trans.2.bias"].float())
+    except RuntimeError as e:  # shapes that do not chain
+        raise CorruptFileError(f"{where}: the prefix pool's tensors do not fit together ({short(str(e), 120)})") from None
+    if kv.shape[0] != length:
+        raise CorruptFileError(f"{where}: the prefix pool makes {kv.shape[0]} positions; config.prefix_length is {length}")
     first = root + arch["attention"].format(i=_layers(cfg, 1)[0])
     config = PrefixTuning(targets=(first,), n_tokens=length)
     return config, {first: {"pool": kv.unsqueeze(0).contiguous()}}
@@ -323,7 +343,7 @@ def read_adapterhub(path: Path, header_only: bool = False) -> Delta:
     flat = _tensors(path, where, header_only)
     architecture = cfg.get("architecture")
     readers = {None: _bottleneck, "lora": _lora, "prefix_tuning": _prefix}
-    if architecture not in readers:
+    if not (architecture is None or isinstance(architecture, str)) or architecture not in readers:
         raise UnsupportedError(f"{where}: AdapterHub architecture {short(architecture)}; deltatune reads bottleneck "
                                f"adapters, LoRA and prefix tuning")
     if architecture == "prefix_tuning" and header_only:
