@@ -1,4 +1,4 @@
-"""dt.save / dt.load: a model's delta to and from disk (native or PEFT format), transactionally."""
+"""dt.save / dt.load: a model's delta to and from disk (any registered format), transactionally."""
 from __future__ import annotations
 
 import warnings
@@ -94,6 +94,7 @@ def fitted_state(label: str, path: str, piece: nn.Module, state: dict[str, torch
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainable: bool = False,
          activate: bool = True) -> nn.Module:
-    """Read a native or PEFT delta directory and attach it to `model` as `name` (default: the saved name)."""
+    """Read a delta directory of any registered format (native, PEFT, AdapterHub) and attach it to `model` as `name`
+    (default: the saved name)."""
     delta = Delta.read(path)
     return apply(model, delta, name, trainable=trainable, activate=activate)
