@@ -52,9 +52,10 @@ def test_an_injected_import_breaks_a_contract(tmp_path: Path, module: str, line:
 
 # --- generic code names no method, block or method keyword --------------------------------------------------------
 GENERIC = ["core", "runtime", "io", "merging", "compose/blocks.py", "serve"]
-#: folders of generic packages whose files each map one method: the PEFT mappings (io/peft_kinds/, one module per peft
-#: adapter type; the generic codec in io/peft/ names none)
-PLUGINS = {"io/peft_kinds"}
+#: files and folders of generic packages whose job is mapping other libraries' methods onto ours: the PEFT mappings
+#: (io/peft_kinds/, one module per peft adapter type; the generic codec in io/peft/ names none) and the AdapterHub
+#: codec (adapters' bottleneck adapters, LoRA and prefix tuning)
+PLUGINS = {"io/peft_kinds", "io/adapterhub.py"}
 #: merging's own vocabulary for how a result is stored (output storage "dense", "sparse", "lowrank"), which two kinds
 #: happen to share as names; string literals equal to these are storage names there, not methods
 STORAGE_WORDS = {"dense", "sparse", "lowrank"}

@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect, merge, compress, extract, serve, keys."""
+"""The `deltatune` command line: train, eval, inspect, convert, merge, compress, extract, serve, keys."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import typer
 
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
+from .convert import convert_command
 from .serve import keys_app, serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
@@ -129,7 +130,7 @@ def evaluate(
 
 @app.command()
 def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Config, targets, parameter count, size on disk and base identity of a native or PEFT delta."""
+    """Format, the libraries that load it, config, targets, parameter count, size on disk and base identity of a delta."""
     from ..io.inspect import describe, render
 
     with _user_errors():
@@ -203,6 +204,7 @@ def merge_cmd(
 
 
 app.command("serve")(serve_command)
+app.command("convert")(convert_command)
 app.add_typer(keys_app, name="keys")
 
 

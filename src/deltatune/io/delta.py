@@ -34,6 +34,8 @@ class Delta:
     #: the live model the delta was just taken from (`dt.save` sets it; never saved or compared): writers of formats
     #: that store values relative to nothing (a PEFT file's tuned LayerNorm weights) read the base weights there
     source: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: why this delta must be placed on a model (`for_model`) before a writer can write it; "" when it is complete
+    needs_model = ""
 
     # --- algebra view ----------------------------------------------------------------------------
     def update(self, path: str, base: BaseWeights = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:

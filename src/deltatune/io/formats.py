@@ -3,6 +3,11 @@
 `deltatune.io` is imported; a new format registers the same way and `dt.save(..., format=)`, `dt.load`,
 `Delta.read` and `deltatune inspect` handle it.
 
+Two formats may share a marker file (PEFT's and AdapterHub's `adapter_config.json`): a format that does declares
+`claims`, which tells its directories apart by their contents, and the one without `claims` takes the rest.
+`library` names the other library that reads a format's files and `kinds` the delta kinds it reads from them
+(`loaders`, shown by `deltatune inspect`).
+
 A directory holds one delta. Writers go through `write_directory`, which replaces the directory as a whole
 (`atomic.replace_dir`): the files of whatever delta it held before, in any registered format, are gone in the same
 step, so no reader can find a stale marker next to new files. Reading (`read`) refuses a directory holding the
@@ -38,6 +43,11 @@ class Format:
     #: directory -> Delta of meta tensors (config, modules, shapes and dtypes from the files' headers; no tensor
     #: data read), with the reader's checks that need no data; None: the format reads everything
     read_meta: Callable[[Path], "Delta"] | None = None
+    #: for a marker shared with another format: whether the directory is of this format (read from its files)
+    claims: Callable[[Path], bool] | None = None
+    #: the other library that loads this format's files ("" none), and the delta kinds it loads from them (None: any)
+    library: str = ""
+    kinds: tuple[str, ...] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -72,7 +82,7 @@ def format_of(path: Path) -> Format:
     if path.is_file():
         raise DeltaNotFoundError(f"{str(path)!r} is a file; a delta is a directory — pass the directory that holds "
                                  f"{' or '.join(f.marker for f in _FORMATS.values())}, e.g. {str(path.parent)!r}")
-    found = [fmt for fmt in _FORMATS.values() if (path / fmt.marker).is_file()]
+    found = _claimed([fmt for fmt in _FORMATS.values() if (path / fmt.marker).is_file()], path)
     if len(found) > 1:
         raise CorruptFileError(f"{str(path)!r} holds the files of {len(found)} deltas "
                                f"({', '.join(f'{f.marker} ({f.name})' for f in found)}); a directory holds one delta, so "
@@ -82,6 +92,29 @@ def format_of(path: Path) -> Format:
         return found[0]
     raise DeltaNotFoundError(f"{str(path)!r} holds no delta: none of "
                              f"{', '.join(f'{f.marker} ({f.name})' for f in _FORMATS.values())}")
+
+
+def _claimed(found: list[Format], path: Path) -> list[Format]:
+    """Of formats whose marker is in `path`, per marker: the one whose `claims` accepts the directory, else the one
+    without `claims`."""
+    by_marker: dict[str, list[Format]] = {}
+    for fmt in found:
+        by_marker.setdefault(fmt.marker, []).append(fmt)
+    out = []
+    for group in by_marker.values():
+        if len(group) == 1:
+            out += group
+            continue
+        claimed = [f for f in group if f.claims is not None and f.claims(path)]
+        out += claimed[:1] or [f for f in group if f.claims is None][:1]
+    return out
+
+
+def loaders(fmt: Format, kind: str) -> list[str]:
+    """deltatune and the other library that load a delta of `kind` from files of format `fmt`."""
+    reads = fmt.library and (fmt.kinds is None or kind in fmt.kinds)
+    return ["deltatune", fmt.library] if reads else ["deltatune"]
+
 
 
 def read(path: str | Path, meta: bool = False) -> "Delta":

@@ -422,4 +422,5 @@ def write_peft(delta: Delta, path: Path) -> Path:
 
 register_format(Format("peft", CONFIG_FILE, read_peft, write_peft, "HF peft's adapter directory (every mapped kind)",
                        files=(CONFIG_FILE, WEIGHTS_FILE), companions=(PICKLE_FILE, "README.md"), manifest=True,
+                       library="peft",  # any kind: the writer writes only mapped kinds, which peft loads
                        read_meta=lambda path: read_peft(path, header_only=True)))
