@@ -33,6 +33,16 @@ BATCH = 2
 MLP_IN = 8
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run the CPU suite's checks on CUDA: skipped where no GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass
 class Tiny:
     """A tiny model, its inputs, and how to get logits from it."""
