@@ -43,6 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default suite trains on the CPU even where a GPU is visible (`device: auto` reads DELTATUNE_DEVICE, and
+    subprocesses inherit it); tests marked `gpu` see `auto` as it is."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("DELTATUNE_DEVICE", "cpu")
+
+
 @dataclass
 class Tiny:
     """A tiny model, its inputs, and how to get logits from it."""

@@ -36,7 +36,7 @@ def _losses(result) -> list[float]:
     return [h["loss"] for h in result.history if "loss" in h]
 
 
-def test_device_and_precision_options_are_checked():
+def test_device_and_precision_options_are_checked(monkeypatch):
     for bad in ("gpu", "cuda:", "CUDA", "cuda:x", 0):
         with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
             TrainConfig(device=bad)
@@ -44,6 +44,12 @@ def test_device_and_precision_options_are_checked():
         TrainConfig(precision="fp8")
     assert TrainConfig(device="cuda:1", precision="bf16").device == "cuda:1"  # spelling only: checked when a run starts
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")  # DELTATUNE_DEVICE=cpu (tests/conftest.py)
+    monkeypatch.setenv("DELTATUNE_DEVICE", "gpu")
+    with pytest.raises(ConfigError, match="DELTATUNE_DEVICE must be"):
+        resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")  # the variable only says what auto means
+    monkeypatch.delenv("DELTATUNE_DEVICE")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
@@ -53,6 +59,8 @@ def test_device_and_precision_options_are_checked():
                   splits=None)  # refused before any data or model is touched
     else:
         assert resolve_device("auto", local_rank=0) == torch.device("cuda", 0)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(torch.cuda.device_count() + 1))  # more processes than GPUs
+        assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="GPU"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
 
@@ -160,3 +168,113 @@ def test_cuda_run_saves_a_delta_that_loads_on_the_cpu(cls_splits, tmp_path):
     dt.load(fresh, r.delta_path)
     again = evaluate_classification(fresh, word_tokenizer(), cls_splits.test, 2)
     assert again["accuracy"] == pytest.approx(r.metrics["test_accuracy"], abs=0.05)  # bf16 vs fp32 evaluation
+
+
+# --- every training feature on every device, in mixed precision ---------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_lisa_and_early_stopping_in_bf16(cls_splits, tmp_path, device):
+    """LISA: only the sampled layer's LoRA B matrices move. Early stopping: the saved delta is the best evaluated
+    state (its validation accuracy, evaluated again on a fresh CPU base, is the best one logged)."""
+    from deltatune.train import lisa as lisa_mod
+
+    model, seen = tiny_bert(), []
+    orig = lisa_mod.Lisa.step
+    lisa_mod.Lisa.step = lambda self, step: (orig(self, step), seen.append(list(self.current)))[0]
+    try:
+        train({"output_dir": str(tmp_path / "lisa"), "max_steps": 3, "batch_size": 8, "lr": 1e-2, "lisa_layers": 1,
+               "lisa_interval": 100, "device": device, "precision": "bf16", **QUIET}, model=model,
+              tokenizer=word_tokenizer(), splits=cls_splits)
+    finally:
+        lisa_mod.Lisa.step = orig
+    bs = {n: p for n, p in model.named_parameters() if n.endswith("lora_B") and ".layer." in n}
+    assert bs and all(bool(p.abs().sum() > 0) == (f".layer.{seen[0][0]}." in n) for n, p in bs.items())
+
+    r = train({"output_dir": str(tmp_path / "es"), "max_steps": 60, "batch_size": 8, "lr": 1e-2, "eval_every": 5,
+               "early_stopping_patience": 2, "schedule": "constant", "warmup_ratio": 0.0, "device": device,
+               "precision": "bf16", **QUIET}, model=tiny_bert(), tokenizer=word_tokenizer(), splits=cls_splits)
+    vals = [(h["step"], h["val_accuracy"]) for h in r.history if "val_accuracy" in h]
+    best = max(a for _, a in vals)
+    assert r.metrics["early_stopped"] and r.steps < 60
+    assert r.metrics["best_step"] == min(s for s, a in vals if a == best)
+    fresh = tiny_bert()
+    dt.load(fresh, r.delta_path)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = evaluate_classification(fresh, word_tokenizer(), cls_splits.validation, 2)
+    assert again["accuracy"] == pytest.approx(best, abs=1 / 40)  # bf16 kernels of another device may flip one example
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lt_sft_and_spiel_regrowth_in_bf16(tmp_path, device, monkeypatch):
+    """LT-SFT: phase 2 changes only the entries it selected. SpIEL: the loop regrows entries at its schedule and the
+    loss falls."""
+    from deltatune.methods.sparse import spiel
+    from train_fixtures import additions, tiny_llama
+
+    write_jsonl(tmp_path / "cls.jsonl", sentiment(96, 1))
+    cls = local_splits(str(tmp_path / "cls.jsonl"), "classification")
+    base = tiny_bert()
+    r = train({"output_dir": str(tmp_path / "lt"), "batch_size": 8, "lr": 1e-2, "max_steps": 4, "eval_every": 100,
+               "delta": {"kind": "dense"}, "procedure": {"kind": "lt_sft", "k": 300}, "device": device,
+               "precision": "bf16", **QUIET}, model=copy.deepcopy(base), tokenizer=word_tokenizer(), splits=cls)
+    delta = dt.Delta.read(r.delta_path)
+    assert delta.config.kind == "sparse" and r.metrics["selected_entries"] == 300
+    model = copy.deepcopy(base)
+    dt.load(model, r.delta_path)
+    dt.merge(model)
+    moved = 0
+    for path, st in delta.state.items():
+        if "index" in st:
+            diff = (model.get_submodule(path).weight - base.get_submodule(path).weight).reshape(-1)
+            changed = set(torch.nonzero(diff).reshape(-1).tolist())
+            assert changed <= set(st["index"].tolist()), path
+            moved += len(changed)
+    assert moved > 0
+
+    write_jsonl(tmp_path / "gen.jsonl", additions(64, 1))
+    gen = local_splits(str(tmp_path / "gen.jsonl"), "generation")
+    seen: list[int] = []
+    orig = spiel.regrow
+    monkeypatch.setattr(spiel, "regrow", lambda *a: seen.append(orig(*a)) or seen[-1])
+    r = train({"output_dir": str(tmp_path / "spiel"), "max_steps": 30, "batch_size": 8, "lr": 2e-2, "log_every": 5,
+               "warmup_ratio": 0.0, "task": "generation", "device": device, "precision": "bf16",
+               "delta": {"kind": "sparse", "density": 0.1, "regrow_every": 5, "regrow_window": 2}, **QUIET},
+              model=tiny_llama(), tokenizer=word_tokenizer(causal=True), splits=gen)
+    losses = _losses(r)
+    assert losses[-1] < 0.8 * losses[0]
+    assert len(seen) == 5 * 14 and sum(seen) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ddp_over_nccl_matches_one_gpu(tmp_path):
+    """torchrun, 2 processes × batch 4 on 2 GPUs (NCCL) follow the loss curve of 1 GPU × batch 8."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from train_fixtures import save_bert_dir
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    model_dir = save_bert_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment(160, 7))
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "8", "--lr", "0.01",
+              "--device", "cuda", "--set", "log_every=1", "--set", "progress=false", "--set", "plot=false",
+              "--set", "eval_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DELTATUNE_DEVICE", None)
+    one = subprocess.run([sys.executable, "-m", "deltatune.cli.main", *common, "--batch-size", "8", "-o",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                          "-m", "deltatune.cli.main", *common, "--batch-size", "4", "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(p):
+        return [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-4)
+    assert len(losses(tmp_path / "two")) == 8

@@ -9,6 +9,7 @@ inf/NaN gradients skipped); bf16 has fp32's exponent range and needs none.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Any
 
@@ -32,11 +33,24 @@ def check_precision(spec: Any) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {spec!r}")
 
 
+#: environment variable that says what `device: auto` means on this machine (e.g. cpu), as a device spelling
+AUTO_ENV = "DELTATUNE_DEVICE"
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """The torch device of a run: `auto` is this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the
-    CPU; `cuda` is cuda:LOCAL_RANK (one GPU per process under torchrun); `cuda:N` is GPU N."""
+    """The torch device of a run: `auto` is this process's GPU (cuda:LOCAL_RANK) when CUDA is available with a GPU
+    for each process on this machine (torchrun's LOCAL_WORLD_SIZE), else the CPU — unless the environment variable
+    DELTATUNE_DEVICE names a device for it; `cuda` is cuda:LOCAL_RANK (one GPU per process under torchrun);
+    `cuda:N` is GPU N."""
     check_device(spec)
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+    if spec == "auto" and os.environ.get(AUTO_ENV, "auto") != "auto":
+        spec = os.environ[AUTO_ENV]
+        if not isinstance(spec, str) or not DEVICE_PATTERN.fullmatch(spec):
+            raise ConfigError(f"{AUTO_ENV} must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if spec == "auto":
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        spec = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= per_machine else "cpu"
+    if spec == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__}, "

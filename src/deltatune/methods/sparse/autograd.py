@@ -66,19 +66,22 @@ class SparseLinearFunction(torch.autograd.Function):
                 stats: GradSink | None = None, csr: bool | None = None) -> Tensor:
         csr = use_csr(index.numel(), shape, values.device) if csr is None else csr
         x2 = _flat(x).to(values.dtype)
-        if csr:
-            w, _ = _csr(index, values, shape)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                delta = torch.sparse.mm(w, x2.t()).t()  # [N, out], a transposed view
-            out = _flat(acc) + delta.to(acc.dtype)
-        else:
-            w = scatter_dense(index, values, shape)
-            if acc.dtype == w.dtype:
-                out = torch.addmm(_flat(acc), x2, w.t())
+        # the products run in the values' dtype, also under autocast (which has no bf16/fp16 sparse CSR kernels on
+        # the CPU); the result is added in the output's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            if csr:
+                w, _ = _csr(index, values, shape)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    delta = torch.sparse.mm(w, x2.t()).t()  # [N, out], a transposed view
+                out = _flat(acc) + delta.to(acc.dtype)
             else:
-                out = _flat(acc) + (x2 @ w.t()).to(acc.dtype)
-            del w
+                w = scatter_dense(index, values, shape)
+                if acc.dtype == w.dtype:
+                    out = torch.addmm(_flat(acc), x2, w.t())
+                else:
+                    out = _flat(acc) + (x2 @ w.t()).to(acc.dtype)
+                del w
         ctx.save_for_backward(x, index, values)
         ctx.shape, ctx.stats, ctx.csr = shape, stats, csr
         return out.view(acc.shape)
