@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _auto_device_is_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default suite trains on the CPU even where a GPU is visible (`device: auto` reads DELTATUNE_DEVICE, and
     subprocesses inherit it); tests marked `gpu` see `auto` as it is."""
-    if "gpu" not in request.keywords:
+    if request.node.get_closest_marker("gpu") is None:
         monkeypatch.setenv("DELTATUNE_DEVICE", "cpu")
 
 
