@@ -53,7 +53,7 @@ def randomize_and_copy(peft_model: nn.Module, ours: nn.Module, seed: int = 1) ->
         if ".lora_B." in name:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         elif ".lora_magnitude_vector." in name:
-            p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device))
     count = 0
     for path, module in ours.named_modules():
         slot = slot_of(module)

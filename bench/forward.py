@@ -116,15 +116,12 @@ def _pair(base: nn.Module, s: Shape, dropout: float, dora: bool, seed: int) -> t
 def _adapter_share(ours: nn.Module, base: nn.Module, ids: torch.Tensor, r: int, reps: int) -> tuple[float, float]:
     """Milliseconds per forward that deltatune's model spends in its rank-r matrix products (x·Aᵀ and the
     in-place y += s·t·Bᵀ), and milliseconds per bare forward, both measured the same way under
-    torch.profiler (self CPU time of the operators; on a GPU their self device time), alternating the two;
-    medians over `reps`."""
+    torch.profiler (self CPU time of the operators), alternating the two; medians over `reps`.
+    CPU only: (0, 0) on a GPU, where operator self times would need kernel-by-kernel attribution."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = ids.device.type == "cuda"
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-
-    def self_us(e: object) -> float:
-        return getattr(e, "self_device_time_total") if cuda else getattr(e, "self_cpu_time_total")
+    if ids.device.type != "cpu":
+        return 0.0, 0.0
 
     def rank_r(shapes: list) -> bool:
         return any(len(sh) == 2 and r in sh for sh in shapes)
@@ -132,12 +129,12 @@ def _adapter_share(ours: nn.Module, base: nn.Module, ids: torch.Tensor, r: int, 
     adapter, bare = [], []
     with torch.no_grad():
         for _ in range(reps):
-            with profile(activities=activities, record_shapes=True) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 base(input_ids=ids)
-            bare.append(sum(self_us(e) for e in prof.key_averages()) / 1e3)
-            with profile(activities=activities, record_shapes=True) as prof:
+            bare.append(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 ours(input_ids=ids)
-            adapter.append(sum(self_us(e) for e in prof.key_averages(group_by_input_shape=True)
+            adapter.append(sum(e.self_cpu_time_total for e in prof.key_averages(group_by_input_shape=True)
                                if e.key in ("aten::mm", "aten::addmm_", "aten::addmm") and rank_r(e.input_shapes)) / 1e3)
     return statistics.median(adapter), statistics.median(bare)
 
@@ -324,7 +321,7 @@ def _targets(res: Results) -> list[str]:
     lora, dora = res.infer["deltatune LoRA"].ratio, res.infer["deltatune DoRA"].ratio
     noise = res.infer["bare (2nd copy)"]
     a_ms, b_ms = res.adapter_ms
-    floor = 1 + a_ms / b_ms
+    floor = 1 + a_ms / b_ms if b_ms else float("nan")
     tr0, tr_nodrop = res.train[0], res.train[-1]
     peak = tr0.peak_ours / tr0.peak_peft
     need = TARGETS["train_peak"] * tr0.peak_peft
@@ -337,7 +334,7 @@ def _targets(res: Results) -> list[str]:
     L.append(f"| LoRA training step peak memory ≤ {TARGETS['train_peak']:.2f}× peft (dropout {tr0.dropout:g}) | "
              f"{peak:.3f}× | {_verdict(peak, TARGETS['train_peak'])} |")
     L.append("")
-    if lora > TARGETS["lora_infer"] or dora > TARGETS["dora_infer"]:
+    if (lora > TARGETS["lora_infer"] or dora > TARGETS["dora_infer"]) and b_ms:
         L.append(f"- Inference: the rank-{s.r} products alone, profiled inside deltatune's forward, cost "
                  f"{a_ms / b_ms:.3f} of a bare forward, so {floor:.3f}× is where a LoRA that adds x·Aᵀ·Bᵀ to the frozen "
                  f"layer's output starts on this CPU, before hooks and Python; the FLOP bound "
@@ -425,14 +422,15 @@ def render(res: Results) -> str:
         L.append(f"| {name} | {t.median_ms:.1f} | {t.ratio:.3f} | {lo:.3f}–{hi:.3f} | {target} | {verdict} |")
     L.append("")
     a_ms, b_ms = res.adapter_ms
-    L.append(f"Profiled inside deltatune's LoRA forward (torch.profiler, self {'GPU' if cuda else 'CPU'} time, median of forwards), the "
-             f"{2 * 7 * s.layers} rank-{s.r} matrix products (x·Aᵀ, then y += s·t·Bᵀ in place) take {a_ms:.1f} ms, "
-             f"{a_ms / b_ms:.3f} of a bare forward profiled the same way ({b_ms:.1f} ms): 1 + that share, "
-             f"{1 + a_ms / b_ms:.3f}×, is what the adapters' arithmetic alone costs when it runs after the frozen "
-             f"layer, before any hook or Python. The FLOP bound assumes the rank-r products run as efficiently as "
-             f"the base model's large ones; they do not: they have only r = {s.r} columns or a depth of r, and the "
-             f"in-place add reads and writes the whole [B·T, out] output once more.")
-    L.append("")
+    if b_ms:
+        L.append(f"Profiled inside deltatune's LoRA forward (torch.profiler, self CPU time, median of forwards), the "
+                 f"{2 * 7 * s.layers} rank-{s.r} matrix products (x·Aᵀ, then y += s·t·Bᵀ in place) take {a_ms:.1f} ms, "
+                 f"{a_ms / b_ms:.3f} of a bare forward profiled the same way ({b_ms:.1f} ms): 1 + that share, "
+                 f"{1 + a_ms / b_ms:.3f}×, is what the adapters' arithmetic alone costs when it runs after the frozen "
+                 f"layer, before any hook or Python. The FLOP bound assumes the rank-r products run as efficiently as "
+                 f"the base model's large ones; they do not: they have only r = {s.r} columns or a depth of r, and the "
+                 f"in-place add reads and writes the whole [B·T, out] output once more.")
+        L.append("")
     L.append("`bare (2nd copy)` is a deep copy of the bare model timed like the others: its distance from 1.000 is "
              "the noise floor of this machine for this measurement.")
     L.append("")
@@ -473,7 +471,11 @@ def render(res: Results) -> str:
         L.append(f"| {name} | {value:.3g} | {rule} |")
     L.append("")
     L.append(METHOD_CUDA if cuda else METHOD)
-    return "\n".join(L) + "\n"
+    text = "\n".join(L) + "\n"
+    if cuda:  # one level down, under "## On a GPU", so the shared file's CPU headings stay unique
+        head, rest = text.split("\n", 1)
+        text = head + "\n" + "\n".join("#" + x if x.startswith("## ") else x for x in rest.split("\n"))
+    return text
 
 
 METHOD = """## How memory is measured
@@ -529,6 +531,7 @@ METHOD_CUDA = """## How memory is measured on the GPU
 - **Saved activations**: as on the CPU (a `saved_tensors_hooks` pack hook), counting GPU storages.
 - **Time**: every timed call ends with `torch.cuda.synchronize()`, so the wall clock covers the kernels, not only
   their launch.
+- The rank-r products' profiled share of a forward (CPU section) is not measured on the GPU.
 """
 
 

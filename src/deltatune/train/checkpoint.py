@@ -19,7 +19,7 @@ from torch import nn
 from ..core.errors import CorruptFileError
 from ..io.atomic import new_staging, publish_dir
 from ..io.files import save as save_delta
-from .device import cuda_rng_states, set_cuda_rng_states
+from .device import cuda_rng_state, model_device, set_cuda_rng_state
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -55,13 +55,13 @@ def save_checkpoint(path: Path, model: nn.Module, name: str, opt: torch.optim.Op
                     progress: dict[str, Any], scaler: dict[str, Any] | None = None) -> Path:
     """Write a resumable checkpoint directory, replaced as a whole (io/atomic.py): a kill at any point leaves the
     previous checkpoint or the new one, never a mix, and the next save removes what an interrupted one left.
-    `scaler` is the fp16 gradient scaler's state (JSON values); the GPUs' RNG states are saved when CUDA is in use."""
+    `scaler` is the fp16 gradient scaler's state (JSON values); the run's GPU RNG state is saved when it trains on one."""
     stage = new_staging(path)
     try:
         save_delta(model, stage / "delta", name=name)
         tensors, opt_meta = _split_optimizer(opt)
         tensors["rng.torch"] = torch.get_rng_state()
-        tensors.update(cuda_rng_states())
+        tensors.update(cuda_rng_state(model_device(model)))
         save_file(tensors, str(stage / STATE_TENSORS))  # tensors on a GPU are copied to the host here
         meta = {"optimizer": opt_meta, "scheduler": sched.state_dict(), "progress": progress,
                 "python_rng": jsonable(random.getstate()), "grad_scaler": scaler}
@@ -90,7 +90,9 @@ def load_checkpoint(path: Path, opt: torch.optim.Optimizer, sched: Any) -> dict[
     opt.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
     sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    set_cuda_rng_states(tensors)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if params:
+        set_cuda_rng_state(tensors, params[0].device)
     random.setstate(untuple(meta["python_rng"]))
     return {**meta["progress"], "grad_scaler": meta.get("grad_scaler")}
 

@@ -140,17 +140,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def cuda_rng_states() -> dict[str, torch.Tensor]:
-    """Every visible GPU's RNG state (dropout on the GPU draws from these), for a checkpoint; empty without CUDA."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+def cuda_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG state of the run's GPU (dropout on it draws from this), for a checkpoint; empty on the CPU. Only
+    this process's GPU: reading the others' would create a CUDA context on each of them."""
+    if device.type != "cuda":
         return {}
-    return {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return {"rng.cuda": torch.cuda.get_rng_state(device)}
 
 
-def set_cuda_rng_states(tensors: dict[str, torch.Tensor]) -> None:
-    """Restore the GPU RNG states a checkpoint holds, for the GPUs visible now (none on a CPU-only resume)."""
-    if not torch.cuda.is_available():
-        return
-    for i in range(torch.cuda.device_count()):
-        if f"rng.cuda.{i}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"].cpu(), i)
+def set_cuda_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore a checkpoint's GPU RNG state on the run's GPU; nothing on the CPU or from a CPU checkpoint."""
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
