@@ -177,3 +177,22 @@ def test_only_reports_of_missing_weights_can_be_left_out():
     assert missing_only(report) is None
     assert missing_only(report.replace("UNEXPECTED", "MISSING   ")) == ["classifier.weight", "bert.extra"]
     assert missing_only("Foo LOAD REPORT from: x\nlayers.{0, 1}.w | MISSING | \n") is None  # collapsed keys: kept
+
+
+def test_eval_with_a_delta_that_saves_the_head_shows_no_load_report(tmp_path, reports):
+    """`deltatune eval --delta`: the saved delta's modules_to_save (the head) count as provided; without a delta the
+    random head is reported."""
+    import deltatune as dt
+    from deltatune.train.evaluation import run_eval
+    from transformers import AutoModelForSequenceClassification
+
+    enc = _encoder_dir(tmp_path / "enc")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment(40, 4))
+    model = AutoModelForSequenceClassification.from_pretrained(enc, num_labels=2)
+    dt.attach(model, dt.LoRA(r=2, modules_to_save=("classifier",)), "task")
+    dt.save(model, tmp_path / "delta", name="task")
+    reports.messages.clear()
+    out = run_eval(str(enc), str(data), tmp_path / "delta")
+    assert out["examples"] == 4 and not [m for m in reports.messages if "LOAD REPORT" in m]
+    run_eval(str(enc), str(data), None)
+    assert [m for m in reports.messages if "LOAD REPORT" in m and "classifier.weight" in m]
