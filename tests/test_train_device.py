@@ -43,6 +43,20 @@ def test_device_and_precision_options_are_checked(monkeypatch):
     with pytest.raises(ConfigError, match="precision must be one of"):
         TrainConfig(precision="fp8")
     assert TrainConfig(device="cuda:1", precision="bf16").device == "cuda:1"  # spelling only: checked when a run starts
+    from deltatune.train import device as device_mod
+
+    monkeypatch.setattr(device_mod, "_CPU_FP16", False)  # a torch build without fp16 autocast on the CPU
+    with pytest.raises(ConfigError, match="no fp16 autocast on the CPU; use bf16 or fp32"):
+        Precision("fp16", torch.device("cpu"))
+    monkeypatch.setattr(device_mod, "_CPU_FP16", None)
+    assert Precision("fp16", torch.device("cpu")).scaler is not None  # torch 2.13 has it: probed, then allowed
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    helptext = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    assert "--device" in helptext and "cuda:LOCAL_RANK" in helptext  # the help box wraps phrases: words only
+    assert "--precision" in helptext and "bf16" in helptext and "scaler" in helptext
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cpu")  # DELTATUNE_DEVICE=cpu (tests/conftest.py)
     monkeypatch.setenv("DELTATUNE_DEVICE", "gpu")
