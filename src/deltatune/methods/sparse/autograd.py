@@ -15,6 +15,7 @@ dense gᵀx is computed in backward, handed to `stats.add` and dropped (see spie
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Protocol
 
@@ -56,6 +57,11 @@ def _csr(index: Tensor, values: Tensor, shape: tuple[int, int], transpose: bool 
         return torch.sparse_csr_tensor(crow, cols[order], values[order], shape), order
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on the devices that have it (cpu, cuda); nothing elsewhere (e.g. meta tensors)."""
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -68,7 +74,7 @@ class SparseLinearFunction(torch.autograd.Function):
         x2 = _flat(x).to(values.dtype)
         # the products run in the values' dtype, also under autocast (which has no bf16/fp16 sparse CSR kernels on
         # the CPU); the result is added in the output's dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             if csr:
                 w, _ = _csr(index, values, shape)
                 with warnings.catch_warnings():
