@@ -72,7 +72,7 @@ class SparseLinearFunction(torch.autograd.Function):
                 stats: GradSink | None = None, csr: bool | None = None) -> Tensor:
         csr = use_csr(index.numel(), shape, values.device) if csr is None else csr
         x2 = _flat(x).to(values.dtype)
-        # the products run in the values' dtype, also under autocast (which has no bf16/fp16 sparse CSR kernels on
+        # the products run in the values' dtype, also under autocast (which has no bf16 sparse CSR kernel on
         # the CPU); the result is added in the output's dtype
         with _no_autocast(x.device.type):
             if csr:
