@@ -277,6 +277,7 @@ class _Run:
 
             self.wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.history: list[dict[str, Any]] = []
+        self.eval_progress: Callable[[int], None] | None = None  # the evaluation bar's advance(n), while one runs
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.bad_evals = 0
         self.step = 0
@@ -312,8 +313,9 @@ class _Run:
         if self.dist.main:
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
-    def evaluate(self, examples: list, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Metrics on `examples`, in the run's precision; `progress(n)` after each batch of n examples."""
+    def evaluate(self, examples: list) -> dict[str, Any]:
+        """Metrics on `examples`, in the run's precision; `self.eval_progress(n)` after each batch of n examples."""
+        progress = self.eval_progress
         with self.precision.autocast():
             if self.task == "classification":
                 return evaluate_classification(self.model, self.tok, examples, len(self.splits.labels),
@@ -372,8 +374,9 @@ class _Run:
                     window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
                 if self.val_set and (self.step % eval_every == 0 or self.step == self.total):
                     started = time.perf_counter()
-                    with bar.phase("eval", len(self.val_set)) as advance:
-                        metrics = self.evaluate(self.val_set, advance)
+                    with bar.phase("eval", len(self.val_set)) as self.eval_progress:
+                        metrics = self.evaluate(self.val_set)
+                    self.eval_progress = None
                     t0 += time.perf_counter() - started  # tokens/s counts training time only
                     record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
                     self.log(record)
