@@ -84,13 +84,18 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="examples per optimizer step"),
     seed: Optional[int] = typer.Option(None, help="seed of initialisation, data order and subsets"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output-dir"),
+    device: Optional[str] = typer.Option(None, help="auto (a GPU when CUDA is available, else the CPU), cpu, cuda "
+                                                     "(cuda:LOCAL_RANK under torchrun) or cuda:N; default auto"),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast) or fp16 (autocast with a gradient "
+                                                        "scaler); parameters keep their dtype; default fp32"),
     set_: list[str] = typer.Option([], "--set", help="any training option as key=value (repeatable)"),
 ) -> None:
     """Train a delta on a zoo or local model and dataset; saves OUTPUT_DIR/delta, metrics.jsonl, training.png."""
     from ..train import TrainConfig, train as run
 
     opts: dict[str, Any] = {"model": model, "data": data, "output_dir": output_dir, "epochs": epochs,
-                            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                            "device": device, "precision": precision}
     with _user_errors():
         if delta is not None:
             opts["delta"] = load_yaml(delta, "--delta")
