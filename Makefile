@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ZOO_STAMP := $(VENV)/.zoo-installed
 
-.PHONY: setup zoo demo test test-slow bench results clean
+.PHONY: setup zoo demo test test-slow bench results clean adapters-venv adapters-fixtures adapters-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,34 @@ bench: $(STAMP)
 results: $(ZOO_STAMP)
 	$(BIN)/python bench/results.py --resume --write docs/results.md
 	$(BIN)/python bench/multitask.py --write docs/results.md
+
+# AdapterHub's `adapters` (the oracle of tests/test_adapterhub.py) pins another transformers, so it lives in its own
+# venv, never in .venv; the committed fixtures are made with it and the default test run only reads them.
+ADAPTERS_VENV := .venv-adapters
+ADAPTERS_STAMP := $(ADAPTERS_VENV)/.installed
+
+$(ADAPTERS_STAMP):
+	test -x $(ADAPTERS_VENV)/bin/python || $(PY) -m venv $(ADAPTERS_VENV)
+	$(ADAPTERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(ADAPTERS_VENV)/bin/pip install --quiet torch==2.13.0
+	$(ADAPTERS_VENV)/bin/pip install --quiet adapters==1.3.0
+	touch $(ADAPTERS_STAMP)
+
+adapters-venv: $(ADAPTERS_STAMP)
+
+adapters-fixtures: $(ADAPTERS_STAMP)
+	$(ADAPTERS_VENV)/bin/python tests/fixtures/adapterhub/make_fixtures.py
+
+# The writer's oracle: each fixture's bottleneck adapter converted to native and back to AdapterHub by deltatune,
+# then loaded by `adapters`, must reproduce the fixture's reference outputs.
+ADAPTERS_CHECK := bert/houlsby bert/pfeiffer bert/parallel roberta/houlsby roberta/pfeiffer roberta/parallel llama/houlsby
+adapters-check: $(ADAPTERS_STAMP) $(STAMP)
+	rm -rf build/adapters-check && mkdir -p build/adapters-check
+	for f in $(ADAPTERS_CHECK); do o=build/adapters-check/$$(echo $$f | tr / -); \
+		$(BIN)/deltatune convert tests/fixtures/adapterhub/$$f/adapter $$o-native --to native && \
+		$(BIN)/deltatune convert $$o-native $$o --to adapters || exit 1; done
+	$(ADAPTERS_VENV)/bin/python tests/fixtures/adapterhub/check_written.py \
+		$(foreach f,$(ADAPTERS_CHECK),build/adapters-check/$(subst /,-,$(f)) tests/fixtures/adapterhub/$(f))
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

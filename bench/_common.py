@@ -53,7 +53,7 @@ def randomize_and_copy(peft_model: nn.Module, ours: nn.Module, seed: int = 1) ->
         if ".lora_B." in name:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         elif ".lora_magnitude_vector." in name:
-            p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device))
     count = 0
     for path, module in ours.named_modules():
         slot = slot_of(module)
@@ -114,12 +114,39 @@ def interleaved(fns: dict[str, Callable[[], object]], reference: str, rounds: in
     return {n: Timing(s, [a / b for a, b in zip(s, ref)]) for n, s in seconds.items()}
 
 
+def synchronized(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, Callable[[], object]]:
+    """On a GPU, each fn waits for its kernels to finish, so a wall clock around it times the work, not the launch."""
+    if device.type != "cuda":
+        return fns
+
+    def wrap(f: Callable[[], object]) -> Callable[[], object]:
+        def g() -> object:
+            out = f()
+            torch.cuda.synchronize(device)
+            return out
+        return g
+    return {name: wrap(f) for name, f in fns.items()}
+
+
+def cuda_peak(fn: Callable[[], object], setup: Callable[[], object] | None, device: torch.device) -> tuple[int, int]:
+    """(bytes allocated on the GPU when `fn` starts, peak bytes allocated while it runs above that), from the CUDA
+    caching allocator's own statistics (`torch.cuda.max_memory_allocated`)."""
+    if setup is not None:
+        setup()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return before, torch.cuda.max_memory_allocated(device) - before
+
+
 # --- memory -------------------------------------------------------------------------------------------
-def storage_bytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and shared weights counted once)."""
+def storage_bytes(tensors: Iterable[Tensor], device_type: str = "cpu") -> int:
+    """Bytes of the distinct storages behind `tensors` on `device_type` (views and shared weights counted once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        if isinstance(t, Tensor) and t.device.type == "cpu":
+        if isinstance(t, Tensor) and t.device.type == device_type:
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
@@ -177,14 +204,14 @@ def allocator_peak(fn: Callable[[], object], setup: Callable[[], object] | None 
     return (0, "") if start is None else (peak - start, where)
 
 
-def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `fn` runs, leaving out `exclude`
-    (the model's parameters and buffers: they are kept anyway)."""
+def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[Tensor], device_type: str = "cpu") -> int:
+    """Bytes of the distinct storages on `device_type` that autograd saves for backward while `fn` runs, leaving
+    out `exclude` (the model's parameters and buffers: they are kept anyway)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        if t.device.type == "cpu":
+        if t.device.type == device_type:
             s = t.untyped_storage()
             if s.data_ptr() not in skip:
                 seen[s.data_ptr()] = s.nbytes()

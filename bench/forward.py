@@ -1,8 +1,10 @@
 """Forward and training-step cost of deltatune's LoRA/DoRA against the bare model and against peft.
 
     .venv/bin/python bench/forward.py --write docs/benchmarks.md
+    .venv/bin/python bench/forward.py --device cuda --write docs/benchmarks.md   # its own section
 
-One process, one random LlamaForCausalLM, fp32 on CPU. Every variant is a deep copy of the same base model
+One process, one random LlamaForCausalLM, fp32, on the CPU (default) or a GPU (`--device cuda`: kernels are
+synchronised around every timed call, memory comes from the CUDA allocator's statistics). Every variant is a deep copy of the same base model
 carrying the same adapter weights (random, non-zero B), checked for equal logits before anything is timed.
 `run()` takes the shapes and repetition counts as arguments so the smoke test can call it on a tiny model.
 """
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Timing, allocator_peak, build_llama, interleaved, live_state, randomize_and_copy,  # noqa: E402
-                     saved_activation_bytes, storage_bytes, with_deltatune, with_peft)
+from _common import (Timing, allocator_peak, build_llama, cuda_peak, interleaved, live_state,  # noqa: E402
+                     randomize_and_copy, saved_activation_bytes, storage_bytes, synchronized, with_deltatune, with_peft)
 
 COMMAND = ".venv/bin/python bench/forward.py --write docs/benchmarks.md"
+COMMAND_CUDA = ".venv/bin/python bench/forward.py --device cuda --write docs/benchmarks.md"
 ATOL = 1e-4
 
 TARGETS = {  # ratio targets from the benchmark issue
@@ -78,6 +81,7 @@ class Results:
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end
     masks: dict[str, Timing] = field(default_factory=dict)  # one dropout mask, peft's way and deltatune's
     adapter_ms: tuple[float, float] = (0.0, 0.0)  # profiled: rank-r products in deltatune's forward, bare forward
+    device: str = "cpu"
 
 
 def flop_bound(s: Shape) -> float:
@@ -112,8 +116,12 @@ def _pair(base: nn.Module, s: Shape, dropout: float, dora: bool, seed: int) -> t
 def _adapter_share(ours: nn.Module, base: nn.Module, ids: torch.Tensor, r: int, reps: int) -> tuple[float, float]:
     """Milliseconds per forward that deltatune's model spends in its rank-r matrix products (x·Aᵀ and the
     in-place y += s·t·Bᵀ), and milliseconds per bare forward, both measured the same way under
-    torch.profiler (self CPU time of the operators), alternating the two; medians over `reps`."""
+    torch.profiler (self CPU time of the operators), alternating the two; medians over `reps`.
+    CPU only: (0, 0) on a GPU, where operator self times would need kernel-by-kernel attribution."""
     from torch.profiler import ProfilerActivity, profile
+
+    if ids.device.type != "cpu":
+        return 0.0, 0.0
 
     def rank_r(shapes: list) -> bool:
         return any(len(sh) == 2 and r in sh for sh in shapes)
@@ -152,15 +160,18 @@ def _lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int = 21, threads: int = 2,
-        dropout: float = 0.05, seed: int = 0, log: Callable[[str], None] = print) -> Results:
+        dropout: float = 0.05, seed: int = 0, log: Callable[[str], None] = print, device: str = "cpu") -> Results:
     s = shape or Shape()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here")
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     load0 = os.getloadavg()[0]
     checks: list = []
-    base = build_llama(s.hidden, s.intermediate, s.layers, s.heads, s.vocab, seed)
+    base = build_llama(s.hidden, s.intermediate, s.layers, s.heads, s.vocab, seed).to(dev)
     gen = torch.Generator().manual_seed(seed + 7)
-    ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen)
+    ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen).to(dev)
 
     # --- inference: bare, a second bare copy (noise floor), LoRA and DoRA of both libraries ---------------
     lora_ours, lora_peft = _pair(base, s, 0.0, False, seed + 1)
@@ -181,9 +192,9 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
         return f
 
     log(f"inference: {infer_rounds} rounds of 6 forwards, B={s.batch} T={s.seq}")
-    infer_t = interleaved({"bare": infer(base), "bare (2nd copy)": infer(bare_copy),
-                           "deltatune LoRA": infer(lora_ours), "peft LoRA": infer(lora_peft),
-                           "deltatune DoRA": infer(dora_ours), "peft DoRA": infer(dora_peft)},
+    infer_t = interleaved(synchronized({"bare": infer(base), "bare (2nd copy)": infer(bare_copy),
+                                        "deltatune LoRA": infer(lora_ours), "peft LoRA": infer(lora_peft),
+                                        "deltatune DoRA": infer(dora_ours), "peft DoRA": infer(dora_peft)}, dev),
                           reference="bare", rounds=infer_rounds, warmup=2)
     adapter_ms = _adapter_share(lora_ours, base, ids, s.r, reps=max(3, min(infer_rounds, 7)))
     del lora_ours, lora_peft, dora_ours, dora_peft, bare_copy
@@ -229,7 +240,8 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
             return f
 
         log(f"training, dropout {p:g}: {train_rounds} rounds of 2 steps")
-        t = interleaved({"ours": step(ours), "peft": step(peft)}, reference="peft", rounds=train_rounds, warmup=2)
+        t = interleaved(synchronized({"ours": step(ours), "peft": step(peft)}, dev), reference="peft",
+                        rounds=train_rounds, warmup=2)
 
         states: dict[nn.Module, int] = {}
         peak_ops: dict[nn.Module, str] = {}
@@ -250,6 +262,10 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
                 loss = m(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.step()
+            if dev.type == "cuda":  # the allocator's own counters; everything allocated is this process's
+                states[m], above = cuda_peak(measured, setup, dev)
+                peak_ops[m] = "n/a on CUDA"
+                return states[m] + above
             above, where = allocator_peak(measured, setup)
             states[m] = before["bytes"]
             peak_ops[m] = where
@@ -257,7 +273,7 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
 
         def activations(m: nn.Module) -> int:
             frozen = list(m.parameters()) + list(m.buffers())
-            out = saved_activation_bytes(lambda: m(input_ids=ids, labels=ids).loss, frozen)
+            out = saved_activation_bytes(lambda: m(input_ids=ids, labels=ids).loss, frozen, dev.type)
             gc.collect()
             return out
 
@@ -271,12 +287,13 @@ def run(shape: Shape | None = None, *, infer_rounds: int = 41, train_rounds: int
     if dropout > 0:
         from deltatune.methods.lora.autograd import _keep
 
-        x = torch.randn(s.batch * s.seq, s.hidden, generator=gen)
+        x = torch.randn(s.batch * s.seq, s.hidden, generator=gen).to(dev)
         drop = nn.Dropout(dropout).train()
-        masks = interleaved({"peft (nn.Dropout)": lambda: drop(x), "deltatune": lambda: _keep(x, dropout, 1234).mul_(x)},
+        masks = interleaved(synchronized({"peft (nn.Dropout)": lambda: drop(x),
+                                          "deltatune": lambda: _keep(x, dropout, 1234).mul_(x)}, dev),
                             reference="peft (nn.Dropout)", rounds=max(train_rounds, 5), warmup=1)
     return Results(s, threads, infer_rounds, train_rounds, infer_t, train, checks, flop_bound(s),
-                   time.perf_counter() - t_start, (load0, os.getloadavg()[0]), masks, adapter_ms)
+                   time.perf_counter() - t_start, (load0, os.getloadavg()[0]), masks, adapter_ms, str(dev))
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -304,7 +321,7 @@ def _targets(res: Results) -> list[str]:
     lora, dora = res.infer["deltatune LoRA"].ratio, res.infer["deltatune DoRA"].ratio
     noise = res.infer["bare (2nd copy)"]
     a_ms, b_ms = res.adapter_ms
-    floor = 1 + a_ms / b_ms
+    floor = 1 + a_ms / b_ms if b_ms else float("nan")
     tr0, tr_nodrop = res.train[0], res.train[-1]
     peak = tr0.peak_ours / tr0.peak_peft
     need = TARGETS["train_peak"] * tr0.peak_peft
@@ -317,7 +334,7 @@ def _targets(res: Results) -> list[str]:
     L.append(f"| LoRA training step peak memory ≤ {TARGETS['train_peak']:.2f}× peft (dropout {tr0.dropout:g}) | "
              f"{peak:.3f}× | {_verdict(peak, TARGETS['train_peak'])} |")
     L.append("")
-    if lora > TARGETS["lora_infer"] or dora > TARGETS["dora_infer"]:
+    if (lora > TARGETS["lora_infer"] or dora > TARGETS["dora_infer"]) and b_ms:
         L.append(f"- Inference: the rank-{s.r} products alone, profiled inside deltatune's forward, cost "
                  f"{a_ms / b_ms:.3f} of a bare forward, so {floor:.3f}× is where a LoRA that adds x·Aᵀ·Bᵀ to the frozen "
                  f"layer's output starts on this CPU, before hooks and Python; the FLOP bound "
@@ -356,18 +373,27 @@ def render(res: Results) -> str:
 
     s = res.shape
     inf = res.infer
+    cuda = res.device.startswith("cuda")
     L = []
+    if cuda:
+        L.append("## On a GPU")
+        L.append("")
     L.append("Generated by `bench/forward.py`; do not edit by hand. Regenerate with")
     L.append("")
-    L.append(f"    {COMMAND}")
+    L.append(f"    {COMMAND_CUDA if cuda else COMMAND}")
     L.append("")
-    L.append("(`make bench` runs the same command.)")
-    L.append("")
+    if not cuda:
+        L.append("(`make bench` runs the same command.)")
+        L.append("")
     L.extend(_targets(res))
     L.append("## Setup")
     L.append("")
-    L.append(f"- Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), `torch.set_num_threads({res.threads})`, "
-             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    if cuda:
+        L.append(f"- Device: {torch.cuda.get_device_name(torch.device(res.device))} (`{res.device}`, CUDA "
+                 f"{torch.version.cuda}); host {_cpu_name()}, Python {platform.python_version()}")
+    else:
+        L.append(f"- Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), `torch.set_num_threads({res.threads})`, "
+                 f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
     L.append(f"- torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     L.append(f"- Model: random `LlamaForCausalLM`, hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
              f"{s.heads} heads, vocab {s.vocab}, fp32, SDPA attention, logits for every position, no KV cache")
@@ -396,14 +422,15 @@ def render(res: Results) -> str:
         L.append(f"| {name} | {t.median_ms:.1f} | {t.ratio:.3f} | {lo:.3f}–{hi:.3f} | {target} | {verdict} |")
     L.append("")
     a_ms, b_ms = res.adapter_ms
-    L.append(f"Profiled inside deltatune's LoRA forward (torch.profiler, self CPU time, median of forwards), the "
-             f"{2 * 7 * s.layers} rank-{s.r} matrix products (x·Aᵀ, then y += s·t·Bᵀ in place) take {a_ms:.1f} ms, "
-             f"{a_ms / b_ms:.3f} of a bare forward profiled the same way ({b_ms:.1f} ms): 1 + that share, "
-             f"{1 + a_ms / b_ms:.3f}×, is what the adapters' arithmetic alone costs when it runs after the frozen "
-             f"layer, before any hook or Python. The FLOP bound assumes the rank-r products run as efficiently as "
-             f"the base model's large ones; they do not: they have only r = {s.r} columns or a depth of r, and the "
-             f"in-place add reads and writes the whole [B·T, out] output once more.")
-    L.append("")
+    if b_ms:
+        L.append(f"Profiled inside deltatune's LoRA forward (torch.profiler, self CPU time, median of forwards), the "
+                 f"{2 * 7 * s.layers} rank-{s.r} matrix products (x·Aᵀ, then y += s·t·Bᵀ in place) take {a_ms:.1f} ms, "
+                 f"{a_ms / b_ms:.3f} of a bare forward profiled the same way ({b_ms:.1f} ms): 1 + that share, "
+                 f"{1 + a_ms / b_ms:.3f}×, is what the adapters' arithmetic alone costs when it runs after the frozen "
+                 f"layer, before any hook or Python. The FLOP bound assumes the rank-r products run as efficiently as "
+                 f"the base model's large ones; they do not: they have only r = {s.r} columns or a depth of r, and the "
+                 f"in-place add reads and writes the whole [B·T, out] output once more.")
+        L.append("")
     L.append("`bare (2nd copy)` is a deep copy of the bare model timed like the others: its distance from 1.000 is "
              "the noise floor of this machine for this measurement.")
     L.append("")
@@ -443,8 +470,12 @@ def render(res: Results) -> str:
     for name, value, rule in res.checks:
         L.append(f"| {name} | {value:.3g} | {rule} |")
     L.append("")
-    L.append(METHOD)
-    return "\n".join(L) + "\n"
+    L.append(METHOD_CUDA if cuda else METHOD)
+    text = "\n".join(L) + "\n"
+    if cuda:  # one level down, under "## On a GPU", so the shared file's CPU headings stay unique
+        head, rest = text.split("\n", 1)
+        text = head + "\n" + "\n".join("#" + x if x.startswith("## ") else x for x in rest.split("\n"))
+    return text
 
 
 METHOD = """## How memory is measured
@@ -490,18 +521,34 @@ same weights.
 """
 
 
+METHOD_CUDA = """## How memory is measured on the GPU
+
+- **Peak (whole step)**: `torch.cuda.memory_allocated()` when the step starts (frozen weights, adapters, AdamW
+  state, inputs: everything this process holds on the GPU) plus `torch.cuda.max_memory_allocated()` above it
+  during one forward + backward + AdamW step, after one untimed step (`torch.cuda.reset_peak_memory_stats` first).
+  These are the caching allocator's counters of memory handed to tensors, not what it reserves from the driver.
+  No operator is named: the CUDA allocator does not record one.
+- **Saved activations**: as on the CPU (a `saved_tensors_hooks` pack hook), counting GPU storages.
+- **Time**: every timed call ends with `torch.cuda.synchronize()`, so the wall clock covers the kernels, not only
+  their launch.
+- The rank-r products' profiled share of a forward (CPU section) is not measured on the GPU.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", metavar="PATH", help="write the markdown report here (default: print it)")
     ap.add_argument("--infer-rounds", type=int, default=41)
     ap.add_argument("--train-rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
     res = run(infer_rounds=args.infer_rounds, train_rounds=args.train_rounds, threads=args.threads,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), device=args.device)
     from _report import publish
 
-    publish(render(res), args.write, "forward", res.seconds)  # the file is shared: only this script's section
+    key = "forward-cuda" if res.device.startswith("cuda") else "forward"  # a GPU run has a section of its own
+    publish(render(res), args.write, key, res.seconds)  # the file is shared: only this script's section
     return 0
 
 

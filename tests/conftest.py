@@ -33,6 +33,24 @@ BATCH = 2
 MLP_IN = 8
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run the CPU suite's checks on CUDA: skipped where no GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default suite trains on the CPU even where a GPU is visible (`device: auto` reads DELTATUNE_DEVICE, and
+    subprocesses inherit it); tests marked `gpu` see `auto` as it is."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("DELTATUNE_DEVICE", "cpu")
+
+
 @dataclass
 class Tiny:
     """A tiny model, its inputs, and how to get logits from it."""

@@ -111,3 +111,19 @@ def test_quant_bench_runs_on_a_tiny_model() -> None:
     assert rows[1]["base_bytes"] < 0.3 * rows[1]["fp32_bytes"] and all(math.isfinite(r["loss"]) for r in rows)
     text = module.report(rows, shape, 2, 8, 4, 1, 1)
     assert "deltatune QLoRA, NF4 base" in text and "Targets" in text
+
+
+@pytest.mark.gpu
+def test_forward_bench_runs_on_cuda() -> None:
+    """`bench/forward.py --device cuda`: the same checks (deltatune = peft to 1e-4, dropout saves no mask) on a GPU."""
+    bench = _load_bench()
+    shape = bench.Shape(hidden=64, intermediate=96, layers=1, heads=4, vocab=64, batch=2, seq=8, r=4, alpha=8.0)
+    with torch.random.fork_rng(devices=[0]):
+        res = bench.run(shape, infer_rounds=1, train_rounds=1, threads=1, log=lambda _: None, device="cuda")
+    assert res.device == "cuda" and [t.dropout for t in res.train] == [0.05, 0.0]
+    for tr in res.train:
+        assert tr.peak_ours > tr.state_ours > 0 and tr.peak_peft > tr.state_peft > 0
+        assert tr.act_ours > 0 and tr.act_peft > 0
+    assert res.train[0].act_ours < res.train[0].act_peft
+    text = bench.render(res)
+    assert bench.COMMAND_CUDA in text and "On a GPU" in text

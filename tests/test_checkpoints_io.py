@@ -88,7 +88,7 @@ def test_output_directory_with_other_files_or_an_input_is_refused(tmp_path):
     (work / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="notes.txt"):
         CheckpointWriter(work)
-    with pytest.raises(ConfigError, match="holds\) the input"):
+    with pytest.raises(ConfigError, match=r"holds\) the input"):
         CheckpointWriter(tmp_path, protect=[work / "base"])
     with pytest.raises(ConfigError, match="is \\(or holds\\) the input"):
         CheckpointWriter(work / "base", copy_from=work / "base")

@@ -275,3 +275,29 @@ def test_kill_at_every_file_operation_of_a_training_checkpoint(tmp_path):
 
     n = every_kill(prepare, run, check)
     assert n >= 6 and seen[0] == 1 and seen[-1] == 2 and seen == sorted(seen)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_hash_checked_beside_the_reader_refuses_a_changed_file(tmp_path, monkeypatch, overlap, fmt):
+    """From a size threshold on, a file's SHA-256 (PEFT: the manifest's, checked by `formats.read`; native: the one
+    delta.json records, checked by `read_tensors`) is computed in a second thread while the tensors are read: a
+    same-size change of the weights (so only the hash can tell) is still refused, and an intact delta reads back
+    equal."""
+    from deltatune.io import safetensors_io
+
+    monkeypatch.setattr(formats, "_OVERLAP_BYTES", 0 if overlap else 1 << 62)
+    monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if overlap else 1 << 62)
+    delta = _delta(1, 4)
+    path = tmp_path / "d"
+    _write(delta, fmt, path)
+    back = dt.Delta.read(path)
+    compared = [torch.equal(back.state[p][k], delta.state[p][k]) for p in delta.state for k in delta.state[p]
+                if k in back.state[p]]
+    assert compared and all(compared)
+    weights = next(path.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # last tensor's last value, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="SHA-256"):
+        dt.Delta.read(path)

@@ -229,7 +229,7 @@ def test_bad_peft_files(tmp_path: Path) -> None:
     with pytest.raises(CorruptFileError):
         dt.Delta.read(tmp_path / "a")
     cfg = json.loads(good_cfg)
-    for change in ({"bias": "all"}, {"peft_type": "LOHA"}, {"layer_replication": [[0, 1]]}):
+    for change in ({"bias": "all"}, {"peft_type": "BOFT"}, {"layer_replication": [[0, 1]]}):
         cfg_file.write_text(json.dumps({**cfg, **change}))
         with pytest.raises(UnsupportedError):
             dt.Delta.read(tmp_path / "a")

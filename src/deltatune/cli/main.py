@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect, merge, compress, extract, serve, keys."""
+"""The `deltatune` command line: train, eval, inspect, convert, merge, compress, extract, serve, keys."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import typer
 
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
+from .convert import convert_command
 from .serve import keys_app, serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
@@ -83,13 +84,18 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="examples per optimizer step"),
     seed: Optional[int] = typer.Option(None, help="seed of initialisation, data order and subsets"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output-dir"),
+    device: Optional[str] = typer.Option(None, help="auto (a GPU when CUDA is available, else the CPU), cpu, cuda "
+                                                     "(cuda:LOCAL_RANK under torchrun) or cuda:N; default auto"),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast) or fp16 (autocast with a gradient "
+                                                        "scaler); parameters keep their dtype; default fp32"),
     set_: list[str] = typer.Option([], "--set", help="any training option as key=value (repeatable)"),
 ) -> None:
     """Train a delta on a zoo or local model and dataset; saves OUTPUT_DIR/delta, metrics.jsonl, training.png."""
     from ..train import TrainConfig, train as run
 
     opts: dict[str, Any] = {"model": model, "data": data, "output_dir": output_dir, "epochs": epochs,
-                            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+                            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                            "device": device, "precision": precision}
     with _user_errors():
         if delta is not None:
             opts["delta"] = load_yaml(delta, "--delta")
@@ -129,7 +135,7 @@ def evaluate(
 
 @app.command()
 def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Config, targets, parameter count, size on disk and base identity of a native or PEFT delta."""
+    """Format, the libraries that load it, config, targets, parameter count, size on disk and base identity of a delta."""
     from ..io.inspect import describe, render
 
     with _user_errors():
@@ -203,6 +209,7 @@ def merge_cmd(
 
 
 app.command("serve")(serve_command)
+app.command("convert")(convert_command)
 app.add_typer(keys_app, name="keys")
 
 

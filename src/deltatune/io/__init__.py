@@ -1,2 +1,2 @@
-"""Files: the detached Delta, the registry of file formats (native, PEFT), checkpoints, atomic writes."""
-from . import native, peft  # noqa: F401  (each registers its format)
+"""Files: the detached Delta, the registry of file formats (native, PEFT, AdapterHub), checkpoints, atomic writes."""
+from . import native, peft, peft_kinds, adapterhub  # noqa: F401  (each registers its format; peft_kinds its PEFT mappings)

@@ -23,6 +23,7 @@ from ..core.errors import CorruptFileError, DeltaNotFoundError, ShapeMismatchErr
 from ..core.layouts import layout_by_name
 from . import atomic
 from ..core.parsing import read_json, short
+from .safetensors_io import DTYPES, read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -210,11 +211,6 @@ class CheckpointWriter:
             self.abort()
 
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -249,33 +245,6 @@ class _Shard:
             out.flush()
             os.fsync(out.fileno())
         self.data_file.unlink()
-
-
-def read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's tensor table ({key: dtype, shape, data_offsets}) and where its data starts, checked
-    against the file's size; only the header is read."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8 or n > 100 << 20:
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        data = size - 8 - n
-        for key, info in header.items():
-            begin, end = info["data_offsets"]
-            count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
-            itemsize = torch.empty((), dtype=DTYPES[info["dtype"]]).element_size()
-            if not 0 <= begin <= end <= data or end - begin != count * itemsize:
-                raise ValueError(f"tensor {key!r} has offsets {info['data_offsets']} for {count} x {info['dtype']} "
-                                 f"in {data} data bytes")
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError, RecursionError) as e:
-        raise CorruptFileError(f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
-                               f"truncated or corrupt") from None
-    return header, 8 + n
 
 
 _OURS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")

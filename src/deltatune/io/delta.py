@@ -31,6 +31,11 @@ class Delta:
     state: dict[str, dict[str, Tensor]]
     module_types: dict[str, str] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
+    #: the live model the delta was just taken from (`dt.save` sets it; never saved or compared): writers of formats
+    #: that store values relative to nothing (a PEFT file's tuned LayerNorm weights) read the base weights there
+    source: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: why this delta must be placed on a model (`for_model`) before a writer can write it; "" when it is complete
+    needs_model = ""
 
     # --- algebra view ----------------------------------------------------------------------------
     def update(self, path: str, base: BaseWeights = None, with_bias: bool = True) -> tuple[DeltaTensor, Tensor | None]:
@@ -63,10 +68,16 @@ class Delta:
 
     def tensors(self, base: BaseWeights = None) -> dict[str, DeltaTensor]:
         """ΔW per module path as delta tensors in the [out, in] view (see `update` for `base`)."""
+        concrete = self.for_model(base) if isinstance(base, nn.Module) else self
+        if concrete is not self:  # a format whose file places its tensors only relative to the model
+            return concrete.tensors(base)
         lookup = base_lookup(base, self.module_types)
         return {path: self.update(path, lookup, with_bias=False)[0] for path in self.state}
 
     def biases(self, base: BaseWeights = None) -> dict[str, Tensor]:
+        concrete = self.for_model(base) if isinstance(base, nn.Module) else self
+        if concrete is not self:
+            return concrete.biases(base)
         out = {}
         lookup = base_lookup(base, self.module_types)
         for path in self.state:

@@ -1,4 +1,4 @@
-"""dt.save / dt.load: a model's delta to and from disk (native or PEFT format), transactionally."""
+"""dt.save / dt.load: a model's delta to and from disk (any registered format), transactionally."""
 from __future__ import annotations
 
 import warnings
@@ -20,6 +20,7 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, format: st
     fmt = format_named(format)
     check_output(path)
     delta = Delta.from_model(model, name)
+    delta.source = model
     return fmt.write(delta, Path(path))
 
 
@@ -61,8 +62,8 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *, trainable:
     """Attach a detached Delta to `model` with its saved tensors; all checks happen before any change."""
     name = name or delta.name
     check_new_name(model, name)
+    delta = delta.for_model(model)  # made concrete first: some formats name or place modules only relative to the model
     check_fits(model, delta)
-    delta = delta.for_model(model)
     built = build_pieces(model, delta.config, list(delta.state))
     for path, module, piece in built:
         saved = fitted_state(repr(name), path, piece, delta.state[path])
@@ -94,7 +95,8 @@ def fitted_state(label: str, path: str, piece: nn.Module, state: dict[str, torch
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainable: bool = False,
          activate: bool = True) -> nn.Module:
-    """Read a native or PEFT delta directory and attach it to `model` as `name` (default: the saved name)."""
+    """Read a delta directory of any registered format (native, PEFT, AdapterHub) and attach it to `model` as `name`
+    (default: the saved name)."""
     delta = Delta.read(path)
     return apply(model, delta, name, trainable=trainable, activate=activate)
 

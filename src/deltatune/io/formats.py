@@ -3,6 +3,11 @@
 `deltatune.io` is imported; a new format registers the same way and `dt.save(..., format=)`, `dt.load`,
 `Delta.read` and `deltatune inspect` handle it.
 
+Two formats may share a marker file (PEFT's and AdapterHub's `adapter_config.json`): a format that does declares
+`claims`, which tells its directories apart by their contents, and the one without `claims` takes the rest.
+`library` names the other library that reads a format's files and `kinds` the delta kinds it reads from them
+(`loaders`, shown by `deltatune inspect`).
+
 A directory holds one delta. Writers go through `write_directory`, which replaces the directory as a whole
 (`atomic.replace_dir`): the files of whatever delta it held before, in any registered format, are gone in the same
 step, so no reader can find a stale marker next to new files. Reading (`read`) refuses a directory holding the
@@ -11,6 +16,7 @@ the integrity manifest of formats that have one (`integrity.verify`) before the 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,11 @@ class Format:
     #: directory -> Delta of meta tensors (config, modules, shapes and dtypes from the files' headers; no tensor
     #: data read), with the reader's checks that need no data; None: the format reads everything
     read_meta: Callable[[Path], "Delta"] | None = None
+    #: for a marker shared with another format: whether the directory is of this format (read from its files)
+    claims: Callable[[Path], bool] | None = None
+    #: the other library that loads this format's files ("" none), and the delta kinds it loads from them (None: any)
+    library: str = ""
+    kinds: tuple[str, ...] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -71,7 +82,7 @@ def format_of(path: Path) -> Format:
     if path.is_file():
         raise DeltaNotFoundError(f"{str(path)!r} is a file; a delta is a directory — pass the directory that holds "
                                  f"{' or '.join(f.marker for f in _FORMATS.values())}, e.g. {str(path.parent)!r}")
-    found = [fmt for fmt in _FORMATS.values() if (path / fmt.marker).is_file()]
+    found = _claimed([fmt for fmt in _FORMATS.values() if (path / fmt.marker).is_file()], path)
     if len(found) > 1:
         raise CorruptFileError(f"{str(path)!r} holds the files of {len(found)} deltas "
                                f"({', '.join(f'{f.marker} ({f.name})' for f in found)}); a directory holds one delta, so "
@@ -83,6 +94,29 @@ def format_of(path: Path) -> Format:
                              f"{', '.join(f'{f.marker} ({f.name})' for f in _FORMATS.values())}")
 
 
+def _claimed(found: list[Format], path: Path) -> list[Format]:
+    """Of formats whose marker is in `path`, per marker: the one whose `claims` accepts the directory, else the one
+    without `claims`."""
+    by_marker: dict[str, list[Format]] = {}
+    for fmt in found:
+        by_marker.setdefault(fmt.marker, []).append(fmt)
+    out = []
+    for group in by_marker.values():
+        if len(group) == 1:
+            out += group
+            continue
+        claimed = [f for f in group if f.claims is not None and f.claims(path)]
+        out += claimed[:1] or [f for f in group if f.claims is None][:1]
+    return out
+
+
+def loaders(fmt: Format, kind: str) -> list[str]:
+    """deltatune and the other library that load a delta of `kind` from files of format `fmt`."""
+    reads = fmt.library and (fmt.kinds is None or kind in fmt.kinds)
+    return ["deltatune", fmt.library] if reads else ["deltatune"]
+
+
+
 def read(path: str | Path, meta: bool = False) -> "Delta":
     """Read a delta directory of any registered format, after the checks every format shares (see the module doc).
     With `meta`, its tensors are meta tensors from the files' headers (the format's `read_meta`): no tensor data is
@@ -91,8 +125,39 @@ def read(path: str | Path, meta: bool = False) -> "Delta":
     fmt = format_of(path)
     if meta and fmt.read_meta is not None:
         return fmt.read_meta(path)
-    verify(path)
-    return fmt.read(path)
+    if not (path / MANIFEST).is_file() or written_bytes(path) < _OVERLAP_BYTES:
+        verify(path)
+        return fmt.read(path)
+    return _read_verifying(path, fmt)
+
+
+_OVERLAP_BYTES = 4 << 20  # from this size on, hashing (which releases the GIL) runs beside the reader
+
+
+def _read_verifying(path: Path, fmt: Format) -> "Delta":
+    """`verify` in a second thread while the format's reader runs; the reader's result is returned only after the
+    hashes matched, and a mismatch is reported in preference to whatever the reader made of the torn files."""
+    failure: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            verify(path)
+        except BaseException as e:  # handed to the reading thread, raised there
+            failure.append(e)
+
+    worker = threading.Thread(target=check, name="deltatune-verify", daemon=True)
+    worker.start()
+    try:
+        delta = fmt.read(path)
+    except BaseException:
+        worker.join()
+        if failure:
+            raise failure[0] from None
+        raise
+    worker.join()
+    if failure:
+        raise failure[0]
+    return delta
 
 
 # --- writing -----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`deltatune inspect`: what a delta directory holds, for native and PEFT formats. Names come from files, so the
+"""`deltatune inspect`: what a delta directory holds, in any registered format, and which libraries load it (the
+format's own library where it reads the delta's kind, `formats.loaders`). Names come from files, so the
 rendered text escapes every control character (a delta named with terminal escape sequences prints them as `\x1b`
 and does not drive the terminal); the JSON form escapes them as JSON does."""
 from __future__ import annotations
@@ -9,18 +10,19 @@ from typing import Any
 
 from ..core.parsing import printable
 from .delta import Delta
-from .formats import format_of
+from .formats import format_of, loaders
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     delta = Delta.read(path)
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    fmt = format_of(path).name
+    fmt = format_of(path)
     suffixes = Counter(p.rsplit(".", 1)[-1] for p in delta.state)
     return {
         "path": str(path),
-        "format": fmt,
+        "format": fmt.name,
+        "loadable_by": loaders(fmt, delta.config.kind),
         "name": delta.name,
         "kind": delta.config.kind,
         "config": delta.config.to_dict(),
@@ -39,6 +41,7 @@ def render(info: dict[str, Any]) -> str:
     cfg = ", ".join(f"{k}={v!r}" for k, v in info["config"].items() if k != "kind")
     lines = [
         f"{info['path']}  ({info['format']} format)",
+        f"  loadable by {', '.join(info['loadable_by'])}",
         f"  name        {info['name']}",
         f"  kind        {info['kind']}",
         f"  config      {cfg}",

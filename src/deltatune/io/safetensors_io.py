@@ -12,6 +12,7 @@ import hashlib
 import mmap
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from torch import Tensor
 
 from ..core.errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
 from ..core.parsing import load_json, short
-from .checkpoints import DTYPES
-
 #: the largest header accepted (the safetensors format's own limit)
 MAX_HEADER_BYTES = 100 << 20
+#: safetensors dtype names
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = None, manifest: str = "",
@@ -34,6 +37,85 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     no tensor data is read and the hash is not checked."""
     path = Path(path)
     where = repr(str(path))
+    fd = _open(path, where)
+    try:
+        actual = os.fstat(fd).st_size
+        if size is not None and actual != size:
+            raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
+                                   f"the file was truncated, modified or belongs to another save — it was not read")
+        if actual < 8:
+            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+        with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
+            header, start = _header(mm, actual, where)
+            metadata = header.pop("__metadata__", {})
+            if header_only:
+                tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
+                           for key, entry in header.items()}
+            else:
+                beside = sha256 is not None and actual >= HASH_BESIDE_BYTES
+                if sha256 is not None and not beside:
+                    _check_hash(hashlib.sha256(mm).hexdigest(), sha256, where, manifest)
+                with _Digest(mm if beside else None) as digest:
+                    tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
+                if beside:
+                    _check_hash(digest.value, sha256, where, manifest)
+    finally:
+        os.close(fd)
+    return tensors, metadata
+
+
+#: from this size on, a file's hash is computed in a second thread while its tensors are copied out (hashlib and
+#: torch's copies both release the GIL); the tensors are returned only after the hash matched
+HASH_BESIDE_BYTES = 4 << 20
+
+
+class _Digest:
+    """The SHA-256 of a mapping computed in a second thread for the duration of a `with` block (nothing runs when
+    the mapping is None); the block's exit waits for it, so the mapping outlives the thread, error or not."""
+
+    def __init__(self, mm: mmap.mmap | None) -> None:
+        self.mm, self.value = mm, None
+        self.worker = None if mm is None else threading.Thread(target=self._run, name="deltatune-sha256", daemon=True)
+
+    def _run(self) -> None:
+        self.value = hashlib.sha256(self.mm).hexdigest()
+
+    def __enter__(self) -> "_Digest":
+        if self.worker is not None:
+            self.worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.worker is not None:
+            self.worker.join()
+
+
+def _check_hash(actual: str | None, expected: str, where: str, manifest: str) -> None:
+    if actual != expected:
+        raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
+                               f"; the file was modified, damaged or belongs to another save")
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The checked tensor table ({key: dtype, shape, data_offsets}, metadata left out) of the safetensors file at
+    `path` and the offset where its data starts; only the header's pages are read."""
+    path = Path(path)
+    where = repr(str(path))
+    fd = _open(path, where)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < 8:
+            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+        with mmap.mmap(fd, actual, access=mmap.ACCESS_READ) as mm:
+            header, start = _header(mm, actual, where)
+    finally:
+        os.close(fd)
+    header.pop("__metadata__", None)
+    return header, start
+
+
+def _open(path: Path, where: str) -> int:
+    """A read-only descriptor of the regular file at `path`, or the typed error saying why there is none."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -45,26 +127,12 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     except ValueError:  # a NUL character in the name
         raise CorruptFileError(f"tensor file {where} is not a valid file name") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CorruptFileError(f"tensor file {where} is not a regular file")
-        actual = info.st_size
-        if size is not None and actual != size:
-            raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
-                                   f"the file was truncated, modified or belongs to another save — it was not read")
-        if actual < 8:
-            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
-        with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
-            header, start = _header(mm, actual, where)
-            if sha256 is not None and not header_only and hashlib.sha256(mm).hexdigest() != sha256:
-                raise CorruptFileError(f"{where} does not match the SHA-256 hash recorded in {manifest or 'its manifest'}"
-                                       f"; the file was modified, damaged or belongs to another save")
-            metadata = header.pop("__metadata__", {})
-            tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta") if header_only
-                       else _tensor(mm, start, entry) for key, entry in header.items()}
-    finally:
+    except BaseException:
         os.close(fd)
-    return tensors, metadata
+        raise
+    return fd
 
 
 def _corrupt(where: str, why: str) -> CorruptFileError:

@@ -10,6 +10,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.parsing import read_yaml
 from ..core.quant import SCHEMES as QUANT_SCHEMES
+from .device import check_device, check_precision
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -56,6 +57,8 @@ class TrainConfig:
     plot: bool = True
     progress: bool = True
     quantize: str | None = None              # nf4 | fp4 | int8: quantise the base's linears (docs/quantization.md)
+    device: str = "auto"                     # auto (CUDA when available) | cpu | cuda | cuda:N (train/device.py)
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -67,6 +70,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
             raise ConfigError(f"quantize must be one of {QUANT_SCHEMES} (or unset), got {self.quantize!r}")
+        check_device(self.device)
+        check_precision(self.precision)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.max_steps is None and self.epochs <= 0:

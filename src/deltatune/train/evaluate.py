@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .data import Collator, Example, format_prompt
+from .device import model_device, to_device
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -28,17 +29,21 @@ def classification_metrics(preds: list[int], gold: list[int], n_classes: int) ->
 
 @torch.no_grad()
 def evaluate_classification(model: nn.Module, tokenizer: Any, examples: list[Example], n_classes: int,
-                            batch_size: int = 64, max_length: int = 128) -> dict[str, float]:
+                            batch_size: int = 64, max_length: int = 128, progress: Any = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss; batches go to the model's device; `progress(n)` after each batch of n."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     collate = Collator(tokenizer, "classification", max_length)
     preds, gold, loss_sum = [], [], 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size])
-        out = model(**batch)
+        gold += batch["labels"].tolist()
+        out = model(**to_device(batch, device))
         loss_sum += float(out.loss) * len(batch["labels"])
         preds += out.logits.argmax(-1).tolist()
-        gold += batch["labels"].tolist()
+        if progress is not None:
+            progress(len(batch["labels"]))
     model.train(was_training)
     metrics = classification_metrics(preds, gold, n_classes)
     metrics["loss"] = loss_sum / max(len(gold), 1)
@@ -72,6 +77,7 @@ def evaluate_generation(model: nn.Module, tokenizer: Any, examples: list[Example
             chunk = examples[i : i + batch_size]
             enc = tokenizer([format_prompt(tokenizer, e["prompt"]) for e in chunk], return_tensors="pt",
                             padding=True, add_special_tokens=False)
+            enc = to_device(dict(enc), model_device(model))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

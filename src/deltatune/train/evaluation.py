@@ -6,6 +6,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.parsing import short
+from ..io.delta import Delta
 from ..io.files import load
 from ..io.formats import format_of
 from .config import TrainConfig
@@ -30,18 +31,28 @@ def run_eval(model: str, data: str, delta: Path | None, split: str = "test", lim
             raise ConfigError(f"{name} must be a positive integer, got {short(value)}")
     if output is not None:
         check_output_file(Path(output))
+    provided = None
     if delta is not None:
         format_of(Path(delta))  # the delta directory exists and holds a delta, before the model is loaded
+        saved = Delta.read_meta(delta).config.modules_to_save  # modules it brings (e.g. the head): no load warning
+        provided = lambda _: saved  # noqa: E731
     cfg = TrainConfig(model=model, data=data)
     splits = load_splits(cfg)
     examples = subset(getattr(splits, split), limit, cfg.seed)  # stratified by label, not the first `limit`
     if not examples:
         raise ConfigError(f"dataset {short(data)} has no {split} examples")
-    net, tok = load_model(cfg, splits.task, len(splits.labels) if splits.labels else None)
+    net, tok = load_model(cfg, splits.task, len(splits.labels) if splits.labels else None, provided)
     if delta is not None:
         load(net, delta)
     if splits.task == "classification":
-        out = evaluate_classification(net, tok, examples, len(splits.labels), batch_size, max_length)
+        with Progress(len(examples), description="eval") as bar:
+            done = [0]
+
+            def advance(n: int) -> None:
+                done[0] += n
+                bar.update(done[0])
+
+            out = evaluate_classification(net, tok, examples, len(splits.labels), batch_size, max_length, advance)
     else:
         with Progress(len(examples), description="generate") as bar:
             done = [0]

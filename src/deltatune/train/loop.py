@@ -27,10 +27,12 @@ from ..core.targeting import head_paths
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, Splits, count_tokens, local_splits, subset
-from .distributed import Dist
+from .device import Precision, resolve_device, to_device
+from .distributed import Dist, local_rank
 from .evaluate import evaluate_classification, evaluate_generation
 from .lisa import Lisa
-from ..core.progress import Progress
+from ..core.progress import Progress, duration
+from ..zoo.load_report import held_load_reports
 from ..runtime.step_hooks import after_optimizer_step, before_step, regularization
 
 
@@ -58,10 +60,15 @@ def load_splits(cfg: TrainConfig) -> Splits:
                         cfg.answer_column, cfg.validation_data, cfg.test_data, cfg.seed)
 
 
-def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
+def load_model(cfg: TrainConfig, task: str, num_labels: int | None,
+               provided: Callable[[nn.Module], tuple[str, ...] | str] | None = None) -> tuple[nn.Module, Any]:
     """The base model and tokenizer `cfg` names, its linears quantised when `cfg.quantize` is set (the base's memory
-    before and after is reported on stderr)."""
-    net, tok = _load_model(cfg, task, num_labels)
+    before and after is reported on stderr). transformers' load report (weights missing from the checkpoint, e.g. a
+    new classification head) is left out when every module it lists is in `provided(model)`, the
+    `modules_to_save` of the delta that will go on the model (`trained_whole`); otherwise it is shown."""
+    with held_load_reports() as reports:
+        net, tok = _load_model(cfg, task, num_labels)
+    reports.release(net, provided(net) if provided is not None else ())
     if cfg.quantize:
         from ..core.quantize import quantize
 
@@ -134,6 +141,12 @@ def check_model_dir(path: Path) -> None:
                           f"save the tokenizer next to the model (tokenizer.save_pretrained)")
 
 
+def trained_whole(delta: DeltaConfig, task: str) -> Callable[[nn.Module], tuple[str, ...] | str]:
+    """The modules a training run's delta will train and save whole on a model: its `modules_to_save`, plus the
+    head for classification (`with_head`)."""
+    return lambda model: with_head(delta, model, task).modules_to_save
+
+
 def with_head(delta: DeltaConfig, model: nn.Module, task: str) -> DeltaConfig:
     """For classification the (new) head trains in full and is saved with the delta."""
     if task != "classification" or delta.modules_to_save:
@@ -199,11 +212,26 @@ def train(cfg: TrainConfig | dict | str | None = None, *, model: nn.Module | Non
     return _Run(cfg, model, tokenizer, splits, prepare).run()
 
 
+def step_line(record: dict[str, Any], total: int, eta: float | None) -> str:
+    """The log line of a training record: step, mean loss since the last line, learning rate, tokens/s, ETA."""
+    return (f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+            f"tokens/s {record['tokens_per_s']:.0f}  ETA {duration(eta)}")
+
+
+def eval_line(record: dict[str, Any], total: int) -> str:
+    """The log line of an evaluation record: every validation metric (numbers only; e.g. not generations)."""
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in record.items()
+                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return f"eval step {record['step']}/{total}  {metrics}"
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, splits: Splits | None,
                  prepare: Callable[[nn.Module], Any] | None = None) -> None:
         self.cfg = cfg
-        self.dist = Dist.from_env()
+        self.device = resolve_device(cfg.device, local_rank())  # before anything is loaded: a bad device fails fast
+        self.dist = Dist.from_env(self.device)  # NCCL on GPUs, gloo on the CPU
+        self.precision = Precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.splits = splits or load_splits(cfg)
@@ -211,8 +239,9 @@ class _Run:
         if self.task == "classification" and not self.splits.labels:
             raise ConfigError("classification needs labels; the data has none")
         n_labels = len(self.splits.labels) if self.splits.labels else None
+        self.loaded_model = model is None
         if model is None:
-            model, tokenizer = load_model(cfg, self.task, n_labels)
+            model, tokenizer = load_model(cfg, self.task, n_labels, trained_whole(cfg.delta_config(), self.task))
         if tokenizer is None:
             raise ConfigError("pass tokenizer= together with model=")
         self.model, self.tok = model, tokenizer
@@ -220,6 +249,7 @@ class _Run:
         self.val_set = subset(self.splits.validation, cfg.max_eval_examples, cfg.seed)
         self.out = Path(cfg.output_dir)
         self.delta_cfg = with_head(cfg.delta_config(), model, self.task)
+        model.to(self.device)  # the base first, so initialisations that read its weights run on the device
         if prepare is None:
             attach(model, self.delta_cfg, cfg.name)
         else:
@@ -227,6 +257,7 @@ class _Run:
                 raise ConfigError("checkpoints hold a delta; with prepare= (a baseline without one) leave "
                                   "checkpoint_every and resume unset")
             prepare(model)
+        model.to(self.device)  # and whatever attaching added (before the optimizer sees the parameters)
         model.train()
         if cfg.lisa_layers and self.dist.enabled:
             raise ConfigError("LISA toggles requires_grad between steps, which DDP does not allow; train LISA in one process")
@@ -245,8 +276,9 @@ class _Run:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.wrapped = DistributedDataParallel(model)
+            self.wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.history: list[dict[str, Any]] = []
+        self.eval_progress: Callable[[int], None] | None = None  # the evaluation bar's advance(n), while one runs
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.bad_evals = 0
         self.step = 0
@@ -272,6 +304,7 @@ class _Run:
                 slot_of(modules[path])[self.cfg.name].load_state_dict(state)
         progress = load_checkpoint(ckpt, self.opt, self.sched)
         self.step, self.bad_evals = progress["step"], progress["bad_evals"]
+        self.precision.load_state(progress["grad_scaler"])  # a checkpoint of another precision: the scaler starts fresh
         if self.dist.enabled:  # the checkpoint holds rank 0's RNG state: give every rank its own stream again
             torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
         if self.lisa is not None and progress.get("lisa"):
@@ -282,20 +315,25 @@ class _Run:
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def evaluate(self, examples: list) -> dict[str, Any]:
-        if self.task == "classification":
-            return evaluate_classification(self.model, self.tok, examples, len(self.splits.labels),
-                                           self.cfg.eval_batch_size, self.cfg.max_length)
-        return {"loss": self._lm_loss(examples)}
+        """Metrics on `examples`, in the run's precision; `self.eval_progress(n)` after each batch of n examples."""
+        progress = self.eval_progress
+        with self.precision.autocast():
+            if self.task == "classification":
+                return evaluate_classification(self.model, self.tok, examples, len(self.splits.labels),
+                                               self.cfg.eval_batch_size, self.cfg.max_length, progress)
+            return {"loss": self._lm_loss(examples, progress)}
 
     @torch.no_grad()
-    def _lm_loss(self, examples: list) -> float:
+    def _lm_loss(self, examples: list, progress: Callable[[int], None] | None = None) -> float:
         was = self.model.training
         self.model.eval()
         total, n = 0.0, 0
         for i in range(0, len(examples), self.cfg.eval_batch_size):
             batch = self.collate(examples[i : i + self.cfg.eval_batch_size])
-            total += float(self.model(**batch).loss) * len(batch["input_ids"])
+            total += float(self.model(**to_device(batch, self.device)).loss) * len(batch["input_ids"])
             n += len(batch["input_ids"])
+            if progress is not None:
+                progress(len(batch["input_ids"]))
         self.model.train(was)
         return total / max(n, 1)
 
@@ -329,12 +367,21 @@ class _Run:
                 bar.update(self.step, loss=loss_val, lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9))
                 if self.step % cfg.log_every == 0 or self.step == self.total:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    self.log({"step": self.step, "loss": window_loss / n, "lr": lr,
-                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
+                    record = {"step": self.step, "loss": window_loss / n, "lr": lr,
+                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                    self.log(record)
+                    if not bar.interactive:  # in a terminal the bar shows these
+                        bar.line(step_line(record, self.total, bar.eta(self.step)))
                     window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
                 if self.val_set and (self.step % eval_every == 0 or self.step == self.total):
-                    metrics = self.evaluate(self.val_set)
-                    self.log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
+                    started = time.perf_counter()
+                    with bar.phase("eval", len(self.val_set)) as self.eval_progress:
+                        metrics = self.evaluate(self.val_set)
+                    self.eval_progress = None
+                    t0 += time.perf_counter() - started  # tokens/s counts training time only
+                    record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
+                    self.log(record)
+                    bar.line(eval_line(record, self.total))
                     stopped = self._after_eval(metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total:
                     self._checkpoint()
@@ -347,11 +394,13 @@ class _Run:
         for micro in range(cfg.grad_accum):
             idx = self.order.indices(self.step * cfg.grad_accum + micro)
             batch = self.collate([self.train_set[i] for i in idx])
-            loss = (self.wrapped(**batch).loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
-            loss.backward()
-            total_loss += float(loss.detach())
             tokens += count_tokens(batch)
-        self.opt.step()
+            batch = to_device(batch, self.device)
+            with self.precision.autocast():
+                loss = (self.wrapped(**batch).loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
+            self.precision.backward(loss)  # scaled under fp16
+            total_loss += float(loss.detach())
+        self.precision.step(self.opt)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         after_optimizer_step(self.model, self.opt, self.step + 1, self.total, [cfg.name])
@@ -361,7 +410,8 @@ class _Run:
         if self.dist.main:
             progress = {"step": self.step, "bad_evals": self.bad_evals,
                         "lisa": self.lisa.state() if self.lisa is not None else None}
-            save_checkpoint(self.out / f"checkpoint-{self.step}", self.model, self.cfg.name, self.opt, self.sched, progress)
+            save_checkpoint(self.out / f"checkpoint-{self.step}", self.model, self.cfg.name, self.opt, self.sched, progress,
+                            self.precision.state())
         self.dist.barrier()
 
     def _finish(self, stopped: bool) -> TrainResult:
@@ -388,8 +438,11 @@ class _Run:
                 save_delta(self.model, delta_path, name=cfg.name)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             if cfg.plot:
-                from .plot import plot_history
+                from .plot import plot_history, run_title
 
-                plot_history(self.history, self.out / "training.png")
+                model = cfg.model if self.loaded_model else type(self.model).__name__
+                kind = st.deltas[cfg.name].config.kind if delta_path is not None else "custom"  # prepare= baselines
+                plot_history(self.history, self.out / "training.png",
+                             run_title(cfg.name, str(self.out), kind, model, self.splits.name))
         self.dist.barrier()
         return TrainResult(self.out, delta_path, self.step, metrics, self.history)

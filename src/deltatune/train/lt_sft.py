@@ -31,7 +31,7 @@ from ..methods.sparse.sparse import Sparse, SparsePiece
 from ..core.targeting import resolve_targets
 from .config import TrainConfig
 from .distributed import Dist
-from .loop import TrainResult, load_model, load_splits, train, with_head
+from .loop import TrainResult, load_model, load_splits, train, trained_whole, with_head
 from .procedures import options, register_procedure
 
 DENSE_SUFFIX = "-dense"
@@ -123,7 +123,8 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
     splits = splits or load_splits(cfg)
     task = splits.task if cfg.task == "auto" else cfg.task
     if model is None:
-        model, tokenizer = load_model(cfg, task, len(splits.labels) if splits.labels else None)
+        model, tokenizer = load_model(cfg, task, len(splits.labels) if splits.labels else None,
+                                      trained_whole(dense_cfg, task))
     if tokenizer is None:
         raise ConfigError("pass tokenizer= together with model=")
     numels = {}
@@ -156,7 +157,7 @@ def train_lt_sft(cfg: TrainConfig | dict | str | None = None, *, model: nn.Modul
             h.remove()
         hooks.clear()
     modules = dict(model.named_modules())
-    scores = {path: piece.delta_weight(modules[path]).to_dense().abs().float()
+    scores = {path: piece.delta_weight(modules[path]).to_dense().abs().float()  # on the run's device
               for path, piece in _pieces(model, dense_name, DensePiece).items()}
     detach(model, dense_name)  # back to the pretrained weights
     indices = select_entries(scores, lt.k, lt.density, lt.selection)

@@ -6,6 +6,11 @@ a module or in parallel to a feed-forward block. U starts at zero, so every adap
     ParallelAdapter (He et al. 2022)      parallel to the FFN block with input x:                     y' = y + s·f(x)
     AdaptFormer (Chen et al. 2022)        the parallel adapter with s = 0.1
 
+Series adapters scale their branch by `scaling` (s, default 1): h' = h + s·f(h). With `original_ln_before` a series
+adapter sits at the LayerNorm a post-LN block (BERT) applies to z = h + r (projection output plus residual) and reads
+the normalised sum: z -> z + s·f(LN(z)), so the block returns LN(z + s·f(LN(z))) — AdapterHub's Pfeiffer
+(`seq_bn`) placement; an input-position piece on the LayerNorm, which it evaluates with the module's own parameters.
+
 Series adapters are output-position pieces on the projection modules. A parallel adapter is a weight-position
 (additive, not mergeable) piece on the FFN block when its input is the block's first argument (Llama's `mlp`,
 GPT-2's `mlp`); where a block adds its input to its output itself before a LayerNorm (BERT's
@@ -60,6 +65,7 @@ class BottleneckAdapter(DeltaConfig):
     bottleneck: Annotated[PositiveInt | None, NoneMeans("use reduction_factor")] = None
     non_linearity: NonLinearity = "relu"
     init: Init = "normal"
+    scaling: Annotated[float, Finite()] = 1.0
 
     #: the roles of adapter_map.py that targets="auto" adapts
     roles: ClassVar[tuple[str, ...]] = ()
@@ -76,9 +82,22 @@ class BottleneckAdapter(DeltaConfig):
         return self.replace(targets="|".join(f"(?:{s.pattern})" for s in found))
 
 
+@dataclass(frozen=True)
 class _Series(BottleneckAdapter):
+    #: at the block's LayerNorm, reading LN(h + r) and adding to its input (post-LN blocks; see the module doc)
+    original_ln_before: bool = False
+
+    #: targets="auto" with original_ln_before: the role of each role's LayerNorm
+    NORMS: ClassVar[dict[str, str]] = {"attention_output": "attention_norm", "ffn_output": "ffn_norm"}
+
+    def for_model(self, model: nn.Module) -> DeltaConfig:
+        if self.targets != "auto" or not self.original_ln_before:
+            return super().for_model(model)
+        found = sites(model, tuple(self.NORMS[r] for r in self.roles), f"{type(self).__name__}(original_ln_before=True)")
+        return self.replace(targets="|".join(f"(?:{s.pattern})" for s in found))
+
     def piece_class(self, module: Any = None) -> type[Piece]:
-        return SeriesAdapterPiece
+        return NormInputAdapterPiece if self.original_ln_before else SeriesAdapterPiece
 
 
 @register("houlsby")
@@ -183,9 +202,29 @@ class SeriesAdapterPiece(AdapterPiece):
         d = block_widths(base, path)[1]
         super().__init__(base, path, cfg, d, d)
 
+        self.scaling = float(cfg.scaling)
+
     def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        """h + U σ(D h + b_D) + b_U for the running output h."""
-        return acc + self.branch(acc).to(acc.dtype)
+        """h + s·(U σ(D h + b_D) + b_U) for the running output h."""
+        return acc + (self.scaling * self.branch(acc)).to(acc.dtype)
+
+
+class NormInputAdapterPiece(AdapterPiece):
+    """On a LayerNorm: its input z -> z + s·f(LN(z)), LN the module itself (its weight, bias and eps)."""
+
+    position: ClassVar[str] = "input"
+
+    def __init__(self, base: nn.Module, path: str, cfg: BottleneckAdapter) -> None:
+        if not isinstance(base, nn.LayerNorm) or len(base.normalized_shape) != 1:
+            raise TargetError(f"a series adapter with original_ln_before=True goes on the LayerNorm of a post-LN block "
+                              f"(e.g. BERT's 'output.LayerNorm'); {path!r} is a {type(base).__name__}")
+        d = base.normalized_shape[0]
+        super().__init__(base, path, cfg, d, d)
+        self.scaling = float(cfg.scaling)
+
+    def forward(self, x: Tensor, base_out: Tensor, acc: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
+        normed = F.layer_norm(acc, base.normalized_shape, base.weight, base.bias, base.eps)
+        return acc + (self.scaling * self.branch(normed)).to(acc.dtype)
 
 
 class ParallelAdapterPiece(AdapterPiece):

@@ -15,6 +15,7 @@ dense gᵀx is computed in backward, handed to `stats.add` and dropped (see spie
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Protocol
 
@@ -56,6 +57,11 @@ def _csr(index: Tensor, values: Tensor, shape: tuple[int, int], transpose: bool 
         return torch.sparse_csr_tensor(crow, cols[order], values[order], shape), order
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on the devices that have it (cpu, cuda); nothing elsewhere (e.g. meta tensors)."""
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -66,19 +72,22 @@ class SparseLinearFunction(torch.autograd.Function):
                 stats: GradSink | None = None, csr: bool | None = None) -> Tensor:
         csr = use_csr(index.numel(), shape, values.device) if csr is None else csr
         x2 = _flat(x).to(values.dtype)
-        if csr:
-            w, _ = _csr(index, values, shape)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                delta = torch.sparse.mm(w, x2.t()).t()  # [N, out], a transposed view
-            out = _flat(acc) + delta.to(acc.dtype)
-        else:
-            w = scatter_dense(index, values, shape)
-            if acc.dtype == w.dtype:
-                out = torch.addmm(_flat(acc), x2, w.t())
+        # the products run in the values' dtype, also under autocast (which has no bf16 sparse CSR kernel on
+        # the CPU); the result is added in the output's dtype
+        with _no_autocast(x.device.type):
+            if csr:
+                w, _ = _csr(index, values, shape)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    delta = torch.sparse.mm(w, x2.t()).t()  # [N, out], a transposed view
+                out = _flat(acc) + delta.to(acc.dtype)
             else:
-                out = _flat(acc) + (x2 @ w.t()).to(acc.dtype)
-            del w
+                w = scatter_dense(index, values, shape)
+                if acc.dtype == w.dtype:
+                    out = torch.addmm(_flat(acc), x2, w.t())
+                else:
+                    out = _flat(acc) + (x2 @ w.t()).to(acc.dtype)
+                del w
         ctx.save_for_backward(x, index, values)
         ctx.shape, ctx.stats, ctx.csr = shape, stats, csr
         return out.view(acc.shape)

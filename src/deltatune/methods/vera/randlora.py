@@ -45,6 +45,9 @@ class RandLoRA(DeltaConfig):
     alpha: Scale = 640.0
     dropout: Dropout = 0.0
     seed: NonNegativeInt = 0
+    #: keep the bases A and B in each piece's saved state instead of regenerating them from `seed`: for bases drawn
+    #: elsewhere (a PEFT file's shared randlora_A / randlora_B); they start as the seed's and stay frozen
+    saved_projections: bool = False
 
     @property
     def scale(self) -> float:
@@ -114,6 +117,10 @@ class RandLoRAPiece(Piece):
         self.gammas = nn.Parameter(torch.full((n, m), 1.0 / m, dtype=dtype, device=w.device))
         self.scale = cfg.scale
         self._held = rp.HeldBases()
+        if cfg.saved_projections:  # frozen, saved with the piece
+            a, b = randlora_bases(cfg.seed, cfg.r, m, max(self.dims), dtype, w.device)
+            self.register_buffer("A", a.clone())
+            self.register_buffer("B", b.clone())
 
     @property
     def in_is_small(self) -> bool:
@@ -121,6 +128,8 @@ class RandLoRAPiece(Piece):
 
     def bases(self) -> tuple[Tensor, Tensor]:
         ref = self.lambdas
+        if self.cfg.saved_projections:
+            return self.A.to(ref.dtype), self.B.to(ref.dtype)
         return self._held.get(ref.dtype, ref.device, lambda dt, dev: randlora_bases(
             self.cfg.seed, self.cfg.r, min(self.dims), max(self.dims), dt, dev))  # type: ignore[return-value]
 
@@ -157,5 +166,8 @@ class RandLoRAPiece(Piece):
         lam, gam = state["lambdas"], state["gammas"]
         d_out, d_in = (int(v) for v in state["shape"])
         dtype = torch.promote_types(lam.dtype, torch.float32)
-        a, b = randlora_bases(cfg.seed, cfg.r, min(d_out, d_in), max(d_out, d_in), dtype, lam.device)
+        if "A" in state:  # saved_projections
+            a, b = state["A"].to(dtype), state["B"].to(dtype)
+        else:
+            a, b = randlora_bases(cfg.seed, cfg.r, min(d_out, d_in), max(d_out, d_in), dtype, lam.device)
         return DenseDelta(randlora_update(a, b, lam.to(dtype), gam.to(dtype), cfg.scale, d_in <= d_out)), None

@@ -37,6 +37,9 @@ class VeRA(DeltaConfig):
     d_initial: Scale = 0.1  # d = b = 0 would get no gradient
     dropout: Dropout = 0.0
     seed: NonNegativeInt = 0
+    #: keep A and B in each piece's saved state instead of regenerating them from `seed`: for projections drawn
+    #: elsewhere (a PEFT file's shared vera_A / vera_B); they start as the seed's and stay frozen
+    saved_projections: bool = False
 
     def piece_class(self, module: Any = None) -> type[Piece]:
         return VeRAPiece
@@ -73,10 +76,16 @@ class VeRAPiece(Piece):
         self.lambda_d = nn.Parameter(torch.full((cfg.r,), float(cfg.d_initial), dtype=dtype, device=w.device))
         self.lambda_b = nn.Parameter(torch.zeros(self.dims[0], dtype=dtype, device=w.device))
         self._held = rp.HeldBases()
+        if cfg.saved_projections:  # frozen, saved with the piece
+            a, b = vera_projections(cfg.seed, cfg.r, *self.dims, dtype, w.device)
+            self.register_buffer("A", a.clone())
+            self.register_buffer("B", b.clone())
 
     def projections(self) -> tuple[Tensor, Tensor]:
         """(A, B) in the dtype and on the device of the trained vectors."""
         ref = self.lambda_d
+        if self.cfg.saved_projections:
+            return self.A.to(ref.dtype), self.B.to(ref.dtype)
         return self._held.get(ref.dtype, ref.device, lambda dt, dev: vera_projections(
             self.cfg.seed, self.cfg.r, *self.dims, dt, dev))  # type: ignore[return-value]
 
@@ -101,5 +110,9 @@ class VeRAPiece(Piece):
         """Λ_b B Λ_d A with A, B regenerated from the seed (the shared table: a live piece's own copies)."""
         d, b_vec = state["lambda_d"], state["lambda_b"]
         dims = (int(state["shape"][0]), int(state["shape"][1]))
-        a, b = vera_projections(cfg.seed, cfg.r, *dims, torch.promote_types(d.dtype, torch.float32), d.device)
+        dtype = torch.promote_types(d.dtype, torch.float32)
+        if "A" in state:  # saved_projections
+            a, b = state["A"].to(dtype), state["B"].to(dtype)
+        else:
+            a, b = vera_projections(cfg.seed, cfg.r, *dims, dtype, d.device)
         return LowRankDelta(d.to(a.dtype)[:, None] * a, b_vec.to(b.dtype)[:, None] * b, 1.0), None
