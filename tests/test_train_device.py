@@ -292,3 +292,32 @@ def test_ddp_over_nccl_matches_one_gpu(tmp_path):
 
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-4)
     assert len(losses(tmp_path / "two")) == 8
+
+
+def test_a_skipped_fp16_step_moves_neither_the_schedule_nor_the_pieces_hooks(cls_splits, tmp_path, monkeypatch):
+    """When the gradient scaler skips a step (inf/NaN gradients), the pieces' after-step hooks (e.g. AdaLoRA's
+    importance scores, which would fold the inf gradients in) and the lr schedule do not see it."""
+    from deltatune.train import loop
+
+    calls = {"step": 0, "hooks": []}
+    real_step = Precision.step
+
+    def every_third_skipped(self, optimizer):
+        calls["step"] += 1
+        if calls["step"] % 3 == 0:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        return real_step(self, optimizer)
+
+    monkeypatch.setattr(Precision, "step", every_third_skipped)
+    real_hooks = loop.after_optimizer_step
+    monkeypatch.setattr(loop, "after_optimizer_step",
+                        lambda model, opt, step, *a, **k: (calls["hooks"].append(step), real_hooks(model, opt, step, *a, **k)))
+    sched_steps = []
+    real_sched = torch.optim.lr_scheduler.LRScheduler.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.LRScheduler, "step",
+                        lambda self, *a, **k: (sched_steps.append(1), real_sched(self, *a, **k)))
+    train({"output_dir": str(tmp_path), "max_steps": 9, "batch_size": 8, "lr": 1e-2, "precision": "fp16", **QUIET},
+          model=tiny_bert(), tokenizer=word_tokenizer(), splits=cls_splits)
+    assert calls["step"] == 9 and calls["hooks"] == [1, 2, 4, 5, 7, 8]
+    assert len(sched_steps) == 1 + 6  # the scheduler's own first step at construction, then the 6 steps taken

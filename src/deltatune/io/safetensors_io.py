@@ -55,10 +55,13 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
                 beside = sha256 is not None and actual >= HASH_BESIDE_BYTES
                 if sha256 is not None and not beside:
                     _check_hash(hashlib.sha256(mm).hexdigest(), sha256, where, manifest)
-                with _Digest(mm if beside else None) as digest:
-                    tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
-                if beside:
-                    _check_hash(digest.value, sha256, where, manifest)
+                digest = _Digest(mm if beside else None)
+                try:
+                    with digest:
+                        tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
+                finally:  # a hash mismatch is reported in preference to whatever the copy made of a changed file
+                    if beside:
+                        _check_hash(digest.value, sha256, where, manifest)
     finally:
         os.close(fd)
     return tensors, metadata

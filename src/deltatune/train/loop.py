@@ -400,10 +400,11 @@ class _Run:
                 loss = (self.wrapped(**batch).loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
             self.precision.backward(loss)  # scaled under fp16
             total_loss += float(loss.detach())
-        self.precision.step(self.opt)
-        self.sched.step()
+        stepped = self.precision.step(self.opt)
         self.opt.zero_grad(set_to_none=True)
-        after_optimizer_step(self.model, self.opt, self.step + 1, self.total, [cfg.name])
+        if stepped:  # an fp16 step skipped for inf/NaN gradients is no step: no schedule move, no pieces' hooks
+            self.sched.step()
+            after_optimizer_step(self.model, self.opt, self.step + 1, self.total, [cfg.name])
         return self.dist.mean(total_loss), tokens * self.dist.world
 
     def _checkpoint(self) -> None:
