@@ -88,3 +88,19 @@ def test_cli_errors_are_one_line_for_flags_yaml_and_delta_json(tmp_path: Path, m
               "'bias', 'dora', 'dropout', 'exclude', 'init', 'layers', 'modules_to_save', 'r', 'rank_pattern', 'rslora', "
               "'targets']")
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import click
+    import typer
+
+    def commands(cmd: click.Command, name: str):
+        yield name, cmd
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, f"{name} {sub_name}")
+
+    missing = [f"{name}: {p.name}" for name, cmd in commands(typer.main.get_command(app), "deltatune")
+               for p in cmd.params if not getattr(p, "help", None)]
+    assert not missing, missing
+    names = [name for name, _ in commands(typer.main.get_command(app), "deltatune")]
+    assert {"deltatune train", "deltatune eval", "deltatune merge", "deltatune keys add", "deltatune serve"} <= set(names)

@@ -1,0 +1,30 @@
+"""How many torch threads the file commands (merge, compress, extract) use: a few, not all.
+
+Their work is many small matrix products and SVDs (a module at a time: a few hundred by a few thousand), which
+gain little from more threads and lose a lot when the cores are shared: OpenMP threads spin against each other
+and against other processes. `deltatune merge` on examples/merge_ties.yaml took 33 s with torch's default
+threads and 3.7 s with one on a busy 2-core machine. These commands therefore run with
+`min(torch's current thread count, MAX_FILE_THREADS)` threads — never more than the user asked for through
+OMP_NUM_THREADS or torch — and restore the count afterwards (measurements: docs/merging.md, "Speed note").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: the most torch threads merge / compress / extract use
+MAX_FILE_THREADS = 1
+
+
+@contextmanager
+def file_command_threads(limit: int = MAX_FILE_THREADS) -> Iterator[int]:
+    """torch's intra-op thread count lowered to at most `limit` inside the block (restored after); yields it."""
+    import torch
+
+    before = torch.get_num_threads()
+    now = max(1, min(before, limit))
+    torch.set_num_threads(now)
+    try:
+        yield now
+    finally:
+        torch.set_num_threads(before)
