@@ -9,6 +9,7 @@ OMP_NUM_THREADS or torch — and restore the count afterwards (measurements: doc
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,13 +17,26 @@ from contextlib import contextmanager
 MAX_FILE_THREADS = 1
 
 
+#: environment variable that sets the thread count of these commands instead (a positive integer)
+THREADS_ENV = "DELTATUNE_FILE_THREADS"
+
+
 @contextmanager
 def file_command_threads(limit: int = MAX_FILE_THREADS) -> Iterator[int]:
-    """torch's intra-op thread count lowered to at most `limit` inside the block (restored after); yields it."""
+    """torch's intra-op thread count inside the block (restored after): $DELTATUNE_FILE_THREADS if set, else at
+    most `limit`; yields it."""
     import torch
 
+    from ..core.errors import ConfigError
+
     before = torch.get_num_threads()
-    now = max(1, min(before, limit))
+    given = os.environ.get(THREADS_ENV)
+    if given is not None:
+        if not given.strip().isdigit() or int(given) < 1:
+            raise ConfigError(f"{THREADS_ENV} must be a positive integer (torch threads), got {given!r}")
+        now = int(given)
+    else:
+        now = max(1, min(before, limit))
     torch.set_num_threads(now)
     try:
         yield now
