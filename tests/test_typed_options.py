@@ -104,3 +104,17 @@ def test_every_option_of_every_command_has_help() -> None:
     assert not missing, missing
     names = [name for name, _ in commands(typer.main.get_command(app), "deltatune")]
     assert {"deltatune train", "deltatune eval", "deltatune merge", "deltatune keys add", "deltatune serve"} <= set(names)
+
+
+def test_procedure_options_are_typed_too() -> None:
+    from deltatune.train.lt_sft import LtSft
+
+    cfg = TrainConfig.from_dict({"delta": {"kind": "dense"},
+                                 "procedure": {"kind": "lt_sft", "density": "1e-2", "l1": "0", "dense_max_steps": "5"}})
+    assert LtSft.from_dict({k: v for k, v in cfg.procedure.items() if k != "kind"}) == LtSft(density=0.01, dense_max_steps=5)
+    with pytest.raises(ConfigError, match=r"^LtSft.l1 must be a number >= 0, got 'none'$"):
+        TrainConfig.from_dict({"delta": {"kind": "dense"}, "procedure": {"kind": "lt_sft", "density": 0.1, "l1": "none"}})
+    with pytest.raises(ConfigError, match=r"unknown lt_sft option\(s\) \['densty'\] \(did you mean 'density'\?\)"):
+        TrainConfig.from_dict({"delta": {"kind": "dense"}, "procedure": {"kind": "lt_sft", "densty": 0.1}})
+    with pytest.raises(ConfigError, match=r"unknown training procedure 'ltsft' \(did you mean 'lt_sft'\?\)"):
+        TrainConfig.from_dict({"delta": {"kind": "dense"}, "procedure": {"kind": "ltsft"}})
