@@ -118,3 +118,20 @@ def test_procedure_options_are_typed_too() -> None:
         TrainConfig.from_dict({"delta": {"kind": "dense"}, "procedure": {"kind": "lt_sft", "densty": 0.1}})
     with pytest.raises(ConfigError, match=r"unknown training procedure 'ltsft' \(did you mean 'lt_sft'\?\)"):
         TrainConfig.from_dict({"delta": {"kind": "dense"}, "procedure": {"kind": "ltsft"}})
+
+
+def test_unknown_zoo_names_list_the_zoo_and_the_closest(tmp_path: Path, monkeypatch) -> None:
+    from deltatune import zoo
+    from deltatune.serve.http.server import load_base
+    from deltatune.train.loop import load_model
+
+    monkeypatch.chdir(tmp_path)  # no directory of these names here
+    with pytest.raises(ConfigError, match=r"model 'minilm-l66' is neither a zoo model \(did you mean 'minilm-l6'\?\) "
+                                          r"\(zoo models: minilm-l6, smollm2-135m\) nor a local HF directory"):
+        load_model(TrainConfig(model="minilm-l66"), "classification", 2)
+    with pytest.raises(ConfigError, match=r"--model 'smollm2' is neither a zoo model \(did you mean 'smollm2-135m'\?\)"):
+        load_base("smollm2")
+    with pytest.raises(zoo.ZooError, match=r"unknown zoo model 'MiniLM-L6' \(did you mean 'minilm-l6'\?\); available"):
+        zoo.load_model("MiniLM-L6")
+    with pytest.raises(zoo.ZooError, match=r"unknown zoo dataset 'gsm8' \(did you mean 'gsm8k'\?\); available"):
+        zoo.load_dataset("gsm8")
