@@ -137,7 +137,8 @@ def evaluate(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="delta directory (native or PEFT)"), as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def inspect(path: Path = typer.Argument(..., help="delta directory (native or PEFT)"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Config, targets, parameter count, size on disk and base identity of a native or PEFT delta."""
     from ..io.inspect import describe, render
 
