@@ -1,11 +1,13 @@
-"""How many torch threads the file commands (merge, compress, extract) use: a few, not all.
+"""How many torch threads the file commands (merge, compress, extract) use: one, unless told otherwise.
 
 Their work is many small matrix products and SVDs (a module at a time: a few hundred by a few thousand), which
-gain little from more threads and lose a lot when the cores are shared: OpenMP threads spin against each other
-and against other processes. `deltatune merge` on examples/merge_ties.yaml took 33 s with torch's default
-threads and 3.7 s with one on a busy 2-core machine. These commands therefore run with
+gain little from more threads and lose a lot when the cores are shared: OpenMP threads spin waiting for each
+other while other processes hold the cores. On the loaded 2-core development machine torch's default (2 threads)
+made merge, compress and extract 10-30x slower than one thread (docs/merging.md, "Threads", for the
+measurements and bench/threads.py to repeat them). These commands therefore run with
 `min(torch's current thread count, MAX_FILE_THREADS)` threads — never more than the user asked for through
-OMP_NUM_THREADS or torch — and restore the count afterwards (measurements: docs/merging.md, "Speed note").
+OMP_NUM_THREADS or torch — or with $DELTATUNE_FILE_THREADS threads when that is set, and restore the count
+afterwards.
 """
 from __future__ import annotations
 
