@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,29 @@ def test_cli_extract_bad_input_exits_2(llama_pair, tmp_path):
         res = runner.invoke(app, ["extract", *args, "-o", str(tmp_path / "out")])
         assert res.exit_code == 2 and match in _output(res), (args, _output(res))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_result_not_smaller_than_its_input_warns_and_is_not_written_without_force(tmp_path):
+    """ComPEFT on a LoRA delta's factors keeps them dense: the same bytes as the input, with an error (issue 17 item
+    8). The library warns and notes it; the command refuses to write it unless --force."""
+    from deltatune.core.errors import NotSmallerWarning
+
+    tiny, _ = lora_model("llama")
+    dt.save(tiny.model, tmp_path / "in", name="a")
+    with pytest.warns(NotSmallerWarning, match=r"not smaller than its input: .* \(size ratio 1\.00x\) at relative error"):
+        _, report = compress(dt.Delta.read(tmp_path / "in"), "compeft", density=0.1, on="factors")
+    assert not report.smaller and report.ratio == 1.0 and "not smaller" in report.notes[-1] and report.rel_error > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a smaller result warns nothing
+        _, report = compress(dt.Delta.read(tmp_path / "in"), "svd", rank=1)
+    assert report.smaller
+    args = ["compress", str(tmp_path / "in"), str(tmp_path / "out"), "--on", "factors", "--density", "0.1"]
+    res = runner.invoke(app, args)
+    last = _output(res).strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: the compressed delta is not smaller than its input"), _output(res)
+    assert last.endswith("(--force writes it anyway)") and not (tmp_path / "out").exists()
+    assert "Traceback" not in _output(res) and "NotSmallerWarning" not in _output(res)
+    res = runner.invoke(app, args + ["--force"])
+    assert res.exit_code == 0 and (tmp_path / "out").is_dir(), _output(res)
+    assert "warning: the compressed delta is not smaller than its input (size ratio 1.00x)" in _output(res)
+    dt.load(tiny.fresh(), tmp_path / "out")

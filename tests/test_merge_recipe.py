@@ -64,18 +64,18 @@ def _bad(root: Path) -> dict[str, tuple[dict | str, str]]:
     no_base = {k: v for k, v in recipe(root, inputs=r["inputs"][:1] + [{"path": str(root / "model"), "weight": 1.0,
                                                                         "density": 0.5}]).items() if k != "base"}
     return {
-        "unknown-top": ({**r, "methd": "ties"}, r"methd: unknown field; known fields: method, base, inputs"),
+        "unknown-top": ({**r, "methd": "ties"}, r"methd: unknown field \(did you mean 'method'\?\); known fields: method, base, inputs"),
         "weight-type": (recipe(root, inputs=inputs3), r"inputs\[2\]\.weight: expected a number, got 'abc'"),
         "density-range": (recipe(root, inputs=[{**r["inputs"][0], "density": 1.5}, r["inputs"][1]]),
                           r"inputs\[0\]\.density: expected a number in \(0, 1\], got 1\.5"),
         "format": (recipe(root, output={"path": str(root / "out"), "format": "onnx"}),
-                   r"output\.format: expected one of delta, peft, model, got 'onnx'"),
+                   r"output\.format: expected one of delta, peft, model, got 'onnx'$"),
         "model-input-no-base": (no_base, r"base: is required: inputs\[1\] is a model directory"),
         "dora-no-base": ({k: v for k, v in r.items() if k != "base"},
                          r"base: is required: inputs\[1\] \(.*dora'\) needs the base weights to express its update at "
                          r"'model\.layers\.0\.mlp\.down_proj' \(DoRA"),
         "regex": (recipe(root, modules={"include": "(["}), r"modules\.include: expected a regular expression"),
-        "method": (recipe(root, method="tie"), r"method: unknown merge method 'tie'; known: .*ties"),
+        "method": (recipe(root, method="tie"), r"method: unknown merge method 'tie' \(did you mean 'ties'\?\); known: .*ties"),
         "path": (recipe(root, inputs=[{"path": str(root / "nope")}]), r"inputs\[0\]\.path: .*does not exist"),
         "peft-storage": (recipe(root, output={"path": str(root / "out"), "format": "peft", "storage": "dense"}),
                          r"output\.storage: format peft stores LoRA factors: expected lowrank, got 'dense'"),
@@ -87,7 +87,7 @@ def _bad(root: Path) -> dict[str, tuple[dict | str, str]]:
                               r"inputs\[1\]\.density: is missing"),
         "global-type": (recipe(root, parameters={"lambda": "x"}), r"parameters\.lambda: expected a number, got 'x'"),
         "unknown-param": (recipe(root, parameters={"lamda": 1.0}), r"parameters\.lamda: merge method 'ties' has no "
-                                                                   r"parameter 'lamda'"),
+                                                                   r"parameter 'lamda' \(did you mean 'lambda'\?\)"),
         "model-storage": (recipe(root, output={"path": str(root / "out"), "format": "model", "rank": 4}),
                           r"output\.rank: applies to format delta or peft"),
         "output-is-input": (recipe(root, output={"path": str(root / "lora")}), r"output\.path: is the directory of "
@@ -127,6 +127,25 @@ def test_delta_output_equals_the_api(setup, tmp_path: Path) -> None:
     assert got.config.kind == "lora" and set(got.state) == set(want.state)
     for p in want.state:
         torch.testing.assert_close(got.update(p)[0].to_dense(), want.update(p)[0].to_dense(), atol=1e-6, rtol=0)
+
+
+def test_values_written_as_text_mean_their_type(setup, tmp_path: Path) -> None:
+    """YAML reads 1e-1 as a string and users quote numbers: the recipe means the declared types (core/coerce.py)."""
+    tiny, root, deltas = setup
+    text = (f"method: ties\nbase: {root / 'base'}\n"
+            f"inputs:\n  - {{path: {root / 'lora'}, weight: '1.0', density: 5e-1}}\n"
+            f"  - {{path: {root / 'dora'}, weight: 5e-1, density: '0.5'}}\n"
+            f"parameters: {{lambda: '1', normalize: 'yes'}}\n"
+            f"output: {{path: {tmp_path / 'out'}, storage: lowrank, rank: '4'}}\n")
+    result = invoke(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    got = dt.Delta.read(tmp_path / "out")
+    want = merge_deltas([deltas["lora"], deltas["dora"]], "ties", {"weight": [1.0, 0.5], "density": 0.5},
+                        output="lowrank", rank=4, base=tiny.fresh(), progress=False)
+    for p in want.state:
+        torch.testing.assert_close(got.update(p)[0].to_dense(), want.update(p)[0].to_dense(), atol=1e-6, rtol=0)
+    bad = invoke(tmp_path, text.replace("rank: '4'", "rank: four"), "bad.yaml")
+    assert bad.exit_code == 2 and bad.output == "error: output.rank: expected a positive integer or None, got 'four'\n"
 
 
 def test_peft_output_loads_in_peft(setup, tmp_path: Path) -> None:

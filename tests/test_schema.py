@@ -85,7 +85,10 @@ def test_every_field_is_checked_in_the_one_message_style(toy) -> None:
         "Toy.p must be a number in [0, 1), got 1.5": dict(p=1.5),
         "Toy.mode must be one of ('fast', 'exact'), got 'slow'": dict(mode="slow"),
         "Toy.colour must be one of ('red', 'green'), got 'blue'": dict(colour="blue"),
-        "Toy.flag must be true or false, got 1": dict(flag=1),
+        "Toy.flag must be true or false, got 2": dict(flag=2),
+        "Toy.n must be a positive integer, got 'abc'": dict(n="abc"),
+        "Toy.n must be a positive integer, got 2.5": dict(n=2.5),
+        "Toy.mode must be one of ('fast', 'exact'), got 'fats'; did you mean 'fast'?": dict(mode="fats"),
         "Toy.steps must be a positive number of steps or None (until the end), got 0": dict(steps=0),
         "Toy.names must be a list of strings, got [1]": dict(names=[1]),
         "Toy.sizes['q'] must be a positive integer, got 0": dict(sizes={"q": 0}),
@@ -140,9 +143,9 @@ def test_range() -> None:
     assert describe(Annotated[float, Finite(), Range(0)]) == "a finite number >= 0"
     assert ok(PositiveInt, 1) == 1 and ok(Fraction, 1) == 1 and ok(Unit, 0.0) == 0.0 and ok(NonNegative, 0) == 0
     assert refused(PositiveInt, 0).problem == "is out of range"
-    assert refused(PositiveInt, 2.0).problem == "is not an integer"
+    assert refused(PositiveInt, 2.5).problem == "is not an integer"
     assert refused(PositiveInt, True).problem == "is not a number"  # bools are not numbers
-    assert refused(Fraction, 0.0).problem == "is out of range" and refused(Fraction, "0.5").problem == "is not a number"
+    assert refused(Fraction, 0.0).problem == "is out of range" and refused(Fraction, "half").problem == "is not a number"
     assert refused(Annotated[float, Range(0, 1, high_open=True)], 1.0).problem == "is out of range"
     assert refused(float, math.nan).problem == "is not finite" and refused(Positive, math.inf).problem == "is not finite"
     assert 0.5 in Range(0, 1) and 1 not in Range(0, 1, high_open=True) and str(Range(0.0, None, low_open=True)) == "(0, inf)"
@@ -166,13 +169,37 @@ def test_finite() -> None:
     assert describe(float) == "a number" and describe(int) == "an integer"
 
 
+def test_values_written_as_text_are_converted_to_the_declared_type() -> None:
+    """pydantic's lax table (core/coerce.py): what YAML, --set and JSON users write means the declared type."""
+    for text in ("1e-4", "0.0001", " 1e-4 ", 1e-4):  # YAML reads 1e-4 as a string
+        got = ok(Positive, text)
+        assert got == 1e-4 and type(got) is float
+    for given in ("8", 8.0, "08", 8):
+        got = ok(PositiveInt, given)
+        assert got == 8 and type(got) is int
+    assert type(ok(float, 3)) is int  # an accepted type is kept as given (configs round-trip through JSON)
+    for text, value in (("false", False), ("no", False), ("off", False), ("0", False), (0, False),
+                        ("true", True), ("yes", True), ("on", True), ("1", True), (1, True)):
+        assert ok(bool, text) is value, text
+    assert refused(PositiveInt, True).problem == "is not a number" and refused(float, False).problem == "is not a number"
+    assert refused(PositiveInt, "1.5").problem == "is not a number" and refused(PositiveInt, "0").problem == "is out of range"
+    assert refused(float, "abc").value == "abc" and refused(float, "nan").problem == "is not finite"
+    assert ok(Literal[1, 2], "2") == 2 and refused(Literal[1, 2], True).problem == "is not an allowed choice"
+    assert ok(tuple[NonNegativeInt, ...], ["0", 1.0, "2"]) == (0, 1, 2) and ok(tuple[NonNegativeInt, ...], "3") == (3,)
+    assert ok(str, "1e-4") == "1e-4" and refused(str, 5).problem == "is not a string"  # strings are never converted
+    with pytest.raises(ConfigError, match=r"^LoRA.alpha must be a finite non-zero number, got 'abc'$"):
+        dt.LoRA(alpha="abc")
+    cfg = DeltaConfig.from_dict({"kind": "lora", "r": "4", "alpha": "1e1", "dropout": "0.1", "dora": "false"})
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.dora) == (4, 10.0, 0.1, False) and cfg == dt.LoRA(r=4, alpha=10.0, dropout=0.1)
+
+
 def test_choices_bool_str() -> None:
     assert describe(Literal["a", "b"]) == "one of ('a', 'b')" == describe(Annotated[str, OneOf(["a", "b"])])
     assert ok(Literal["a", "b"], "b") == "b" and refused(Literal["a", "b"], "c").problem == "is not an allowed choice"
     assert refused(Literal[1, 2], True).problem == "is not an allowed choice"  # True == 1, but not the choice 1
     assert refused(Literal["a"], None).problem == "is not an allowed choice"
-    assert ok(bool, False) is False and refused(bool, 1).problem == "is not a boolean"
-    assert refused(bool, "true").problem == "is not a boolean" and describe(bool) == "true or false"
+    assert ok(bool, False) is False and refused(bool, 2).problem == "is not a boolean"
+    assert refused(bool, "maybe").problem == "is not a boolean" and describe(bool) == "true or false"
     assert ok(str, "x") == "x" and refused(str, 1).problem == "is not a string"
 
 

@@ -37,9 +37,11 @@ def _losses(result) -> list[float]:
 
 
 def test_device_and_precision_options_are_checked(monkeypatch):
-    for bad in ("gpu", "cuda:", "CUDA", "cuda:x", 0):
+    for bad in ("gpu", "cuda:", "CUDA", "cuda:x"):
         with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
             TrainConfig(device=bad)
+    with pytest.raises(ConfigError, match="TrainConfig.device must be a string, got 0"):
+        TrainConfig(device=0)
     with pytest.raises(ConfigError, match="precision must be one of"):
         TrainConfig(precision="fp8")
     assert TrainConfig(device="cuda:1", precision="bf16").device == "cuda:1"  # spelling only: checked when a run starts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
 from .convert import convert_command
 from .serve import keys_app, serve_command
+from .threads import file_command_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
@@ -47,7 +49,8 @@ def _print_report(report: Any, as_json: bool, done: str) -> None:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(report.render())
-        typer.echo(done)
+        if done:
+            typer.echo(done)
 
 
 def _fail(e: Exception) -> None:
@@ -113,17 +116,23 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., help="zoo model name or local HF directory"),
-    data: str = typer.Option(..., help="zoo dataset name or local file"),
+    model: Optional[str] = typer.Option(None, help="zoo model name or local HF directory; default: the training "
+                                                   "run's (<run>/train_config.json next to --delta)"),
+    data: Optional[str] = typer.Option(None, help="zoo dataset name or local file; default: the training run's"),
     delta: Optional[Path] = typer.Option(None, help="delta directory (native or PEFT); none = the base model"),
     split: str = typer.Option("test", help="train, validation or test"),
     limit: Optional[int] = typer.Option(None, help="evaluate N examples of the split, stratified by label"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    max_length: int = typer.Option(128, "--max-length"),
+    batch_size: int = typer.Option(16, "--batch-size", help="examples per forward pass"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="generation: tokens generated per "
+                                                 "example; default: the training run's, else 256"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example (longer ones are cut); "
+                                             "default: the training run's, else 128"),
     output: Optional[Path] = typer.Option(None, help="write metrics (and generations) as JSON here"),
 ) -> None:
-    """Accuracy and macro-F1 (classification) or final-number exact match (GSM8K-style generation)."""
+    """Accuracy and macro-F1 (classification) or final-number exact match (GSM8K-style generation).
+
+    A delta in a training run's directory (<run>/delta) is evaluated with that run's model, data and data options
+    (max_length, columns, seed) from <run>/train_config.json; flags override them."""
     from ..train.evaluation import run_eval
 
     with _user_errors():  # run_eval checks --output before it evaluates anything
@@ -134,7 +143,8 @@ def evaluate(
 
 
 @app.command()
-def inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def inspect(path: Path = typer.Argument(..., help="delta directory (native, PEFT or AdapterHub)"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Format, the libraries that load it, config, targets, parameter count, size on disk and base identity of a delta."""
     from ..io.inspect import describe, render
 
@@ -154,20 +164,30 @@ def compress_cmd(
     rank: Optional[int] = typer.Option(None, help="svd: rank cap per module"),
     energy: Optional[float] = typer.Option(None, help="svd: fraction of each module's squared norm to keep"),
     base: Optional[Path] = typer.Option(None, help="base model directory, for updates that depend on it (DoRA, full copies)"),
+    force: bool = typer.Option(False, "--force", help="write the result even when it is not smaller than IN"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Compress a delta (ComPEFT or SVD); prints size ratio and relative error per module, writes OUT atomically."""
+    """Compress a delta (ComPEFT or SVD); prints size ratio and relative error per module, writes OUT atomically.
+    A result that is not smaller than IN is not written (exit status 2) unless --force."""
+    from ..core.errors import NotSmallerWarning
     from ..io.delta import Delta
     from ..io.formats import check_output
     from ..merging.compress import compress
 
-    with _user_errors():
+    with _user_errors(), warnings.catch_warnings(), file_command_threads():
+        warnings.simplefilter("ignore", NotSmallerWarning)  # said below, once, as one line
         check_output(out)  # an unsafe output is refused before any work
         delta = Delta.read(src)
         result, report = compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
                                   base=base, progress=not as_json)
+        if not report.smaller and not force:
+            _print_report(report, as_json, "")
+            raise DeltaTuneError(f"{report.notes[-1]}; nothing written to {str(out)!r} (--force writes it anyway)")
         result.write(out)
     _print_report(report, as_json, f"compressed delta ({result.config.kind}) written to {out}")
+    if not report.smaller:
+        typer.secho(f"warning: the compressed delta is not smaller than its input (size ratio {report.ratio:.2f}x)",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("extract")
@@ -186,7 +206,7 @@ def extract_cmd(
     from ..io.formats import check_output
     from ..merging.extract import extract
 
-    with _user_errors():
+    with _user_errors(), file_command_threads():
         check_output(output)  # an unsafe output is refused before any work
         delta, report = extract(base, tuned, rank=rank, energy=energy, dense=tuple(dense),
                                 targets=tuple(targets) if targets else "all-linear", name=name, progress=not as_json)
@@ -203,7 +223,7 @@ def merge_cmd(
     """Merge deltas, PEFT adapters or full models as a recipe says; checks the whole recipe before any work."""
     from ..merging.recipe import load_recipe, render, run_recipe
 
-    with _user_errors():
+    with _user_errors(), file_command_threads():
         summary = run_recipe(load_recipe(recipe), progress=not (quiet or as_json))
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 

@@ -30,8 +30,8 @@ def serve_command(
     deltas: list[Path] = typer.Option(..., "--deltas", help="delta root: each subdirectory holding a native or PEFT "
                                       "delta is served under its name (repeatable)"),
     keys: Optional[Path] = typer.Option(None, help="keys.yaml (`deltatune keys add`); without it: loopback only, no keys"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; other than loopback only with --keys"),
+    port: int = typer.Option(8000, help="TCP port to listen on"),
     max_loaded: int = typer.Option(8, "--max-loaded", help="device slots (deltas loaded at once)"),
     max_rank: int = typer.Option(16, "--max-rank", help="largest delta rank a slot holds"),
     host_cache_mb: int = typer.Option(1024, "--host-cache-mb", help="host memory for delta factors (LRU)"),
@@ -62,7 +62,8 @@ def keys_add(
     deltas: list[str] = typer.Option([], "--delta", help="delta name or glob pattern it may use (repeatable)"),
     no_base: bool = typer.Option(False, "--no-base", help="may not use the base model itself"),
     admin: bool = typer.Option(False, "--admin", help="may load/unload deltas and read /metrics"),
-    rpm: Optional[int] = typer.Option(None, "--requests-per-minute"),
+    rpm: Optional[int] = typer.Option(None, "--requests-per-minute", help="requests it may make per minute (no limit "
+                                      "if unset)"),
     tpm: Optional[int] = typer.Option(None, "--tokens-per-minute", help="prompt + completion tokens"),
 ) -> None:
     """Add a key; prints it once (the file keeps only a salted hash)."""

@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar
 
 from .errors import ConfigError, UnsupportedError
 from .parsing import short
+from .suggest import did_you_mean
 from .targeting import matches
 from .schema import Fraction, ModuleSpec, NoneMeans, NonNegativeInt, PositiveInt, check, validate_fields
 
@@ -34,7 +35,7 @@ def register(kind: str):
 
 def config_class(kind: str) -> type["DeltaConfig"]:
     if not isinstance(kind, str) or kind not in _REGISTRY:
-        raise ConfigError(f"unknown delta kind {short(kind)}; known kinds: {known_kinds()}")
+        raise ConfigError(f"unknown delta kind {short(kind)}{did_you_mean(kind, _REGISTRY)}; known kinds: {known_kinds()}")
     return _REGISTRY[kind]
 
 
@@ -92,7 +93,8 @@ class _CheckedKeywords(type):
         known = {f.name for f in fields(cls)} if dataclasses.is_dataclass(cls) else set()
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}{did_you_mean(unknown[0], known)}; known "
+                              f"keys: {sorted(known)}")
         return super().__call__(*args, **kwargs)
 
 
@@ -191,9 +193,10 @@ class DeltaConfig(metaclass=_CheckedKeywords):
                               f"{short(data)}")
         cls = config_class(data["kind"])
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"kind"})
+        unknown = sorted(set(data) - known - {"kind"}, key=str)
         if unknown:
-            raise ConfigError(f"unknown key(s) {short(unknown, 200)} in {cls.__name__} config; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown key(s) {short(unknown, 200)} in {cls.__name__} config"
+                              f"{did_you_mean(unknown[0], known)}; known keys: {sorted(known)}")
         try:
             return cls(**{k: v for k, v in data.items() if k != "kind"})
         except TypeError as e:

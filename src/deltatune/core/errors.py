@@ -73,3 +73,11 @@ class RoundingWarning(UserWarning):
 
 
 __all__ += ['MissingDependencyError', 'RoundingWarning']
+
+
+class NotSmallerWarning(UserWarning):
+    """A compression wrote (or would write) files no smaller than its input's: the size ratio is at most 1, so its
+    error bought nothing (`deltatune compress` refuses to write such a result unless given --force)."""
+
+
+__all__ += ['NotSmallerWarning']

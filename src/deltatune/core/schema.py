@@ -18,7 +18,10 @@ checks them with the same nodes (`node_for`)::
 
 Supported types: ``bool`` (only True/False), ``int`` (not bool), ``float`` (any finite int or float, not bool),
 ``str``, ``Literal[...]``, ``torch.Tensor`` (floating point; a DeltaTensor is made dense), ``tuple[X, ...]`` (a list
-or a single X is accepted and stored as a tuple), ``dict[str, X]`` with `Patterns`, unions, ``X | None`` and ``Any``.
+or a single X is accepted and stored as a tuple), ``dict[str, X]`` with `Patterns`, ``dict[str, Any]`` (a mapping
+passed on whole), unions, ``X | None`` and ``Any``. Numbers and booleans written as text (``"1e-4"``, ``"8"``,
+``"false"``; YAML reads ``1e-4`` as a string) and integral floats for integers are converted first by pydantic's lax
+rules (core/coerce.py); booleans are never numbers.
 
 A failed check raises `Invalid` (value, problem, the node whose description says what was expected, a path such as
 ``['q_proj']``); configs turn it into one message style, ``Owner.field must be <expected>, got <value>``.
@@ -36,8 +39,10 @@ from typing import Annotated, Any, Literal, Union
 from torch import Tensor
 
 from . import regex
+from .coerce import coerce
 from .errors import ConfigError
 from .parsing import short
+from .suggest import closest
 from .tensors import DeltaTensor
 
 __all__ = [
@@ -199,6 +204,7 @@ class AnyNode(Node):
 
 class BoolNode(Node):
     def check(self, value: Any, ctx: Any = None) -> Any:
+        value = coerce(bool, value)
         if not isinstance(value, bool):
             raise self.fail(value, "is not a boolean")
         return value
@@ -222,9 +228,12 @@ class ChoiceNode(Node):
         self.choices = choices
 
     def check(self, value: Any, ctx: Any = None) -> Any:
-        if not any(type(value) is type(c) and value == c for c in self.choices):
-            raise self.fail(value, "is not an allowed choice")
-        return value
+        for c in self.choices:
+            v = coerce(type(c), value) if type(c) in (bool, int, float) else value
+            if type(v) is type(c) and v == c:
+                return v
+        match = closest(value, [c for c in self.choices if isinstance(c, str)])
+        raise self.fail(value, "is not an allowed choice", f"did you mean {match!r}?" if match is not None else "")
 
     def describe(self, ctx: Any = None, plural: bool = False) -> str:
         return f"one of {self.choices!r}"
@@ -237,6 +246,7 @@ class NumberNode(Node):
         self.integer, self.range, self.finite = integer, range, finite
 
     def check(self, value: Any, ctx: Any = None) -> Any:
+        value = coerce(int if self.integer else float, value)  # "1e-4" -> 0.0001, "8" or 8.0 -> 8 (core/coerce.py)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(value, "is not a number")
         if self.integer and not isinstance(value, int):
@@ -310,6 +320,19 @@ class TupleNode(Node):
 
     def describe(self, ctx: Any = None, plural: bool = False) -> str:
         return f"{'lists' if plural else 'a list'} of {self.item.describe(ctx, plural=True)}"
+
+
+class MappingNode(Node):
+    """A mapping with string keys and any values (``dict[str, Any]``: options passed on whole, such as a training run's
+    delta config, which its own schema checks)."""
+
+    def check(self, value: Any, ctx: Any = None) -> Any:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise self.fail(value, "is not a mapping")
+        return value
+
+    def describe(self, ctx: Any = None, plural: bool = False) -> str:
+        return "mappings of names to values" if plural else "a mapping of names to values"
 
 
 class PatternsNode(Node):
@@ -490,9 +513,12 @@ def _compile(tp: Any, markers: tuple[Constraint, ...]) -> Node:
         node = TupleNode(_compile(args[0], ()))
     elif origin is dict and len(args) == 2 and args[0] is str:
         patterns = take(Patterns)
-        if patterns is None:
+        if patterns is None and args[1] is Any:
+            node = MappingNode()
+        elif patterns is None:
             raise TypeError(f"a dict needs a Patterns(...) marker (module-name patterns to values), got {tp!r}")
-        node = PatternsNode(_compile(Annotated[(args[1], *patterns.constraints)] if patterns.constraints else args[1], ()))
+        else:
+            node = PatternsNode(_compile(Annotated[(args[1], *patterns.constraints)] if patterns.constraints else args[1], ()))
     else:
         raise TypeError(f"unsupported type {tp!r} in a schema")
     unused = [m for m in markers if not any(m is u for u in used)]

@@ -10,6 +10,7 @@ Both return the new Delta and a `Report`: bytes the files hold before and after,
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..core.config import packed_kind, storage_kind
 from ..io.delta import BaseWeights, Delta, base_lookup
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, NotSmallerWarning
 from ..core.tensors import DeltaTensor, LowRankDelta, SparseDelta
 
 METHODS = ("compeft", "svd")
@@ -73,6 +74,11 @@ class Report:
     def rel_error(self) -> float:
         """‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all modules together."""
         return _relative(math.sqrt(sum(m.error ** 2 for m in self.modules)), math.sqrt(sum(m.norm ** 2 for m in self.modules)))
+
+    @property
+    def smaller(self) -> bool:
+        """True when the result's tensors take fewer bytes than the input's."""
+        return self.bytes < self.original_bytes
 
     @property
     def ternary_bytes(self) -> int | None:
@@ -261,7 +267,37 @@ def compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alp
     tensor); on="delta_w" stores a ternary delta, on="factors" compresses A and B of a low-rank delta and stays
     low-rank. method="svd": a low-rank delta of rank ≤ `rank`, or of the smallest rank keeping `energy` of each
     ‖ΔW‖². `base` (a model, a model directory or path -> (W, b)) is needed for updates that depend on the base
-    weights (DoRA, full copies)."""
+    weights (DoRA, full copies).
+
+    A result that is not smaller than the input (report.smaller False) gets a note in the report and a
+    `NotSmallerWarning`."""
+    result, report = _compress(delta, method, density=density, alpha=alpha, on=on, rank=rank, energy=energy,
+                               base=base, progress=progress)
+    if not report.smaller:
+        message = not_smaller_message(report, method, on)
+        report.notes.append(message)
+        warnings.warn(NotSmallerWarning(message), stacklevel=2)
+    return result, report
+
+
+def not_smaller_message(report: Report, method: str, on: str) -> str:
+    """Why a compression that did not shrink its input is useless, and what to try instead."""
+    if method == "svd":
+        hint = "give a lower rank or energy"
+    elif on == "factors":
+        hint = ("ComPEFT on the factors keeps them dense (the ternary encoding in the report is not written); use "
+                "method svd with a lower rank for a low-rank delta")
+    else:
+        hint = ("ComPEFT on delta_w stores a mask over every entry of ΔW, which can exceed a low-rank delta's factors; "
+                "use method svd with a lower rank for a low-rank delta, or a lower density")
+    return (f"the compressed delta is not smaller than its input: {report.bytes:,} bytes for {report.original_bytes:,} "
+            f"(size ratio {report.ratio:.2f}x) at relative error {report.rel_error:.3g}; {hint}")
+
+
+def _compress(delta: Delta, method: str = "compeft", *, density: float = 0.1, alpha: float = 1.0,
+              on: str = "delta_w", rank: int | None = None, energy: float | None = None, base: BaseWeights = None,
+              progress: bool = False) -> tuple[Delta, Report]:
+    """`compress` without the size check."""
     if method not in METHODS:
         raise ConfigError(f"unknown compression method {method!r}; choose one of {METHODS}")
     if method == "svd":
@@ -286,4 +322,5 @@ def to_lora(delta: Delta, rank: int | None = None, energy: float | None = None, 
     return convert(delta, lambda path, dw: (low_rank(dw, rank, energy), None), f"to_lora: {what}", base, progress)
 
 
-__all__ = ["METHODS", "ModuleReport", "Report", "choose_rank", "compress", "low_rank", "ternarize", "to_lora"]
+__all__ = ["METHODS", "ModuleReport", "Report", "choose_rank", "compress", "low_rank", "not_smaller_message", "ternarize",
+           "to_lora"]

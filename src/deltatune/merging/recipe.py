@@ -28,6 +28,8 @@ from ..io.delta import Delta
 from ..core import regex
 from ..core.errors import ConfigError, DeltaTuneError, OutputPathError
 from ..core.parsing import check_tree, read_yaml, short
+from ..core.schema import Fraction, Invalid, PositiveInt, node_for
+from ..core.suggest import did_you_mean
 from ..io.checkpoints import CheckpointReader
 from ..io.safetensors_io import check_finite, read_tensors
 from .combine import BASE_NEEDED, STORAGES, merge_deltas, method_params, module_filter, needs_base, resolve_method
@@ -106,8 +108,8 @@ def _unknown(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
     extra = [k for k in data if k not in known]
     if extra:
         name = short(extra[0], 80) if not isinstance(extra[0], str) or len(extra[0]) > 80 else extra[0]
-        raise _fail(f"{where}{name}",
-                    f"unknown field; known fields{' of ' + where.rstrip('.') if where else ''}: {', '.join(known)}")
+        raise _fail(f"{where}{name}", f"unknown field{did_you_mean(extra[0], known)}; known fields"
+                                      f"{' of ' + where.rstrip('.') if where else ''}: {', '.join(known)}")
 
 
 def input_kind(path: Path) -> str:
@@ -162,7 +164,8 @@ def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     for k in parameters:
         p = params_schema.get(k) or next((q for q in params_schema.values() if q.arg == k), None)
         if p is None:
-            raise _fail(f"parameters.{k}", f"merge method {method.name!r} has no parameter {_got(k)}; its parameters: "
+            raise _fail(f"parameters.{k}", f"merge method {method.name!r} has no parameter {_got(k)}"
+                                           f"{did_you_mean(k, params_schema)}; its parameters: "
                                            f"{', '.join(sorted(params_schema)) or '(none)'}")
         for i, inp in enumerate(inputs):
             if k in inp.params:
@@ -216,8 +219,10 @@ def _read_input(item: Any, i: int, method: str, schema: dict[str, Any]) -> Recip
     for k in params:
         p = schema.get(k) or next((q for q in schema.values() if q.arg == k), None)
         if p is None:
-            raise _fail(f"{where}.{k}", f"merge method {method!r} has no parameter {_got(k)}; its per-input parameters: "
-                                        f"{', '.join(sorted(n for n, q in schema.items() if q.per_input)) or '(none)'}")
+            per_input = [n for n, q in schema.items() if q.per_input]
+            raise _fail(f"{where}.{k}", f"merge method {method!r} has no parameter {_got(k)}"
+                                        f"{did_you_mean(k, per_input)}; its per-input parameters: "
+                                        f"{', '.join(sorted(per_input)) or '(none)'}")
         if not p.per_input:
             raise _fail(f"{where}.{k}", f"{_got(k)} is a global parameter of {method!r}; give it under parameters")
     return RecipeInput(path, kind, source, params)
@@ -231,12 +236,9 @@ def _read_output(raw: Any) -> Output:
     path = Path(_string(raw, "path", "output.path", required=True))
     fmt = raw.get("format", "delta")
     if fmt not in FORMATS:
-        raise _fail("output.format", f"expected one of {', '.join(FORMATS)}, got {_got(fmt)}")
-    rank, energy = raw.get("rank"), raw.get("energy")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise _fail("output.rank", f"expected a positive integer, got {_got(rank)}")
-    if energy is not None and (not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1):
-        raise _fail("output.energy", f"expected a number in (0, 1], got {_got(energy)}")
+        raise _fail("output.format", f"expected one of {', '.join(FORMATS)}, got {_got(fmt)}{did_you_mean(fmt, FORMATS)}")
+    rank = _typed(raw, "rank", PositiveInt | None)
+    energy = _typed(raw, "energy", Fraction | None)
     storage = raw.get("storage")
     if fmt == "model":
         for key in ("storage", "rank", "energy"):
@@ -246,7 +248,8 @@ def _read_output(raw: Any) -> Output:
     else:
         storage = storage if storage is not None else ("lowrank" if fmt == "peft" else "dense")
         if storage not in STORAGES:
-            raise _fail("output.storage", f"expected one of {', '.join(STORAGES)}, got {_got(storage)}")
+            raise _fail("output.storage", f"expected one of {', '.join(STORAGES)}, got {_got(storage)}"
+                                          f"{did_you_mean(storage, STORAGES)}")
         if fmt == "peft" and storage != "lowrank":
             raise _fail("output.storage", f"format peft stores LoRA factors: expected lowrank, got {_got(storage)}")
         if storage == "lowrank":
@@ -260,10 +263,18 @@ def _read_output(raw: Any) -> Output:
     name = raw.get("name", "merge")
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise _fail("output.name", f"expected a delta name without '.' or '/', got {_got(name)}")
-    shard = raw.get("max_shard_bytes", 2 << 30)
-    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 1:
-        raise _fail("output.max_shard_bytes", f"expected a positive integer (bytes per shard), got {_got(shard)}")
+    shard = _typed(raw, "max_shard_bytes", PositiveInt, 2 << 30, " (bytes per shard)")
     return Output(path, fmt, storage, rank, energy, name, shard)
+
+
+def _typed(raw: dict[str, Any], key: str, annotation: Any, default: Any = None, meaning: str = "") -> Any:
+    """output.<key> converted to and checked against `annotation` by the schema configs use ("16" -> 16)."""
+    node = node_for(annotation)
+    value = raw.get(key, default)
+    try:
+        return node.check(value)
+    except Invalid:
+        raise _fail(f"output.{key}", f"expected {node.describe()}{meaning}, got {_got(value)}") from None
 
 
 def _tensor_files(inputs: list[RecipeInput], names: list[str]) -> dict[str, list[dict[str, Tensor]]]:

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..core.errors import ConfigError, ShapeMismatchError
 from ..core.schema import Fraction, Invalid, Node, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, Unit, node_for
+from ..core.suggest import did_you_mean
 from ..core.tensors import DeltaTensor
 
 __all__ = ["Fraction", "MergeMethod", "NonNegative", "NonNegativeInt", "Param", "PerInput", "Positive", "PositiveInt",
@@ -119,7 +120,7 @@ class MergeMethod:
         for k, v in params.items():
             name = k if k in self.params else by_arg.get(k)
             if name is None:
-                raise ConfigError(f"{where} has no parameter {k!r}; its parameters are: "
+                raise ConfigError(f"{where} has no parameter {k!r}{did_you_mean(k, self.params)}; its parameters are: "
                                   f"{', '.join(sorted(self.params)) or '(none)'}")
             if name in given:
                 raise ConfigError(f"{where}: parameter {name!r} is given twice (as {name!r} and {self.params[name].arg!r})")
@@ -181,7 +182,8 @@ def merge_method(name: str, *, paper: str | None = None, inputs: int | str = "an
 
 def get_method(name: str) -> MergeMethod:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(list_methods())}")
+        raise ConfigError(f"unknown merge method {name!r}{did_you_mean(name, _REGISTRY)}; known: "
+                          f"{', '.join(list_methods())}")
     return _REGISTRY[name]
 
 

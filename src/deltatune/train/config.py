@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
-from ..core.parsing import read_yaml
+from ..core.parsing import read_yaml, short
+from ..core.schema import NoneMeans, NonNegative, NonNegativeInt, OneOf, Positive, PositiveInt, Range, Unit, validate_fields
+from ..core.suggest import did_you_mean
 from ..core.quant import SCHEMES as QUANT_SCHEMES
 from .device import check_device, check_precision
 
@@ -18,11 +20,15 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 @dataclass
 class TrainConfig:
+    """Every option of a training run. Each field's annotation is its schema (core/schema.py): values are converted
+    to the declared type first ("1e-4", "16", "false" from YAML or ``--set``; core/coerce.py), then checked, with one
+    message style (``TrainConfig.lr must be a positive number, got 'abc'``). A new field needs only its annotation."""
+
     model: str = "minilm-l6"                 # zoo name or local HF directory
     data: str = "bbc"                         # zoo name or local .jsonl/.json/.csv/.tsv
     validation_data: str | None = None
     test_data: str | None = None
-    task: str = "auto"
+    task: Annotated[str, OneOf(TASKS)] = "auto"
     text_column: str = "text"
     label_column: str = "label"
     prompt_column: str = "prompt"
@@ -31,53 +37,43 @@ class TrainConfig:
     delta: dict[str, Any] = field(default_factory=lambda: {"kind": "lora", "r": 8, "alpha": 16})
     name: str = "default"
     output_dir: str = "runs/default"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"
-    loraplus_ratio: float = 1.0
-    max_length: int = 128
-    eval_every: int | None = None
-    eval_batch_size: int = 64
-    max_eval_examples: int | None = None
-    early_stopping_patience: int | None = None
-    checkpoint_every: int | None = None
+    epochs: NonNegative = 1.0
+    max_steps: Annotated[int | None, Range(1, unit="steps")] = None
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    warmup_ratio: Unit = 0.06
+    schedule: Annotated[str, OneOf(SCHEDULES)] = "linear"
+    loraplus_ratio: Positive = 1.0
+    max_length: PositiveInt = 128
+    eval_every: Annotated[NonNegativeInt | None, NoneMeans("5 times per run")] = None
+    eval_batch_size: PositiveInt = 64
+    max_eval_examples: NonNegativeInt | None = None
+    early_stopping_patience: NonNegativeInt | None = None
+    checkpoint_every: Annotated[NonNegativeInt | None, NoneMeans("no checkpoints")] = None
     resume: bool = False
-    lisa_layers: int | None = None
-    lisa_interval: int = 20
+    lisa_layers: Annotated[NonNegativeInt | None, NoneMeans("no LISA")] = None
+    lisa_interval: PositiveInt = 20
     procedure: dict[str, Any] | None = None  # e.g. {kind: lt_sft, ...}: a procedure made of runs (train/procedures.py)
-    train_examples: int | None = None        # cap the training set (N examples, stratified by label, seeded)
-    max_new_tokens: int = 256
+    train_examples: PositiveInt | None = None  # cap the training set (N examples, stratified by label, seeded)
+    max_new_tokens: PositiveInt = 256
     seed: int = 0
-    log_every: int = 10
+    log_every: PositiveInt = 10
     plot: bool = True
     progress: bool = True
-    quantize: str | None = None              # nf4 | fp4 | int8: quantise the base's linears (docs/quantization.md)
+    quantize: Annotated[str | None, OneOf(QUANT_SCHEMES), NoneMeans("not quantised")] = None  # docs/quantization.md
     device: str = "auto"                     # auto (CUDA when available) | cpu | cuda | cuda:N (train/device.py)
     precision: str = "fp32"                  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lisa_interval", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
-            raise ConfigError(f"quantize must be one of {QUANT_SCHEMES} (or unset), got {self.quantize!r}")
-        check_device(self.device)
-        check_precision(self.precision)
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError("give epochs > 0 or max_steps")
         if isinstance(self.delta, DeltaConfig):
             self.delta = self.delta.to_dict()
+        validate_fields(self)  # every option converted to its declared type and checked against its annotation
+        check_device(self.device)
+        check_precision(self.precision)
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError("give epochs > 0 or max_steps")
         self.delta_config()  # validate now, not after the model is loaded
         if self.procedure is not None:
             from .procedures import get_procedure
@@ -89,10 +85,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training option {short(unknown[0])}{did_you_mean(unknown[0], known)}"
+                              f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; known: {sorted(known)}")
         return cls(**data)
 
     @classmethod

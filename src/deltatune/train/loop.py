@@ -1,7 +1,6 @@
 """dt.train: one training run — data, model, delta, optimizer, schedule, eval, early stopping, checkpoints."""
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import random
@@ -19,6 +18,7 @@ from ..runtime import attach
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, DeltaNotFoundError
 from ..core.parsing import read_json, short
+from ..core.suggest import closest, did_you_mean
 from ..io.files import save as save_delta
 from ..io.delta import Delta
 from ..runtime import slot_of, state_of
@@ -51,9 +51,9 @@ def load_splits(cfg: TrainConfig) -> Splits:
     if cfg.data in zoo.list_datasets():
         return zoo.load_dataset(cfg.data)
     if not Path(cfg.data).exists():  # neither a zoo dataset nor a file: say which names exist
-        close = difflib.get_close_matches(cfg.data, list(zoo.list_datasets()), n=1)
+        close = closest(cfg.data, zoo.list_datasets())
         raise DeltaNotFoundError(f"data {cfg.data!r} is neither a zoo dataset nor an existing file"
-                                 f"{f'; did you mean {close[0]!r}?' if close else ''} (zoo datasets: "
+                                 f"{f'; did you mean {close!r}?' if close else ''} (zoo datasets: "
                                  f"{', '.join(zoo.list_datasets())}; or a .jsonl/.json/.csv/.tsv file)")
     task = "classification" if cfg.task == "auto" else cfg.task
     return local_splits(cfg.data, task, cfg.text_column, cfg.label_column, cfg.prompt_column, cfg.response_column,
@@ -102,8 +102,8 @@ def _load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[nn
         return zoo.load_model(cfg.model, num_labels=num_labels if task == "classification" else None)
     path = Path(cfg.model)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model {cfg.model!r} is neither a zoo model ({zoo.list_models()}) nor a local HF "
-                          f"directory with config.json")
+        raise ConfigError(f"model {cfg.model!r} is neither a zoo model{did_you_mean(cfg.model, zoo.list_models())} (zoo "
+                          f"models: {', '.join(zoo.list_models())}) nor a local HF directory with config.json")
     check_model_dir(path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

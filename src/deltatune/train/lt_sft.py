@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from torch import nn
 from ..runtime import attach, detach
 from ..core.errors import ConfigError
 from ..runtime import slot_of, state_of
-from ..init.sparse_masks import attach_sparse, check_budget, entry_budget, select_entries, sparse_config_for
+from ..core.schema import Fraction, NonNegative, OneOf, Positive, PositiveInt, Range, validate_fields
+from ..core.suggest import did_you_mean
+from ..init.sparse_masks import SELECTIONS, attach_sparse, check_budget, entry_budget, select_entries, sparse_config_for
 from ..io.atomic import write_text
 from ..core.layouts import layout_of
 from ..methods.dense import Dense, DensePiece
@@ -47,29 +49,18 @@ class LtSft:
     max_steps if set, else dense_epochs; the run's lr). Phase 2 uses the run's epochs/max_steps and lr.
     l1 / dense_l1: λ of the L1 pull λ·Σ|Δ| toward the pretrained weights in phase 2 / phase 1."""
 
-    k: int | None = None
-    density: float | None = None
-    selection: str = "global"
-    dense_epochs: float = 1.0
-    dense_max_steps: int | None = None
-    dense_lr: float | None = None
-    l1: float = 0.0
-    dense_l1: float = 0.0
+    k: PositiveInt | None = None
+    density: Fraction | None = None
+    selection: Annotated[str, OneOf(SELECTIONS)] = "global"
+    dense_epochs: Positive = 1.0
+    dense_max_steps: Annotated[int | None, Range(1, unit="steps")] = None
+    dense_lr: Positive | None = None
+    l1: NonNegative = 0.0
+    dense_l1: NonNegative = 0.0
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # each option converted to its declared type and checked (core/schema.py)
         check_budget(self.k, self.density, self.selection, "lt_sft: ")
-        for name in ("l1", "dense_l1"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"lt_sft: {name} must be a number >= 0, got {v!r}")
-        if isinstance(self.dense_epochs, bool) or not isinstance(self.dense_epochs, (int, float)) or self.dense_epochs <= 0:
-            raise ConfigError(f"lt_sft: dense_epochs must be a number > 0, got {self.dense_epochs!r}")
-        if self.dense_lr is not None and (isinstance(self.dense_lr, bool) or not isinstance(self.dense_lr, (int, float))
-                                          or self.dense_lr <= 0):
-            raise ConfigError(f"lt_sft: dense_lr must be a number > 0, got {self.dense_lr!r}")
-        if self.dense_max_steps is not None and (isinstance(self.dense_max_steps, bool)
-                                                 or not isinstance(self.dense_max_steps, int) or self.dense_max_steps < 1):
-            raise ConfigError(f"lt_sft: dense_max_steps must be a positive integer, got {self.dense_max_steps!r}")
 
     @classmethod
     def from_dict(cls, data: Any) -> "LtSft":
@@ -78,9 +69,10 @@ class LtSft:
         if not isinstance(data, dict):
             raise ConfigError(f"lt_sft options must be a mapping such as {{density: 0.01, selection: global}}, got {data!r}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ConfigError(f"unknown lt_sft option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown lt_sft option(s) {unknown}{did_you_mean(unknown[0], known)}; known: "
+                              f"{sorted(known)}")
         return cls(**data)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.suggest import did_you_mean
 
 #: modules that register the built-in procedures when first asked for
 BUILTIN = ("deltatune.train.lt_sft",)
@@ -41,7 +42,8 @@ def get_procedure(spec: Any) -> Procedure:
         raise ConfigError(f"procedure must be a mapping with a 'kind' (one of {sorted(_PROCEDURES)}), e.g. "
                           f"{{kind: lt_sft, density: 0.01}}; got {spec!r}")
     if spec["kind"] not in _PROCEDURES:
-        raise ConfigError(f"unknown training procedure {spec['kind']!r}; known: {sorted(_PROCEDURES)}")
+        raise ConfigError(f"unknown training procedure {spec['kind']!r}{did_you_mean(spec['kind'], _PROCEDURES)}; "
+                          f"known: {sorted(_PROCEDURES)}")
     return _PROCEDURES[spec["kind"]]
 
 

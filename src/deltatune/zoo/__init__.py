@@ -18,6 +18,7 @@ from .models import load_minilm, load_smollm2, smollm2_cache_dir
 from .paths import MissingAssetError, ZooError, shared_data_dir, zoo_home
 from .spam import fetch_spam, load_spam
 from .splits import SPLIT_SEED, Example, Splits
+from ..core.suggest import did_you_mean
 from .text_datasets import load_20ng, load_bbc, load_r8, load_zh_sentiment
 
 _MODELS: dict[str, tuple[str, Callable[..., tuple[Any, Any]]]] = {
@@ -63,14 +64,14 @@ def load_model(name: str, *, num_labels: int | None = None, dtype: torch.dtype =
     """(model, tokenizer) in eval mode; `num_labels` adds a sequence-classification head (randomly initialised,
     so seed with `torch.manual_seed` first for reproducible heads)."""
     if name not in _MODELS:
-        raise ZooError(f"unknown zoo model {name!r}; available: {', '.join(_MODELS)}")
+        raise ZooError(f"unknown zoo model {name!r}{did_you_mean(name, _MODELS)}; available: {', '.join(_MODELS)}")
     return _MODELS[name][1](num_labels=num_labels, dtype=dtype)
 
 
 def load_dataset(name: str) -> Splits:
     """A dataset's fixed train / validation / test splits (see docs/zoo.md for the rules and sizes)."""
     if name not in _DATASETS:
-        raise ZooError(f"unknown zoo dataset {name!r}; available: {', '.join(_DATASETS)}")
+        raise ZooError(f"unknown zoo dataset {name!r}{did_you_mean(name, _DATASETS)}; available: {', '.join(_DATASETS)}")
     return _DATASETS[name][1]()
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ...core.errors import ConfigError
 from ...core.parsing import printable
+from ...core.suggest import did_you_mean
 
 log = logging.getLogger("deltatune.serve")
 
@@ -32,7 +33,8 @@ def load_base(model: str) -> tuple[Any, Any, str]:
         return net, tok, model
     path = Path(model)
     if not path.is_dir():
-        raise ConfigError(f"--model {model!r} is neither a zoo model ({', '.join(zoo.list_models())}) nor a directory")
+        raise ConfigError(f"--model {model!r} is neither a zoo model{did_you_mean(model, zoo.list_models())} (zoo "
+                          f"models: {', '.join(zoo.list_models())}) nor a directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
