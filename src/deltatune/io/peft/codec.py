@@ -391,6 +391,18 @@ def task_type(model_class: str | None) -> str | None:
     return None
 
 
+def layer_type(fan_in_fan_out: object) -> str:
+    """The module type peft's `fan_in_fan_out` flag says a file's weights were made for: transformers' Conv1D
+    (weights stored [in, out]) when set, nn.Linear otherwise."""
+    return "Conv1D" if fan_in_fan_out else "Linear"
+
+
+def fan_in_fan_out(delta: Delta, paths: list[str]) -> bool:
+    """peft's `fan_in_fan_out` for the delta's modules at `paths`: whether they are Conv1D (peft then sets it per
+    module as the module's type needs)."""
+    return any(delta.module_types.get(p) == "Conv1D" for p in paths)
+
+
 def module_key(path: str, name: str) -> str:
     """The peft key of tensor `name` of the module at `path`."""
     return f"{PREFIX}{path}.{name}"
@@ -411,6 +423,9 @@ def write_peft(delta: Delta, path: Path) -> Path:
             flat.update({f"{kind.prefix}{mpath}.{k}": t for k, t in st.items()})
         else:
             own.append(mpath)
+    if not own:
+        raise UnsupportedError(f"delta {delta.name!r} adapts no module with {delta.config.kind} (only whole modules "
+                               f"kept: {save_paths}); the PEFT format needs at least one")
     tensors, fields = kind.write(delta, own, f"delta {delta.name!r}")
     flat.update(tensors)
     model_class = delta.base.get("model_class")
