@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ...core.errors import CorruptFileError, UnsupportedError
+from ...core.errors import CorruptFileError
 from ...methods.ia3 import IA3
 from ..delta import Delta
 from ..peft import PeftFile, PeftKind, fan_in_fan_out, layer_type, module_key, register_kind
