@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -276,10 +277,12 @@ def _layers(cfg: dict[str, Any], n: int) -> list[int]:
     return out
 
 
+@dataclass
 class AdapterHubDelta(Delta):
-    """A delta read from an AdapterHub directory; a prefix-tuning pool is split per layer on a model."""
+    """A delta read from an AdapterHub directory; a prefix-tuning pool is split per layer on a model (until then
+    `needs_model` says so, and every writer refuses it)."""
 
-    hub: dict[str, Any] = {}
+    hub: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def for_model(self, model: nn.Module) -> Delta:
         moved = self._rooted(model)
@@ -331,11 +334,6 @@ class AdapterHubDelta(Delta):
                 return out
         return self
 
-    def write(self, path: str | Path) -> Path:
-        if self.needs_model:
-            raise UnsupportedError(self.needs_model)
-        return super().write(path)
-
 
 def read_adapterhub(path: Path, header_only: bool = False) -> Delta:
     meta, cfg, where = _config(path)
@@ -351,8 +349,12 @@ def read_adapterhub(path: Path, header_only: bool = False) -> Delta:
     config, state = readers[architecture](meta, cfg, flat, name, where)
     types = {"lora": "Linear", "houlsby": "Linear", "pfeiffer": "LayerNorm" if getattr(config, "original_ln_before", 0)
              else "Linear"}.get(config.kind, "?")
-    delta = AdapterHubDelta(name, config, state, {p: types for p in state},
-                            {"model_class": meta.get("model_class"), "model_name": meta.get("model_name")})
+    base = {"model_class": meta.get("model_class"), "model_name": meta.get("model_name"),
+            "model_type": meta.get("model_type")}
+    leave_out = cfg.get("leave_out")
+    if architecture is None and isinstance(leave_out, list) and all(type(i) is int for i in leave_out):
+        base["leave_out"] = sorted(leave_out)  # the layers it has no adapter on, beyond those below the last adapted
+    delta = AdapterHubDelta(name, config, state, {p: types for p in state}, base)
     delta.hub = {"arch": ARCHITECTURES.get(meta.get("model_type"), {}), "config": cfg,
                  "model_class": meta.get("model_class")}
     if architecture == "prefix_tuning":
@@ -363,6 +365,47 @@ def read_adapterhub(path: Path, header_only: bool = False) -> Delta:
 
 
 # --- writing (bottleneck adapters) --------------------------------------------------------------------------------
+def _model_type(delta: Delta) -> tuple[str, dict[str, Any]]:
+    """AdapterHub's model_type for the delta's model (`base["model_class"]`'s transformers config, else the type an
+    AdapterHub file recorded) and its site map; refused when it names no architecture the codec maps, since
+    AdapterHub then reads the file as another model's or not at all."""
+    name = delta.base.get("model_class")
+    model_type = None
+    if isinstance(name, str) and name.isidentifier():
+        import transformers
+
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            model_type = getattr(cls.config_class, "model_type", None)
+    if model_type is None:
+        model_type = delta.base.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise UnsupportedError(f"delta {delta.name!r} was saved from a {short(name)} (model_type {short(model_type)}); "
+                               f"deltatune writes AdapterHub adapters for {sorted(ARCHITECTURES)} models, whose "
+                               f"adapter sites it maps")
+    return model_type, ARCHITECTURES[model_type]
+
+
+def _leave_out(delta: Delta, arch: dict[str, Any], roots: set[str], adapted: set[int]) -> list[int]:
+    """The layers AdapterHub must not give an adapter (it adds a fresh one to every other layer): those of the model
+    the delta was taken from (`delta.source`, which dt.save sets) without one; without the model, the leave_out the
+    delta's AdapterHub file recorded, when it agrees with the adapted layers. The layer count is refused as unknown
+    otherwise."""
+    if delta.source is not None:
+        layers = {int(m.group("layer").rsplit(".", 1)[1]) for p, _ in delta.source.named_modules()
+                  if (m := re.match(arch["layer"], p)) is not None and m.group("root") in roots}
+        if layers >= adapted:
+            return sorted(set(range(max(layers) + 1)) - adapted)
+    recorded = delta.base.get("leave_out")
+    if (isinstance(recorded, list) and all(type(i) is int for i in recorded) and not set(recorded) & adapted
+            and set(range(max(adapted))) - adapted <= set(recorded)):
+        return sorted(recorded)
+    raise UnsupportedError(f"delta {delta.name!r} adapts layers {sorted(adapted)} of a model whose layer count it does "
+                           f"not record; AdapterHub adds an adapter to every layer not in leave_out, so the count is "
+                           f"needed: save it from the model (dt.save(model, path, name, format='adapters')) or convert "
+                           f"with --base MODEL_DIR")
+
+
 def _hub_config(config: DeltaConfig, mh: bool, out: bool) -> dict[str, Any]:
     parallel = isinstance(config, ParallelAdapter)
     before = bool(getattr(config, "original_ln_before", False))
@@ -391,32 +434,27 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
     if mode == "parallel" and config.input_arg != 1:
         raise UnsupportedError(f"delta {delta.name!r}: AdapterHub's parallel adapter on BERT-style blocks reads the "
                                f"block's residual argument (input_arg=1); this one reads argument {config.input_arg!r}")
+    model_type, arch = _model_type(delta)
     flat: dict[str, Tensor] = {}
-    widths, kinds, locations = set(), set(), set()
+    widths, locations, roots = set(), set(), set()
     per_layer: dict[int, set[str]] = {}
     for module, st in delta.state.items():
-        hub = None
-        for kind, arch in ARCHITECTURES.items():
-            m = re.match(arch["layer"], module)
-            if m is None:
-                continue
-            local = module[m.end():]
-            hub = next((loc for loc, sites in arch["sites"].items() if sites.get(mode) == local), None)
-            if hub is not None:
-                kinds.add(id(arch))
-                break
-        if hub is None:
+        m = re.match(arch["layer"], module)
+        local = module[m.end():] if m is not None else None
+        hub = next((loc for loc, sites in arch["sites"].items() if sites.get(mode) == local), None)
+        if m is None or hub is None:
             raise UnsupportedError(f"delta {delta.name!r} adapts {module!r}, which is not where AdapterHub puts a "
-                                   f"{mode} bottleneck adapter in BERT/RoBERTa or Llama-family models")
+                                   f"{mode} bottleneck adapter in a {model_type} model")
         locations.add(hub)
+        roots.add(m.group("root"))
         per_layer.setdefault(int(m.group("layer").rsplit(".", 1)[1]), set()).add(hub)
         base = f"{m.group('root')}{m.group('layer')}.{hub}.adapters.{delta.name}."
         for ours, theirs in {v: k for k, v in _BN_PARAMS.items()}.items():
             flat[base + theirs] = st[ours].detach().float().contiguous()
         widths.add((int(st["down_weight"].shape[1]), int(st["down_weight"].shape[0])))
-    if len(widths) != 1 or len(kinds) != 1:
-        raise UnsupportedError(f"delta {delta.name!r}: AdapterHub writes one bottleneck width for one architecture; "
-                               f"this delta has widths {sorted(widths)}")
+    if len(widths) != 1:
+        raise UnsupportedError(f"delta {delta.name!r}: AdapterHub writes one bottleneck width; this delta has widths "
+                               f"{sorted(widths)}")
     if any(sites != locations for sites in per_layer.values()):
         raise UnsupportedError(f"delta {delta.name!r} adapts different sites in different layers; AdapterHub puts the same "
                                f"adapters ({', '.join(sorted(locations))}) in every layer it does not leave out")
@@ -424,10 +462,8 @@ def write_adapterhub(delta: Delta, path: Path) -> Path:
     mh = any(loc.startswith("attention") for loc in locations)
     cfg = _hub_config(config, mh=mh, out=any(not loc.startswith("attention") for loc in locations))
     cfg["reduction_factor"] = d / m if d % m else d // m
-    # layers without adapters below the last adapted one (layers after it are not known from the delta: docs)
-    cfg["leave_out"] = [i for i in range(max(per_layer) + 1) if i not in per_layer]
+    cfg["leave_out"] = _leave_out(delta, arch, roots, set(per_layer))
     model_class = delta.base.get("model_class") or ""
-    model_type = next((k for k in ("roberta", "bert", "llama") if k in model_class.lower()), None)
     meta = {"config": cfg, "hidden_size": d, "model_class": model_class or None,
             "model_name": delta.base.get("model_name"), "model_type": model_type, "name": delta.name,
             "version": VERSION}

@@ -34,7 +34,9 @@ class Delta:
     #: the live model the delta was just taken from (`dt.save` sets it; never saved or compared): writers of formats
     #: that store values relative to nothing (a PEFT file's tuned LayerNorm weights) read the base weights there
     source: nn.Module | None = field(default=None, repr=False, compare=False)
-    #: why this delta must be placed on a model (`for_model`) before a writer can write it; "" when it is complete
+    #: why this delta must be placed on a model (`for_model`) before any writer can write it; "" when it is complete.
+    #: Deltas read from files that hold absolute values or need the model's sizes set it (a property there);
+    #: `formats.Format.write` refuses such a delta with this reason
     needs_model = ""
 
     # --- algebra view ----------------------------------------------------------------------------

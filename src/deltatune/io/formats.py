@@ -8,6 +8,9 @@ Two formats may share a marker file (PEFT's and AdapterHub's `adapter_config.jso
 `library` names the other library that reads a format's files and `kinds` the delta kinds it reads from them
 (`loaders`, shown by `deltatune inspect`).
 
+Every writer refuses a delta that is incomplete until placed on a model (`Delta.needs_model`, checked here once for
+all formats: `Format.write` is the registered writer behind that check).
+
 A directory holds one delta. Writers go through `write_directory`, which replaces the directory as a whole
 (`atomic.replace_dir`): the files of whatever delta it held before, in any registered format, are gone in the same
 step, so no reader can find a stale marker next to new files. Reading (`read`) refuses a directory holding the
@@ -22,12 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError
+from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, UnsupportedError
 from . import atomic
 from .integrity import MANIFEST, manifest, verify
 
 if TYPE_CHECKING:
     from .delta import Delta
+
+
+@dataclass(frozen=True)
+class CompleteOnly:
+    """A format's writer behind the check every writer shares: a delta that is incomplete until placed on a model
+    (`Delta.needs_model`: a PEFT file's absolute values, projections sized by the model, prefixes split per layer by
+    it) is refused with that reason before the writer runs, so no format stores it half-made."""
+
+    writer: Callable[["Delta", Path], Path]
+
+    def __call__(self, delta: "Delta", path: Path) -> Path:
+        if delta.needs_model:
+            raise UnsupportedError(delta.needs_model)
+        return self.writer(delta, path)
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,10 @@ class Format:
     #: the other library that loads this format's files ("" none), and the delta kinds it loads from them (None: any)
     library: str = ""
     kinds: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.write, CompleteOnly):
+            object.__setattr__(self, "write", CompleteOnly(self.write))
 
 
 _FORMATS: dict[str, Format] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -173,7 +174,7 @@ class PeftDelta(Delta):
     """A Delta read from a PEFT file some of whose tensors are the trained values themselves, which replace the base
     model's (LayerNorm tuning's copies, LoRA's bias="lora_only"): `absolute[path][name]` names the base attribute
     ("weight" or "bias", in the module's [out, in] view) that state entry `name` replaces. `for_model` turns them
-    into changes; `update` needs the base for them; writing them back needs the base too, so it is refused."""
+    into changes; `update` needs the base for them; so does writing them (`needs_model`: every writer refuses it)."""
 
     absolute: dict[str, dict[str, str]] = field(default_factory=dict)
     #: what the absolute entries are, in messages
@@ -214,11 +215,12 @@ class PeftDelta(Delta):
         st = self._relative(path, lookup)
         return Delta(self.name, self.config, {path: st}, self.module_types, self.base).update(path, lookup, with_bias)
 
-    def write(self, path: str | Path) -> Path:
-        if self.absolute:
-            raise UnsupportedError(f"PEFT adapter {self.name!r} stores {self.replaced} that replace the base model's; "
-                                   f"their change needs the base: dt.load it into the model and dt.save")
-        return super().write(path)
+    @property
+    def needs_model(self) -> str:  # type: ignore[override]
+        if not self.absolute:
+            return ""
+        return (f"PEFT adapter {self.name!r} stores {self.replaced} that replace the base model's; their change needs "
+                f"the base: load it onto the model first (dt.load, then dt.save; or `deltatune convert --base MODEL_DIR`)")
 
 
 # --- a delta whose tensors need the module sizes --------------------------------------------------------------------
@@ -240,11 +242,21 @@ class SizedDelta(Delta):
         if not isinstance(base, nn.Module):
             raise UnsupportedError(f"PEFT adapter {self.name!r} needs the adapted modules' sizes to place its shared "
                                    f"tensors; pass base= a model (or dt.load it)")
-        return self.for_model(base).update(path, base, with_bias)
+        return self._placed(base).update(path, base, with_bias)
 
-    def write(self, path: str | Path) -> Path:
-        raise UnsupportedError(f"PEFT adapter {self.name!r} needs the adapted modules' sizes to place its shared "
-                               f"tensors; dt.load it into the model and dt.save")
+    def _placed(self, model: nn.Module) -> Delta:
+        """`for_model(model)`, made once per model: `update` is asked per module path, and completing the delta
+        walks every module."""
+        cached = getattr(self, "_placed_on", None)
+        if cached is None or cached[0]() is not model:
+            cached = (weakref.ref(model), self.for_model(model))
+            self._placed_on = cached
+        return cached[1]
+
+    @property
+    def needs_model(self) -> str:  # type: ignore[override]
+        return (f"PEFT adapter {self.name!r} needs the adapted modules' sizes to place its shared tensors; load it onto "
+                f"the model first (dt.load, then dt.save; or `deltatune convert --base MODEL_DIR`)")
 
 
 def shared_tensor(parts: dict[str, tuple[tuple[slice, ...], Tensor]], shape: tuple[int, ...], where: str,
@@ -379,6 +391,18 @@ def task_type(model_class: str | None) -> str | None:
     return None
 
 
+def layer_type(fan_in_fan_out: object) -> str:
+    """The module type peft's `fan_in_fan_out` flag says a file's weights were made for: transformers' Conv1D
+    (weights stored [in, out]) when set, nn.Linear otherwise."""
+    return "Conv1D" if fan_in_fan_out else "Linear"
+
+
+def fan_in_fan_out(delta: Delta, paths: list[str]) -> bool:
+    """peft's `fan_in_fan_out` for the delta's modules at `paths`: whether they are Conv1D (peft then sets it per
+    module as the module's type needs)."""
+    return any(delta.module_types.get(p) == "Conv1D" for p in paths)
+
+
 def module_key(path: str, name: str) -> str:
     """The peft key of tensor `name` of the module at `path`."""
     return f"{PREFIX}{path}.{name}"
@@ -389,9 +413,6 @@ def write_peft(delta: Delta, path: Path) -> Path:
     integrity manifest beside the two files (peft ignores it); the directory is replaced as a whole."""
     path = Path(path)
     check_output(path)  # an unsafe output is refused before any work
-    if isinstance(delta, PeftDelta) and delta.absolute:
-        raise UnsupportedError(f"PEFT adapter {delta.name!r} stores {delta.replaced} that replace the base model's; load "
-                               f"it with dt.load(model, path) and save from the model")
     kind = kind_of_config(delta.config, delta.name)
     whole_cls = whole_module_config()
     flat: dict[str, Tensor] = {}
@@ -402,6 +423,9 @@ def write_peft(delta: Delta, path: Path) -> Path:
             flat.update({f"{kind.prefix}{mpath}.{k}": t for k, t in st.items()})
         else:
             own.append(mpath)
+    if not own:
+        raise UnsupportedError(f"delta {delta.name!r} adapts no module with {delta.config.kind} (only whole modules "
+                               f"kept: {save_paths}); the PEFT format needs at least one")
     tensors, fields = kind.write(delta, own, f"delta {delta.name!r}")
     flat.update(tensors)
     model_class = delta.base.get("model_class")

@@ -14,7 +14,7 @@ from torch import Tensor
 from ...core.errors import CorruptFileError, UnsupportedError
 from ...methods.adalora.adalora import AdaLoRA
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftFile, PeftKind, fan_in_fan_out, layer_type, module_key, register_kind
 
 _EPS = 1e-5  # peft's ranknum + 1e-5
 _KNOWN = frozenset({"r", "lora_alpha", "lora_dropout", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1",
@@ -61,7 +61,7 @@ def read(file: PeftFile) -> Delta:
         state[mpath] = {"P": p, "Lambda": e.reshape(-1).float() * (init_r / (init_r + _EPS)), "Q": q}
     config = file.config(AdaLoRA, targets=tuple(parts) or ("none",), init_r=init_r, target_r=min(target_r, init_r),
                          alpha=float(alpha), rank_pattern=ranks)
-    types = {p: "Conv1D" if file.flag("fan_in_fan_out") else "Linear" for p in parts}
+    types = {p: layer_type(file.flag("fan_in_fan_out")) for p in parts}
     return Delta(file.name(), config, state, types, file.base())
 
 
@@ -76,9 +76,7 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
         flat[module_key(mpath, "lora_B")] = st["P"]
         if r != cfg.init_r:
             pattern[f"{mpath}.lora_E"] = [True] * r + [False] * (cfg.init_r - r)
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
-    conv1d = any(delta.module_types.get(p) == "Conv1D" for p in paths)
+    conv1d = fan_in_fan_out(delta, paths)
     return flat, {"target_modules": paths, "r": cfg.init_r, "init_r": cfg.init_r, "target_r": cfg.target_r,
                   "lora_alpha": cfg.alpha, "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT,
                   "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,

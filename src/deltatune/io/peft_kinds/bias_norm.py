@@ -42,8 +42,6 @@ def write_beft(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Te
             raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's BEFT adds "
                                    f"biases to nn.Linear modules only")
         flat[module_key(mpath, "beft_bias")] = delta.state[mpath]["bias"].reshape(1, -1)
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
     return flat, {"target_modules": paths, "init_weights": True}
 
 
@@ -72,10 +70,8 @@ def write_ln(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tens
         weight, bias = lookup(mpath)
         st = delta.state[mpath]
         flat[module_key(mpath, "ln_tuning_layers.weight")] = weight.float() + st["delta"].float()
-        if bias is not None:
-            flat[module_key(mpath, "ln_tuning_layers.bias")] = bias.float() + st.get("bias", 0.0)
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
+        if bias is not None and "bias" in st:  # LNTuning(bias=False) tunes no β: peft's copy keeps the base's
+            flat[module_key(mpath, "ln_tuning_layers.bias")] = bias.float() + st["bias"].float()
     return flat, {"target_modules": paths}
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from torch import Tensor
 
-from ...core.errors import CorruptFileError, UnsupportedError
+from ...core.errors import CorruptFileError
 from ...methods.ia3 import IA3
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftFile, PeftKind, fan_in_fan_out, layer_type, module_key, register_kind
 
 _KNOWN = frozenset({"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"})
 
@@ -26,7 +26,7 @@ def read(file: PeftFile) -> Delta:
         if l.shape[0] == 1 and l.shape[1] != 1 or (l.shape == (1, 1) and file.selects("feedforward_modules", mpath)):
             ff.append(mpath)
         state[mpath] = {"ia3_l": l.reshape(-1)}
-        types[mpath] = "Conv1D" if file.flag("fan_in_fan_out") else "Linear"
+        types[mpath] = layer_type(file.flag("fan_in_fan_out"))
     config = file.config(IA3, targets=tuple(parts) or ("none",), feedforward=tuple(ff) or None)
     return Delta(file.name(), config, state, types, file.base())
 
@@ -40,9 +40,7 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
             flat[module_key(mpath, "ia3_l")] = l.reshape(1, -1)
         else:
             flat[module_key(mpath, "ia3_l")] = l.reshape(-1, 1)
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
-    conv1d = any(delta.module_types.get(p) == "Conv1D" for p in paths)
+    conv1d = fan_in_fan_out(delta, paths)
     return flat, {"target_modules": paths, "feedforward_modules": ff, "fan_in_fan_out": conv1d, "init_ia3_weights": True}
 
 

@@ -38,7 +38,7 @@ from ...core.targeting import pattern_value
 from ...methods.full import Full
 from ...methods.lora.lora import LoRA
 from ..delta import Delta
-from ..peft import PeftDelta, PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftDelta, PeftFile, PeftKind, fan_in_fan_out, layer_type, module_key, register_kind
 from ..peft.codec import check_fields
 
 _SUFFIXES = {
@@ -213,7 +213,7 @@ def read(file: PeftFile) -> Delta:
         if bias is not None:
             st["bias"] = file.shape(bias, (b.shape[0],), "bias", mpath)
         state[mpath] = st
-        types[mpath] = "Embedding" if embedding else ("Conv1D" if cfg.get("fan_in_fan_out") else "Linear")
+        types[mpath] = "Embedding" if embedding else layer_type(cfg.get("fan_in_fan_out"))
     return LoRAPeftDelta(file.name(), config, state, types, file.base(), absolute=absolute_paths)
 
 
@@ -233,7 +233,7 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
     cfg = delta.config
     flat: dict[str, Tensor] = {}
     values: dict[str, tuple[int, float]] = {}
-    conv1d, lora_bias = False, False
+    lora_bias = False
     for mpath in paths:
         st, local = delta.state[mpath], cfg.for_module(mpath)
         mtype = delta.module_types.get(mpath)
@@ -246,7 +246,6 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
         r = int(a.shape[0])
         alpha = local.alpha if r == local.r else local.scale * (math.sqrt(r) if cfg.rslora else r)
         values[mpath] = (r, float(alpha))
-        conv1d |= mtype == "Conv1D"
         if mtype == "Embedding":
             flat[module_key(mpath, "lora_embedding_A")] = a
             flat[module_key(mpath, "lora_embedding_B")] = b
@@ -261,8 +260,6 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
                                        f"into DoRA's weight norm); save it with format='native'")
             lora_bias = True
             flat[module_key(mpath, "lora_B.bias")] = st["bias"] / local.scale  # PEFT adds s · lora_B.bias
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module with LoRA; the PEFT format needs at least one")
     if lora_bias:  # PEFT then gives every targeted module a lora_B.bias; zeros where ours has none
         for mpath in paths:
             key = module_key(mpath, "lora_B.bias")
@@ -276,7 +273,7 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
     return flat, {
         "r": r0, "lora_alpha": alpha0, "target_modules": paths, "rank_pattern": ranks, "alpha_pattern": alphas,
         "use_rslora": cfg.rslora, "use_dora": cfg.dora, "lora_dropout": cfg.dropout, "bias": "none",
-        "lora_bias": lora_bias, "fan_in_fan_out": conv1d, "init_lora_weights": True,
+        "lora_bias": lora_bias, "fan_in_fan_out": fan_in_fan_out(delta, paths), "init_lora_weights": True,
     }
 
 

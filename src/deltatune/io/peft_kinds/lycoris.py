@@ -46,8 +46,6 @@ def _write(names: dict[str, str], extra: Any) -> Any:
                 raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's "
                                        f"{delta.config.kind} adapts nn.Linear modules only")
             flat.update({module_key(mpath, names[k]): t for k, t in delta.state[mpath].items()})
-        if not paths:
-            raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
         cfg = delta.config
         return flat, {"target_modules": paths, "r": cfg.r, "alpha": cfg.alpha, "rank_pattern": {}, "alpha_pattern": {},
                       "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True, **extra(cfg)}

@@ -38,8 +38,6 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
             raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's Poly adapts "
                                    f"nn.Linear modules only")
         flat.update({module_key(mpath, _NAMES[k]): t for k, t in delta.state[mpath].items()})
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
     cfg = delta.config
     return flat, {"target_modules": paths, "r": cfg.r, "n_tasks": cfg.n_tasks, "n_skills": cfg.n_skills,
                   "n_splits": cfg.n_splits, "poly_type": "poly", "init_weights": True}

@@ -65,6 +65,12 @@ class PrefixFileDelta(Delta):
 
     heads: int = 0
 
+    @property
+    def needs_model(self) -> str:  # type: ignore[override]
+        return (f"PEFT prefix adapter {self.name!r}: its prefixes are placed on the model's self-attention modules and "
+                f"converted to its positions by its rotary embedding; load it onto the model first (dt.load, then "
+                f"dt.save; or `deltatune convert --base MODEL_DIR`)")
+
     def for_model(self, model: nn.Module) -> Delta:
         paths = attention_paths(model)
         t = self.state[PLACE][KEY]

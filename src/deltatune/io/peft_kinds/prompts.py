@@ -26,6 +26,11 @@ _KNOWN = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodul
 class PlacedDelta(Delta):
     """A delta read from a file that names no module: `places[key] -> how to find its path on a model`."""
 
+    @property
+    def needs_model(self) -> str:  # type: ignore[override]
+        return (f"PEFT prompt adapter {self.name!r} names no module: its tokens go on the model's input embeddings; "
+                f"load it onto the model first (dt.load, then dt.save; or `deltatune convert --base MODEL_DIR`)")
+
     def for_model(self, model: nn.Module) -> Delta:
         get = getattr(model, "get_input_embeddings", None)
         emb = get() if callable(get) else None

@@ -29,7 +29,7 @@ from ...core.errors import CorruptFileError, UnsupportedError
 from ...methods.vera.randlora import RandLoRA, n_bases, randlora_bases
 from ...methods.vera.vera import VeRA, vera_projections
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, SizedDelta, module_key, register_kind, shared_tensor
+from ..peft import PeftFile, PeftKind, SizedDelta, fan_in_fan_out, layer_type, module_key, register_kind, shared_tensor
 
 _COMMON = frozenset({"r", "projection_prng_key", "save_projection", "fan_in_fan_out", "bias", "init_weights"})
 
@@ -45,7 +45,7 @@ def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
 
 
 def _types(file: PeftFile, paths: Any) -> dict[str, str]:
-    return {p: "Conv1D" if file.flag("fan_in_fan_out") else "Linear" for p in paths}
+    return {p: layer_type(file.flag("fan_in_fan_out")) for p in paths}
 
 
 # --- VeRA -------------------------------------------------------------------------------------------------------
@@ -101,8 +101,6 @@ def read_vera(file: PeftFile) -> Delta:
 
 def write_vera(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     cfg: VeRA = delta.config  # type: ignore[assignment]
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
     flat, a_parts, b_parts = {}, {}, {}
     for mpath in paths:
         st = delta.state[mpath]
@@ -114,7 +112,7 @@ def write_vera(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Te
     sizes = [tuple(int(v) for v in delta.state[p]["shape"]) for p in paths]
     flat["base_model.vera_A"] = shared_tensor(a_parts, (cfg.r, max(s[1] for s in sizes)), where, "VeRA projections A")
     flat["base_model.vera_B"] = shared_tensor(b_parts, (max(s[0] for s in sizes), cfg.r), where, "VeRA projections B")
-    conv1d = any(delta.module_types.get(p) == "Conv1D" for p in paths)
+    conv1d = fan_in_fan_out(delta, paths)
     return flat, {"target_modules": paths, "r": cfg.r, "d_initial": cfg.d_initial, "save_projection": True,
                   "projection_prng_key": 0, "vera_dropout": 0.0, "fan_in_fan_out": conv1d, "bias": "none",
                   "init_weights": True}
@@ -176,8 +174,6 @@ def read_randlora(file: PeftFile) -> Delta:
 
 def write_randlora(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     cfg: RandLoRA = delta.config  # type: ignore[assignment]
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
     flat, a_parts, b_parts, dims = {}, {}, {}, []
     for mpath in paths:
         st = delta.state[mpath]
@@ -199,7 +195,7 @@ def write_randlora(delta: Delta, paths: list[str], where: str) -> tuple[dict[str
                                    f"these float32 bases {what}; only bases those types hold exactly (e.g. ones read "
                                    f"from a peft file) have a PEFT form")
     flat["base_model.randlora_A"], flat["base_model.randlora_B"] = a_sh, b_sh
-    conv1d = any(delta.module_types.get(p) == "Conv1D" for p in paths)
+    conv1d = fan_in_fan_out(delta, paths)
     return flat, {"target_modules": paths, "r": cfg.r, "randlora_alpha": cfg.alpha, "save_projection": True,
                   "projection_prng_key": 0, "randlora_dropout": 0.0, "fan_in_fan_out": conv1d, "bias": "none",
                   "init_weights": True, "sparse": False, "very_sparse": False}

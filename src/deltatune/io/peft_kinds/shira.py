@@ -91,8 +91,6 @@ def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor]
         idx = st["index"].to(torch.int64)
         flat[module_key(mpath, "shira_indices")] = torch.stack([idx // d_in, idx % d_in])
         flat[module_key(mpath, "shira_weight")] = st["values"]
-    if not paths:
-        raise UnsupportedError(f"{where} adapts no module; the PEFT format needs at least one")
     return flat, {"target_modules": paths, "r": r, "mask_type": "random", "random_seed": None, "fan_in_fan_out": False,
                   "init_weights": True}
 
