@@ -72,9 +72,8 @@ def test_restore_makes_the_file_concrete_for_the_model(tmp_path, monkeypatch):
                                                      for p, st in self.state.items()},
                             self.module_types, self.base)
 
-    doubled = Relative(native.name, native.config,
-                       {p: {k: (t * 2 if k == "lora_B" else t) for k, t in st.items()} for p, st in native.state.items()},
-                       native.module_types, native.base)
+    state = {p: {k: (t * 2 if k == "lora_B" else t) for k, t in st.items()} for p, st in native.state.items()}
+    doubled = Relative(native.name, native.config, state, native.module_types, native.base)
     monkeypatch.setattr(files.Delta, "read", staticmethod(lambda path: doubled))
     m = _target()
     restore(m, tmp_path / "r4", "l")
