@@ -343,3 +343,67 @@ def test_trainer_callback_checkpoints_deltas_and_resume_equals_an_uninterrupted_
     with pytest.raises(dt.errors.DeltaNotFoundError, match="checkpoint-3"):
         _trainer(again, tmp_path / "run", 6, [dt.DeltaCallback()]).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+
+def test_load_best_model_at_end_takes_the_best_checkpoints_deltas(tmp_path):
+    """load_best_model_at_end with eval_loss and greater_is_better=True: the best checkpoint is the first (the loss
+    falls), not the last; the Trainer reloads its base, DeltaCallback its deltas, so the final model is that
+    checkpoint's model."""
+    m = tiny_llama()
+    dt.attach(m, dt.LoRA(r=4, alpha=8), "d")
+    gen = torch.Generator().manual_seed(1)
+    seqs = torch.randint(3, VOCAB, (8, 16), generator=gen)
+    data = [{"input_ids": s, "labels": s, "attention_mask": torch.ones_like(s)} for s in seqs]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, learning_rate=1e-2,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="steps",
+                             save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True, disable_tqdm=True, seed=0,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=m, args=args, train_dataset=data * 4, eval_dataset=data, callbacks=[dt.DeltaCallback()])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2"), best
+    last = dt.Delta.read(tmp_path / "run" / "checkpoint-6" / "deltatune" / "d")
+    want = dt.Delta.read(tmp_path / "run" / "checkpoint-2" / "deltatune" / "d")
+    got = pieces(m, "d")
+    assert want.state.keys() == got.keys()
+    for p, piece in got.items():
+        for k, t in want.state[p].items():
+            assert torch.equal(piece.state_dict()[k], t), (p, k)
+    q = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(last.state[q]["lora_B"], want.state[q]["lora_B"])  # the last step's delta differs
+
+
+def test_a_failed_training_leaves_the_save_pretrained_warning_on(tmp_path, caplog):
+    """The warning is silenced only inside the Trainer's checkpoint saves: after a run that raises, a plain
+    save_pretrained warns again."""
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise RuntimeError("boom")
+
+    m = tiny_llama()
+    dt.attach(m, dt.LoRA(r=4), "d")
+    with caplog.at_level("WARNING", logger="deltatune"), pytest.raises(RuntimeError, match="boom"):
+        _trainer(m, tmp_path / "run", 6, [dt.DeltaCallback(), Boom()]).train()
+    assert (tmp_path / "run" / "checkpoint-3" / "deltatune" / "d").is_dir()
+    assert not [r for r in caplog.records if r.name == "deltatune"]  # the checkpoint save at step 3: silent
+    with caplog.at_level("WARNING", logger="deltatune"):
+        m.save_pretrained(tmp_path / "after")
+    assert len([r for r in caplog.records if r.name == "deltatune"]) == 1
+
+
+def test_callback_refuses_names_not_attached_and_hyperparameter_search(tmp_path):
+    from types import SimpleNamespace
+
+    m = tiny_llama()
+    dt.attach(m, dt.LoRA(r=4), "d")
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=0)
+    with pytest.raises(dt.errors.DeltaNameError, match=r"\['nope'\].*attached: \['d'\]"):
+        dt.DeltaCallback(names=["d", "nope"]).on_train_begin(args, state, None, model=m)
+    trial = SimpleNamespace(global_step=0, is_hyper_param_search=True)
+    with pytest.raises(dt.errors.UnsupportedError, match="hyperparameter_search"):
+        dt.DeltaCallback().on_train_begin(args, trial, None, model=m)
+    dt.DeltaCallback(save=False).on_train_begin(args, trial, None, model=m)  # nothing written: allowed

@@ -196,3 +196,25 @@ def test_eval_with_a_delta_that_saves_the_head_shows_no_load_report(tmp_path, re
     assert out["examples"] == 4 and not [m for m in reports.messages if "LOAD REPORT" in m]
     run_eval(str(enc), str(data), None)
     assert [m for m in reports.messages if "LOAD REPORT" in m and "classifier.weight" in m]
+
+
+def test_held_load_reports_hold_only_this_threads_records(reports):
+    """The filter sits on the process-wide transformers logger: a load report another thread logs meanwhile is
+    shown at once, one of this thread is held until released."""
+    import threading
+
+    from torch import nn
+
+    from deltatune.zoo.load_report import held_load_reports
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    with held_load_reports() as held:
+        other = threading.Thread(target=lambda: logger.warning("Other LOAD REPORT from: elsewhere"))
+        other.start()
+        other.join()
+        logger.warning("Mine LOAD REPORT from: here")
+        assert [m for m in reports.messages if "LOAD REPORT" in m] == ["Other LOAD REPORT from: elsewhere"]
+    assert [r.getMessage() for r in held.records] == ["Mine LOAD REPORT from: here"]
+    held.release(nn.Linear(1, 1))
+    assert [m for m in reports.messages if "LOAD REPORT" in m] == ["Other LOAD REPORT from: elsewhere",
+                                                                     "Mine LOAD REPORT from: here"]

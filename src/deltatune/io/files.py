@@ -104,20 +104,27 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, *, trainab
 def restore(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
     """Put a saved delta's tensors into the delta of that name already attached to `model`, in place: the pieces
     keep their Parameter objects, so an optimizer holding them goes on (resuming training). The file must cover
-    exactly the modules the attached delta adapts."""
+    exactly the modules the attached delta adapts, with the tensors the attached pieces keep (same entries, shapes and
+    kind of values); every module is checked before any tensor is copied, so a refused file changes nothing."""
     delta = Delta.read(path)
     name = name or delta.name
     st = state_of(model)
     if st is None or name not in st.deltas:
         raise DeltaNotFoundError(f"cannot restore {str(path)!r} into delta {name!r}: no delta of that name is attached "
                                  f"(attached: {sorted(st.deltas) if st else []}); dt.load attaches a new one")
+    delta = delta.for_model(model)  # concrete module paths first, as dt.load does
     paths = st.deltas[name].paths
     if sorted(delta.state) != sorted(paths):
         raise ShapeMismatchError(f"cannot restore {str(path)!r} into delta {name!r}: the file adapts "
                                  f"{len(delta.state)} module(s), the attached delta {len(paths)} (e.g. "
                                  f"{sorted(set(delta.state) ^ set(paths))[:3]})")
     modules = dict(model.named_modules())
+    checked = []
+    for p, state in delta.state.items():
+        piece = slot_of(modules[p])[name]
+        checked.append((piece, fitted_state(repr(name), p, piece, state)))
     with torch.no_grad():
-        for p, state in delta.state.items():
-            slot_of(modules[p])[name].load_state_dict(state)
+        for piece, saved in checked:
+            own = piece.state_dict()
+            piece.load_state_dict({k: t.to(own[k].dtype) for k, t in saved.items()})
     return model

@@ -9,7 +9,7 @@ drops delta keys, a warning on the `deltatune` logger names the deltas and says 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -22,16 +22,17 @@ ATTR = "_keys_to_ignore_on_save"
 
 class DeltaKeys(set):
     """A model's `_keys_to_ignore_on_save` while deltas are attached: its own keys (`own`) and the deltas' keys.
-    transformers' `save_pretrained` loops over it to drop those keys; that loop logs the warning unless `quiet`
-    (set while something else saves the deltas, e.g. `DeltaCallback` in a Trainer)."""
+    transformers' `save_pretrained` loops over it to drop those keys; that loop logs the warning unless `quiet` is
+    True or, when it is a function, returns True at that moment (e.g. `DeltaCallback`: "a Trainer checkpoint is being
+    written", whose deltas the callback saves)."""
 
     def __init__(self, keys: Iterable[str] = (), own: Iterable[str] = (), names: Iterable[str] = (),
-                 quiet: bool = False) -> None:
+                 quiet: bool | Callable[[], bool] = False) -> None:
         super().__init__(keys)
         self.own, self.names, self.quiet = frozenset(own), tuple(names), quiet
 
     def __iter__(self) -> Iterator[str]:
-        if self.names and not self.quiet:
+        if self.names and not (self.quiet() if callable(self.quiet) else self.quiet):
             log.warning("save_pretrained writes the base model only: the attached deltas %s are not saved with it "
                         "(deltas merged with dt.merge are in the weights). Save them with dt.save(model, DIR, name) "
                         "(in a transformers Trainer: callbacks=[dt.DeltaCallback()]) and restore the model with "
@@ -39,7 +40,8 @@ class DeltaKeys(set):
         return super().__iter__()
 
     def __reduce__(self):  # copy / deepcopy / pickle without iterating in Python (which would warn)
-        return type(self), (frozenset(self), self.own, self.names, self.quiet)
+        quiet = self.quiet if isinstance(self.quiet, bool) else False  # a copy is not the model a Trainer saves
+        return type(self), (frozenset(self), self.own, self.names, quiet)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -63,9 +65,9 @@ def sync_save_keys(model: nn.Module) -> None:
     setattr(model, ATTR, DeltaKeys([*own, *keys], own, names, quiet))
 
 
-def quiet_save_warning(model: nn.Module, quiet: bool = True) -> None:
+def quiet_save_warning(model: nn.Module, quiet: bool | Callable[[], bool] = True) -> None:
     """Silence (or restore) the warning of `save_pretrained` about unsaved deltas, while the deltas are saved
-    another way."""
+    another way: `quiet` is a bool, or a function asked at each save (silent when it returns True)."""
     keys = getattr(model, ATTR, None)
     if isinstance(keys, DeltaKeys):
         keys.quiet = quiet

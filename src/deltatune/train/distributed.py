@@ -56,7 +56,7 @@ class Dist:
     def barrier(self) -> None:
         if not self.enabled:
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and tdist.get_backend() == "nccl":  # device_ids only mean something to NCCL
             tdist.barrier(device_ids=[self.device.index])
         else:
             tdist.barrier()

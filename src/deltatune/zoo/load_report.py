@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Iterator
 
 from torch import nn
@@ -25,14 +26,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class HeldReports(logging.Filter):
-    """Keeps the load reports logged while active; `release` shows or drops them."""
+    """Keeps the load reports logged while active by the thread that made it (other threads' records pass);
+    `release` shows or drops them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: list[logging.LogRecord] = []
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if MARK in str(record.msg):
+        if record.thread == self.thread and MARK in str(record.msg):
             self.records.append(record)
             return False
         return True
@@ -76,8 +79,8 @@ def _inside(key: str, modules: set[str]) -> bool:
 
 @contextlib.contextmanager
 def held_load_reports() -> Iterator[HeldReports]:
-    """Hold transformers' load reports logged inside the block; call `.release(model, provided)` after it (reports
-    still held when the block raises are shown)."""
+    """Hold transformers' load reports logged inside the block by this thread (another thread's loads log as
+    usual); call `.release(model, provided)` after it (reports still held when the block raises are shown)."""
     held = HeldReports()
     logger = logging.getLogger(LOGGER)
     logger.addFilter(held)
