@@ -12,6 +12,7 @@ import typer
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
 from .serve import keys_app, serve_command
+from .sweep import sweep_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
@@ -203,6 +204,7 @@ def merge_cmd(
 
 
 app.command("serve")(serve_command)
+app.command("sweep")(sweep_command)
 app.add_typer(keys_app, name="keys")
 
 
