@@ -88,19 +88,28 @@ def losses(result) -> list[float]:
 
 
 def same_start(base: nn.Module, tok: Any, splits: Any, out: Path, r: int = 8, alpha: float = 16,
-               dropout: float = 0.0, **options: Any) -> dict[str, Any]:
-    """Train peft's LoRA and deltatune's LoRA from identical weights; per-step losses and test metrics of both."""
+               dropout: float = 0.0, sides: tuple[str, ...] = ("deltatune", "peft"), **options: Any) -> dict[str, Any]:
+    """Train peft's LoRA and deltatune's LoRA from identical weights; per-step losses and test metrics of both.
+    `sides` trains only some of them (the start is the same in every process: peft's init is drawn first, from the
+    RNG state the caller set), so the two can run side by side and be compared with `compare`."""
     theirs = peft_lora(copy.deepcopy(base), r, alpha, dropout)
     ours = our_lora(copy.deepcopy(base), r, alpha, dropout)
     copied = copy_peft_start(theirs, ours)
-    res = {}
+    res: dict[str, Any] = {"modules_copied": copied, "dropout": dropout}
     for name, model in (("deltatune", ours), ("peft", theirs)):
+        if name not in sides:
+            continue
         t0 = time.perf_counter()
         result = train_quietly(model, tok, splits, out / name, **options)
         res[name] = {"losses": losses(result), "wall_s": time.perf_counter() - t0,
                      **{k[5:]: v for k, v in result.metrics.items() if k.startswith("test_") and k != "test_confusion"}}
+    return compare(res) if len(sides) == 2 else res
+
+
+def compare(res: dict[str, Any]) -> dict[str, Any]:
+    """`res` with the steps both sides logged and the largest gap between their per-step losses."""
     gap = [abs(a - b) for a, b in zip(res["deltatune"]["losses"], res["peft"]["losses"])]
-    return {"modules_copied": copied, "steps": len(gap), "max_loss_gap": max(gap), "dropout": dropout, **res}
+    return {**res, "steps": len(gap), "max_loss_gap": max(gap)}
 
 
 def _load(data: str, seed: int):
@@ -147,6 +156,9 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0 for the same start, 0.05 with --seeds)")
     ap.add_argument("--seeds", help="comma-separated seeds: each library with its own init, dropout on")
     ap.add_argument("--out", type=Path, required=True, help="JSON file of the results (kept between --seeds runs)")
+    ap.add_argument("--side", choices=("deltatune", "peft"), help="same start: train only this side (OUT.SIDE.json); "
+                    "run both sides side by side, then --combine")
+    ap.add_argument("--combine", action="store_true", help="same start: OUT from OUT.deltatune.json and OUT.peft.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: library:seed, one run, JSON on stdout
     args = ap.parse_args()
     options = {"epochs": args.epochs, "max_steps": args.max_steps, "max_length": args.max_length, "lr": args.lr}
@@ -158,10 +170,21 @@ def main() -> None:
         print("RUN " + json.dumps(res))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        parts = [json.loads(args.out.with_suffix(f".{side}.json").read_text()) for side in ("deltatune", "peft")]
+        res = compare({**parts[0], "peft": parts[1]["peft"]})
+        args.out.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res.items() if k not in ("deltatune", "peft")}))
+        return
     if not args.seeds:
         model, tok, splits = _load(args.data, 0)
-        res = same_start(model, tok, splits, runs_dir / args.data, dropout=args.dropout or 0.0, **options)
-        args.out.write_text(json.dumps({"data": args.data, **options, **res}, indent=1))
+        sides = (args.side,) if args.side else ("deltatune", "peft")
+        res = same_start(model, tok, splits, runs_dir / args.data, dropout=args.dropout or 0.0, sides=sides, **options)
+        res = {"data": args.data, **options, **res}
+        if args.side:
+            args.out.with_suffix(f".{args.side}.json").write_text(json.dumps(res, indent=1))
+            return
+        args.out.write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k not in ("deltatune", "peft")}))
         for lib in ("deltatune", "peft"):
             print(lib, {k: v for k, v in res[lib].items() if k != "losses"})
