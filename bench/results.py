@@ -161,7 +161,8 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md"
-COST = "about 12 minutes of CPU per R8 row and seed, 4 per BBC row and seed: the main rows × 3 seeds take about 1.5 hours on 2 idle cores"
+COST = ("the six main rows took 2,313 CPU-seconds for one seed (their CPU time column), so 3 seeds are about 7,000 "
+        "CPU-seconds: an hour with `--jobs 2` on two idle cores; every row (`--all`) is about 3 hours per seed")
 
 
 def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
@@ -388,7 +389,10 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
     others = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k"]
     head = lines[-2:]
     del lines[-2:]
-    lines += ["### The main rows (several seeds)", "", *head]
+    lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's, run with `--seeds`)", "",
+              "`1 seed` marks a row whose other seeds were not measured yet (listed at the end); its one value "
+              "cannot separate methods closer than the spread between seeds, which on R8 can be several points.", "",
+              *head]
     for r in chosen:
         lines.append(_cls_line(r))
     lines += ["", "### Every other method (1 seed each, measured before seeds were added; compare with the spread "
@@ -398,8 +402,8 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
               "not yet learned by any method here, hence the low macro-F1 beside the accuracy."]
     if missing:
-        lines += ["", f"(row, seed) pairs not yet measured (the run was cut short; the same command again adds "
-                      f"them to the ones kept in bench/results_rows.json): "
+        lines += ["", f"(row, seed) pairs not yet measured (the regeneration command adds them to the ones kept in "
+                      f"bench/results_rows.json and keeps those): "
                       f"{', '.join(missing)}."]
     gsm = [r for r in rows if r["data"] == "gsm8k"]
     if gsm:
@@ -437,6 +441,8 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="write the markdown table here")
     ap.add_argument("--store", type=Path, default=STORE, help="the JSON file measured (row, seed) results are kept in; "
                     "pairs already there are not run again")
+    ap.add_argument("--render-only", action="store_true", help="write the table from the store, run nothing (the "
+                    "(row, seed) pairs asked for and not stored are listed as not measured)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row@seed, print JSON
     args = ap.parse_args()
     if args.one:
@@ -461,6 +467,11 @@ def main() -> None:
             raise RuntimeError(f"row {row} seed {seed} failed:\n{proc.stderr[-4000:]}")
         return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
 
+    if args.render_only:
+        if args.write:
+            write_section(args.write, "results", table())
+        print(table())
+        return
     print(f"{len(todo)} (row, seed) runs to do, {args.jobs} at a time: {todo}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for (row, seed), res in zip(todo, pool.map(one, todo)):

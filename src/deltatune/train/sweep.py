@@ -366,8 +366,8 @@ def _worker(config_path: str) -> None:
     options = read_json(path, "run config", ConfigError)
     t0 = time.perf_counter()
     result = train(options)
-    metrics = {k: v for k, v in result.metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("steps", "best_step")
+               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     losses = [r["loss"] for r in result.history if "loss" in r]
     if losses:
         metrics["train_loss"] = losses[-1]
