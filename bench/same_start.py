@@ -9,7 +9,7 @@ curves must agree up to float rounding and their test metrics must be equal.
 seeds and reports the mean ± standard error of each side's test metrics.
 
     .venv/bin/python bench/same_start.py --data r8 --epochs 1 --out runs/same_start/r8.json       # same start
-    .venv/bin/python bench/same_start.py --data r8 --seeds 0,1,2,3,4 --max-steps 60 --out runs/same_start/seeds.json
+    .venv/bin/python bench/same_start.py --data r8 --seeds 0,1,2,3,4 --jobs 2 --out runs/same_start/seeds.json
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +123,16 @@ def _load(data: str, seed: int):
     return model, tok, splits
 
 
-def own_init_run(data: str, library: str, seed: int, dropout: float, out: Path, **options: Any) -> dict[str, Any]:
-    """One library's LoRA as a results row runs it: its own initialisation from `seed`, LoRA dropout `dropout`."""
+def own_init_run(data: str, library: str, seed: int, dropout: float, out: Path, test_examples: int | None = None,
+                 **options: Any) -> dict[str, Any]:
+    """One library's LoRA as a results row runs it: its own initialisation from `seed`, LoRA dropout `dropout`
+    (tested on `test_examples` of the test split, stratified, the same ones for every run)."""
+    import dataclasses
+
+    from deltatune.train.data import subset
+
     model, tok, splits = _load(data, seed)
+    splits = dataclasses.replace(splits, test=subset(splits.test, test_examples, 0))
     torch.manual_seed(seed)  # the same RNG state at adaptation for both libraries
     (peft_lora if library == "peft" else our_lora)(model, 8, 16, dropout)
     result = train_quietly(model, tok, splits, out, seed=seed, **options)
@@ -156,6 +165,8 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0 for the same start, 0.05 with --seeds)")
     ap.add_argument("--seeds", help="comma-separated seeds: each library with its own init, dropout on")
     ap.add_argument("--out", type=Path, required=True, help="JSON file of the results (kept between --seeds runs)")
+    ap.add_argument("--test-examples", type=int, help="--seeds: test on this many test examples (stratified)")
+    ap.add_argument("--jobs", type=int, default=1, help="--seeds: runs at a time (one thread each)")
     ap.add_argument("--side", choices=("deltatune", "peft"), help="same start: train only this side (OUT.SIDE.json); "
                     "run both sides side by side, then --combine")
     ap.add_argument("--combine", action="store_true", help="same start: OUT from OUT.deltatune.json and OUT.peft.json")
@@ -166,7 +177,7 @@ def main() -> None:
     if args.one:
         lib, seed = args.one.split(":")
         res = own_init_run(args.data, lib, int(seed), 0.05 if args.dropout is None else args.dropout,
-                           runs_dir / f"{args.data}-{lib}-{seed}", **options)
+                           runs_dir / f"{args.data}-{lib}-{seed}", args.test_examples, **options)
         print("RUN " + json.dumps(res))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,21 +202,27 @@ def main() -> None:
         return
     store = json.loads(args.out.read_text()) if args.out.exists() else {"data": args.data, **options, "runs": []}
     have = {(r["library"], r["seed"]) for r in store["runs"]}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for lib in ("deltatune", "peft"):
-            if (lib, seed) in have:
-                continue
-            cmd = [sys.executable, __file__, "--one", f"{lib}:{seed}", "--data", args.data, "--epochs", str(args.epochs),
-                   "--max-length", str(args.max_length), "--lr", str(args.lr), "--out", str(args.out)]
-            cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-            cmd += ["--dropout", str(args.dropout)] if args.dropout is not None else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{lib} seed {seed} failed:\n{proc.stderr[-3000:]}")
-            run = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RUN "))[4:])
+    todo = [(lib, int(seed)) for seed in args.seeds.split(",") for lib in ("deltatune", "peft")
+            if (lib, int(seed)) not in have]
+
+    def one(pair: tuple[str, int]) -> dict[str, Any]:
+        lib, seed = pair
+        cmd = [sys.executable, __file__, "--one", f"{lib}:{seed}", "--data", args.data, "--epochs", str(args.epochs),
+               "--max-length", str(args.max_length), "--lr", str(args.lr), "--out", str(args.out)]
+        cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+        cmd += ["--dropout", str(args.dropout)] if args.dropout is not None else []
+        cmd += ["--test-examples", str(args.test_examples)] if args.test_examples else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{lib} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RUN "))[4:])
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for run in pool.map(one, todo):
             print(json.dumps(run), flush=True)
             store["runs"].append(run)
-            store["summary"] = seeds_summary(store["runs"])
+            if {r["library"] for r in store["runs"]} == {"deltatune", "peft"}:
+                store["summary"] = seeds_summary(store["runs"])
             args.out.write_text(json.dumps(store, indent=1))
     print(json.dumps(store.get("summary"), indent=1))
 
