@@ -256,8 +256,8 @@ def render(by_seed: dict) -> str:
     res = by_seed[seeds[0]]
     own, together, merged, trained = res["own"], res["together"], res["merged"], res["trained"]
     lines = ["## Several tasks on one encoder: interference and merging (bench/multitask.py)", "",
-             "Regenerate: `.venv/bin/python bench/multitask.py --write docs/results.md` (trains what runs/multitask "
-             "lacks). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
+             f"Regenerate: `.venv/bin/python bench/multitask.py --seeds {','.join(map(str, seeds))} --write docs/results.md` "
+             "(trains what runs/multitask lacks; `--seeds 0,1,2` gives every cell as mean ± std over three seeds). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
              f"{STEPS} steps × batch {BATCH}, max {MAX_LEN} tokens, AdamW with 6% warmup and linear decay, "
              + (f"seed {seeds[0]} (1 seed: differences of a point or two are within seed noise). " if len(seeds) == 1
                 else f"seeds {', '.join(map(str, seeds))}: cells are mean ± sample standard deviation over them. ") +
