@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quant.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
-	$(BIN)/python bench/results.py --resume --write docs/results.md
+	RESULTS_THREADS=1 $(BIN)/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
 	$(BIN)/python bench/multitask.py --write docs/results.md
 
 clean:

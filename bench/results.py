@@ -160,7 +160,7 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
 # the rows run with several seeds (issue 19): full fine-tuning and LoRA, ours and peft's, on both datasets
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
 STORE = ROOT / "bench" / "results_rows.json"
-COMMAND = "RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md"
+COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
 COST = ("the six main rows took 2,313 CPU-seconds for one seed (their CPU time column), so 3 seeds are about 7,000 "
         "CPU-seconds: an hour with `--jobs 2` on two idle cores; every row (`--all`) is about 3 hours per seed")
 
@@ -338,7 +338,8 @@ def _seeds(r: dict) -> str:
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    lines = [f"Regenerate: `{command}` (every row × seed in its own process, `--jobs 2` of them at a time with one thread "
+    lines = [f"Regenerate: `{command}` (`RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 "
+             "--write docs/results.md`, then bench/multitask.py: every row × seed in its own process, `--jobs 2` of them at a time with one thread "
              f"each; {COST}). `--rows` picks rows, `--seeds 0,1,2` the seeds; each (row, seed) measured is kept with its "
              "own values in bench/results_rows.json, and a row's cells are the mean ± sample standard deviation over "
              "its seeds (one value where the seeds column says `1 seed`).", "",
