@@ -43,7 +43,7 @@ bench: $(STAMP)
 
 results: $(ZOO_STAMP)
 	RESULTS_THREADS=1 $(BIN)/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
-	$(BIN)/python bench/multitask.py --write docs/results.md
+	$(BIN)/python bench/multitask.py --seeds 0,1,2 --write docs/results.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
