@@ -42,8 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/quant.py --write docs/benchmarks.md
 
 results: $(ZOO_STAMP)
-	$(BIN)/python bench/results.py --resume --write docs/results.md
-	$(BIN)/python bench/multitask.py --write docs/results.md
+	RESULTS_THREADS=1 $(BIN)/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
+	$(BIN)/python bench/multitask.py --seeds 0,1,2 --write docs/results.md
 
 # AdapterHub's `adapters` (the oracle of tests/test_adapterhub.py) pins another transformers, so it lives in its own
 # venv, never in .venv; the committed fixtures are made with it and the default test run only reads them.

@@ -9,7 +9,8 @@ MiniLM-L6 gets one delta per task (BBC, R8, 20NG, SpamAssassin), each with its o
 
 Accuracies are reported relative to each task's own delta alone. Every training run is its own subprocess.
 
-    .venv/bin/python bench/multitask.py --write docs/results.md     # trains what runs/multitask lacks
+    .venv/bin/python bench/multitask.py --write docs/results.md                 # seed 0; trains what runs/multitask lacks
+    .venv/bin/python bench/multitask.py --seeds 0,1,2 --write docs/results.md   # every cell mean ± std over 3 seeds
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -59,16 +61,21 @@ def test_subset(splits):
     return dataclasses.replace(splits, test=splits.test[:EVAL_EXAMPLES])
 
 
-def train_one(task: str, kind: str) -> dict:
+def runs_for(seed: int) -> Path:
+    """Where a seed's deltas and results live (seed 0 where they always were)."""
+    return RUNS if seed == 0 else RUNS / f"seed-{seed}"
+
+
+def train_one(task: str, kind: str, seed: int = 0) -> dict:
     from deltatune import zoo
     from deltatune.train import train
 
     splits = test_subset(zoo.load_dataset(task))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, tok = zoo.load_model("minilm-l6", num_labels=len(splits.labels))
-    out = RUNS / f"{kind}-{task}"
+    out = runs_for(seed) / f"{kind}-{task}"
     cfg = {"output_dir": str(out), "max_steps": STEPS, "batch_size": BATCH, "lr": LRS[kind], "warmup_ratio": 0.06,
-           "max_length": MAX_LEN, "eval_every": 10**9, "max_eval_examples": 200, "seed": 0, "progress": False,
+           "max_length": MAX_LEN, "eval_every": 10**9, "max_eval_examples": 200, "seed": seed, "progress": False,
            "plot": False, "delta": delta_config(kind, model), "name": task}
     t0 = time.perf_counter()
     result = train(cfg, model=model, tokenizer=tok, splits=splits)
@@ -78,15 +85,15 @@ def train_one(task: str, kind: str) -> dict:
             "peak_rss_mb": usage.ru_maxrss / 1024, "delta_dir": str(out / "delta")}
 
 
-def ensure_trained(kind: str, tasks: tuple[str, ...]) -> dict[str, dict]:
-    store = RUNS / "trained.json"
+def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0) -> dict[str, dict]:
+    store = runs_for(seed) / "trained.json"
     done = json.loads(store.read_text()) if store.exists() else {}
     for task in tasks:
         key = f"{kind}-{task}"
         if key in done and Path(done[key]["delta_dir"]).is_dir():
             continue
         print(f"== train {key}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--train-one", f"{task}:{kind}"], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, __file__, "--train-one", f"{task}:{kind}:{seed}"], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         if proc.returncode != 0:
             sys.exit(f"training {key} failed:\n{proc.stderr[-4000:]}")
@@ -161,12 +168,12 @@ MERGES = {  # method -> (global parameters, per-input parameters)
 }
 
 
-def evaluate_all(kinds: list[str]) -> dict:
+def evaluate_all(kinds: list[str], seed: int = 0) -> dict:
     from deltatune import Delta
     from deltatune.merging.combine import merge_deltas
 
     res: dict = {"own": {}, "together": {}, "merged": {}}
-    trained = {kind: ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8")) for kind in kinds}
+    trained = {kind: ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8"), seed) for kind in kinds}
     deltas = {kind: {t: Delta.read(info["delta_dir"]) for t, info in rows.items()} for kind, rows in trained.items()}
     for kind, by_task in deltas.items():
         for task, d in by_task.items():
@@ -201,34 +208,59 @@ def main() -> None:
     ap.add_argument("--kinds", default="lora,sparse", help="comma-separated delta kinds (lora, sparse)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--write", type=Path, help="write the results into this markdown file")
-    ap.add_argument("--render-only", action="store_true", help="render runs/multitask/results.json, measure nothing")
+    ap.add_argument("--render-only", action="store_true", help="render the seeds' results.json, measure nothing")
+    ap.add_argument("--seeds", default="0", help="seeds: a list (0,1,2) or a count (3); cells are mean ± std over them")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     if args.train_one:
-        task, kind = args.train_one.split(":")
-        print("ROW " + json.dumps(train_one(task, kind)))
+        task, kind, seed = (args.train_one + ":0").split(":")[:3]
+        print("ROW " + json.dumps(train_one(task, kind, int(seed))))
         return
+    seeds = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
     kinds = args.kinds.split(",")
     if args.train_only:
         for kind in kinds:
-            print(json.dumps(ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8")), indent=1))
+            for seed in seeds:
+                print(json.dumps(ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8"), seed), indent=1))
         return
-    if args.render_only:  # the last measured results again, e.g. after a change of wording
-        res = json.loads((RUNS / "results.json").read_text())
-    else:
-        res = evaluate_all(kinds)
-        (RUNS / "results.json").write_text(json.dumps(res, indent=1))
+    by_seed = {}
+    for seed in seeds:
+        path = runs_for(seed) / "results.json"
+        if args.render_only:  # the last measured results again, e.g. after a change of wording
+            by_seed[seed] = json.loads(path.read_text())
+        else:
+            by_seed[seed] = evaluate_all(kinds, seed)
+            path.write_text(json.dumps(by_seed[seed], indent=1))
     from _report import publish
 
-    publish(render(res), args.write, "multitask")
+    publish(render(by_seed), args.write, "multitask")
 
 
-def render(res: dict) -> str:
+def stat(by_seed: dict, value) -> tuple[float, float | None]:
+    """Mean and sample standard deviation over seeds of value(results of one seed) (None with one seed)."""
+    vals = [value(res) for res in by_seed.values()]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def cell(by_seed: dict, value, digits: int = 4) -> str:
+    mean, std = stat(by_seed, value)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render(by_seed: dict) -> str:
+    """The section's markdown; with several seeds every cell is mean ± sample standard deviation over them (relative
+    accuracies are averaged per seed, not divided after averaging)."""
+    if "own" in by_seed:  # one seed's results, as stored before seeds existed
+        by_seed = {0: by_seed}
+    seeds = sorted(by_seed)
+    res = by_seed[seeds[0]]
     own, together, merged, trained = res["own"], res["together"], res["merged"], res["trained"]
     lines = ["## Several tasks on one encoder: interference and merging (bench/multitask.py)", "",
-             "Regenerate: `.venv/bin/python bench/multitask.py --write docs/results.md` (trains what runs/multitask "
-             "lacks). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
-             f"{STEPS} steps × batch {BATCH}, max {MAX_LEN} tokens, AdamW with 6% warmup and linear decay, seed 0. "
+             f"Regenerate: `.venv/bin/python bench/multitask.py --seeds {','.join(map(str, seeds))} --write docs/results.md` "
+             "(trains what runs/multitask lacks; `--seeds 0,1,2` gives every cell as mean ± std over three seeds). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
+             f"{STEPS} steps × batch {BATCH}, max {MAX_LEN} tokens, AdamW with 6% warmup and linear decay, "
+             + (f"seed {seeds[0]} (1 seed: differences of a point or two are within seed noise). " if len(seeds) == 1
+                else f"seeds {', '.join(map(str, seeds))}: cells are mean ± sample standard deviation over them. ") +
              f"LoRA r=8, alpha 16, dropout 0.05, all linear layers, lr {LRS['lora']}; sparse = SpIEL with, in every "
              f"linear layer, as many entries as LoRA r=8 trains there (r·(in+out)), regrowth every "
              f"{SPARSE_OPTIONS['regrow_every']} steps ({SPARSE_OPTIONS['regrow']} gradients), lr {LRS['sparse']}. "
@@ -243,8 +275,9 @@ def render(res: dict) -> str:
             if key in together:
                 name = "LoRA r=8" if kind == "lora" else "sparse (SpIEL)"
                 params = trained[kind][task]["trainable"]
-                lines.append(f"| {name} ({params:,} trainable incl. head) | {task} | {own[key]:.4f} | "
-                             f"{together[key]:.4f} | {together[key] / own[key]:.3f} |")
+                lines.append(f"| {name} ({params:,} trainable incl. head) | {task} | "
+                             f"{cell(by_seed, lambda r: r['own'][key])} | {cell(by_seed, lambda r: r['together'][key])} | "
+                             f"{cell(by_seed, lambda r: r['together'][key] / r['own'][key], 3)} |")
     lines += ["", "### Merging four task deltas into one encoder", "",
               "The four LoRA encoder deltas (BBC, R8, 20NG, SpamAssassin) merged into one dense ΔW per module with "
               "`deltatune.merging.merge_deltas`; each task is then evaluated with the merged encoder and its own "
@@ -253,11 +286,16 @@ def render(res: dict) -> str:
               "batches of each task with its own delta.", "",
               "| method | " + " | ".join(TASKS) + " | mean relative | merge time (s) |",
               "|---|" + "---|" * (len(TASKS) + 2)]
-    lines.append("| each task's own delta | " + " | ".join(f"{own[f'lora:{t}']:.4f}" for t in TASKS) + " | 1.000 | — |")
+    lines.append("| each task's own delta | " + " | ".join(cell(by_seed, lambda r, t=t: r["own"][f"lora:{t}"])
+                                                         for t in TASKS) + " | 1.000 | — |")
     for method in MERGES:
-        rel = [merged[f"{method}:{t}"] / own[f"lora:{t}"] for t in TASKS]
-        cells = " | ".join(f"{merged[f'{method}:{t}']:.4f} ({r:.3f})" for t, r in zip(TASKS, rel))
-        lines.append(f"| {method} | {cells} | {sum(rel) / len(rel):.3f} | {merged[f'{method}:seconds']:.1f} |")
+        def rel(r, t, m=method):
+            return r["merged"][f"{m}:{t}"] / r["own"][f"lora:{t}"]
+        cells = " | ".join(f"{cell(by_seed, lambda r, t=t: r['merged'][f'{method}:{t}'])} "
+                           f"({cell(by_seed, lambda r, t=t: rel(r, t), 3)})" for t in TASKS)
+        mean_rel = cell(by_seed, lambda r: sum(rel(r, t) for t in TASKS) / len(TASKS), 3)
+        secs = stat(by_seed, lambda r: r["merged"][f"{method}:seconds"])[0]
+        lines.append(f"| {method} | {cells} | {mean_rel} | {secs:.1f} |")
     above = sorted({t for m in MERGES for t in TASKS if merged[f"{m}:{t}"] > own[f"lora:{t}"] * 1.05})
     if above:
         lines += ["", f"A relative accuracy above 1 ({', '.join(above)}) means the merged encoder, in which each task "

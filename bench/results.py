@@ -1,11 +1,13 @@
 """Real-data results table (docs/results.md): MiniLM-L6 on BBC and R8 — full fine-tuning, LoRA, DoRA, PiSSA,
-and peft's LoRA with the same settings and seed — plus SmolLM2-135M with LoRA on a GSM8K training subset.
+and peft's LoRA with the same settings and seeds — plus SmolLM2-135M with LoRA on a GSM8K training subset.
 
-Every row runs in its own subprocess (so peak RSS is that row's alone) through `dt.train` with the same data
-order, schedule and evaluation; only the way the model is adapted differs.
+Every (row, seed) runs in its own subprocess (so peak RSS is that run's alone) through `dt.train` with the same data
+order, schedule and evaluation; only the way the model is adapted differs. Each (row, seed) result is kept in
+bench/results_rows.json; a row's table cells are the mean ± sample standard deviation over its seeds.
 
-    .venv/bin/python bench/results.py --write docs/results.md          # everything (~1 h on 2 cores)
-    .venv/bin/python bench/results.py --rows bbc:lora,bbc:peft-lora    # a subset, printed
+    RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md  # main rows
+    .venv/bin/python bench/results.py --rows bbc:lora,bbc:peft-lora --seeds 3         # a subset, printed
+    .venv/bin/python bench/results.py --all --seeds 0 --write docs/results.md         # every row, one seed (~3 h)
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -151,16 +155,24 @@ CLS_DATA = {"bbc": 1.0, "r8": 0.5}  # epochs (R8 has 2.9x more training examples
 # by dt.quantize (docs/quantization.md); peft's row puts peft's LoRA on the same NF4 base
 CLS_METHODS.update({"qlora": ("QLoRA r=8 (NF4 base)", 2e-3), "peft-qlora": ("peft QLoRA r=8 (NF4 base)", 2e-3)})
 GSM_TRAIN, GSM_TEST, GSM_STEPS = 240, 60, 30
+EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full", "r8:dora",
+                                             "r8:pissa"]
+# the rows run with several seeds (issue 19): full fine-tuning and LoRA, ours and peft's, on both datasets
+CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
+STORE = ROOT / "bench" / "results_rows.json"
+COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
+COST = ("the six main rows took 2,313 CPU-seconds for one seed (their CPU time column), so 3 seeds are about 7,000 "
+        "CPU-seconds: an hour with `--jobs 2` on two idle cores; every row (`--all`) is about 3 hours per seed")
 
 
-def _cls_row(data: str, method: str, out: Path) -> dict:
+def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
     import deltatune as dt
     from deltatune import zoo
     from deltatune.train import train
 
     label, lr = CLS_METHODS[method]
     splits = zoo.load_dataset(data)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the new head's initialisation
     model, tok = zoo.load_model("minilm-l6", num_labels=len(splits.labels))
     lora = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear",
             "modules_to_save": ["classifier"]}
@@ -239,7 +251,7 @@ def _cls_row(data: str, method: str, out: Path) -> dict:
     if method in DATA_INITS:
         prepare = _data_init_prepare(method, splits, tok)
     cfg = {"output_dir": str(out), "epochs": CLS_DATA[data], "batch_size": 16, "lr": lr, "warmup_ratio": 0.06,
-           "max_length": 128, "eval_every": 10**9, "seed": 0, "progress": False, "plot": False, "delta": delta,
+           "max_length": 128, "eval_every": 10**9, "seed": seed, "progress": False, "plot": False, "delta": delta,
            **extra}
     t0 = time.perf_counter()
     result = train(cfg, model=model, tokenizer=tok, splits=splits, prepare=prepare)
@@ -272,11 +284,14 @@ def _gsm_row(method: str, out: Path) -> dict:
             "train_s": train_s, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def run_row(row: str) -> dict:
+def run_row(row: str, seed: int = 0) -> dict:
     data, method = row.split(":")
-    out = ROOT / "runs" / "results" / f"{data}-{method}"
+    out = ROOT / "runs" / "results" / f"{data}-{method}" / f"seed-{seed}"
     torch.set_num_threads(THREADS)
-    res = _gsm_row(method, out) if data == "gsm8k" else _cls_row(data, method, out)
+    if data == "gsm8k" and seed != 0:
+        raise SystemExit("the GSM8K rows run seed 0 only (their training subset and budget are fixed)")
+    res = _gsm_row(method, out) if data == "gsm8k" else _cls_row(data, method, out, seed)
+    res["seed"] = seed
     usage = resource.getrusage(resource.RUSAGE_SELF)
     res["peak_rss_mb"] = usage.ru_maxrss / 1024
     res["cpu_s"] = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other load on the machine
@@ -285,17 +300,55 @@ def run_row(row: str) -> dict:
 
 
 def _cpu(row: dict) -> str:
-    return f"{row['cpu_s']:.0f}" if "cpu_s" in row else "—"
+    return f"{row['cpu_s']:.0f}" if row.get("cpu_s") is not None else "—"
+
+
+def merged(entry: dict) -> dict:
+    """One table row from a stored row's per-seed results: the metrics' mean, sample std and per-seed values; mean
+    times, the largest peak RSS."""
+    per = [entry["seeds"][k] for k in sorted(entry["seeds"], key=int)]
+    out = {**per[0], "n_seeds": len(per), "seed_list": sorted(int(k) for k in entry["seeds"]),
+           "imported": entry.get("imported")}
+    for key in ("accuracy", "macro_f1", "exact_match"):
+        if key in per[0]:
+            vals = [r[key] for r in per]
+            out[key], out[key + "_std"] = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+            out[key + "_values"] = vals
+    for key in ("wall_s", "cpu_s"):
+        vals = [r[key] for r in per if r.get(key) is not None]
+        out[key] = statistics.fmean(vals) if vals else None
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in per)
+    out["threads"] = max(r.get("threads", 1) for r in per)
+    return out
+
+
+def _cls_line(r: dict) -> str:
+    return (f"| {r['data']} | {r['method']} | {_seeds(r)} | {_metric(r, 'accuracy')} | {_metric(r, 'macro_f1')} | "
+            f"{r['trainable']:,} | {r['wall_s']:.0f} | {_cpu(r)} | {r.get('threads', 1)} | {r['peak_rss_mb']:.0f} |")
+
+
+def _metric(r: dict, key: str, digits: int = 4) -> str:
+    if r.get(key + "_std") is None:
+        return f"{r[key]:.{digits}f}"
+    return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}"
+
+
+def _seeds(r: dict) -> str:
+    return f"{r['n_seeds']} ({', '.join(map(str, r['seed_list']))})" if r["n_seeds"] > 1 else "1 seed"
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    lines = [f"Regenerate: `{command}` (each row in its own process; about 3 hours on 2 CPU cores; rows "
-             "can run side by side with `--store` and `RESULTS_THREADS=1`).", "",
+    lines = [f"Regenerate: `{command}` (`RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 "
+             "--write docs/results.md`, then bench/multitask.py: every row × seed in its own process, `--jobs 2` of them at a time with one thread "
+             f"each; {COST}). `--rows` picks rows, `--seeds 0,1,2` the seeds; each (row, seed) measured is kept with its "
+             "own values in bench/results_rows.json, and a row's cells are the mean ± sample standard deviation over "
+             "its seeds (one value where the seeds column says `1 seed`).", "",
              f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
              "torch thread count. "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
              "one epoch over the zoo's fixed train split for BBC, half an epoch for R8, batch 16, max 128 tokens, AdamW with 6% warmup and "
-             "linear decay, seed 0; LoRA-family rows: r=8, alpha=16, dropout 0.05, all linear layers, lr 2e-3; "
+             "linear decay; the seed sets the head's initialisation, the delta's, the data order and dropout (rows "
+             "that compare with peft use the same seeds); LoRA-family rows: r=8, alpha=16, dropout 0.05, all linear layers, lr 2e-3; "
              "full fine-tuning: lr 5e-5; SpIEL: a `sparse` delta with, in every linear layer, as many entries as LoRA r=8 "
              "trains there, regrowth every 20 steps (accumulated gradients), lr 2e-4; LT-SFT: a dense ΔW for half an "
              "epoch at lr 5e-5, then the largest |ΔW| entries, as many as LoRA r=8 trains in total (one global "
@@ -331,18 +384,27 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "machine while the row ran: most rows of the methods added in session 3 (from SSF on) ran two at a "
              "time with one thread each (the threads column says which), so compare their times with the one-thread "
              "LoRA row and expect some slowdown from the neighbouring row.", "",
-             "| data | method | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["data"] == "gsm8k":
-            continue
-        lines.append(f"| {r['data']} | {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-                     f"{r['trainable']:,} | {r['wall_s']:.0f} | {_cpu(r)} | {r.get('threads', 1)} | {r['peak_rss_mb']:.0f} |")
+             "| data | method | seeds | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    chosen = [r for r in rows if r["row"] in CHOSEN and r["data"] != "gsm8k"]
+    others = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k"]
+    head = lines[-2:]
+    del lines[-2:]
+    lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's, run with `--seeds`)", "",
+              "`1 seed` marks a row whose other seeds were not measured yet (listed at the end); its one value "
+              "cannot separate methods closer than the spread between seeds, which on R8 can be several points.", "",
+              *head]
+    for r in chosen:
+        lines.append(_cls_line(r))
+    lines += ["", "### Every other method (1 seed each, measured before seeds were added; compare with the spread "
+                  "of the rows above before reading a difference of a point or two)", "", *head]
+    for r in others:
+        lines.append(_cls_line(r))
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
               "not yet learned by any method here, hence the low macro-F1 beside the accuracy."]
     if missing:
-        lines += ["", f"Rows not yet measured (the run was cut short; `.venv/bin/python bench/results.py --resume "
-                      f"--write docs/results.md` adds them to the rows kept in runs/results/rows.json): "
+        lines += ["", f"(row, seed) pairs not yet measured (the regeneration command adds them to the ones kept in "
+                      f"bench/results_rows.json and keeps those): "
                       f"{', '.join(missing)}."]
     gsm = [r for r in rows if r["data"] == "gsm8k"]
     if gsm:
@@ -355,47 +417,77 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
                   "| model | exact match | test problems | train steps | wall time (s) | CPU time (s) | peak RSS (MB) |",
                   "|---|---|---|---|---|---|---|"]
         for r in gsm:
-            lines.append(f"| {r['method']} | {r['exact_match']:.3f} | {r['n_test']} | {r['steps']} | "
+            lines.append(f"| {r['method']} | {_metric(r, 'exact_match', 3)} | {r['n_test']} | {r['steps']} | "
                          f"{r['wall_s']:.0f} | {_cpu(r)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
+def load_store(path: Path) -> dict:
+    """{row: {"seeds": {seed: result}}}; a row stored before seeds existed (a bare result) is seed 0."""
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    return {row: e if "seeds" in e else {"seeds": {"0": e}} for row, e in raw.items()}
+
+
+def parse_seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", help="comma-separated data:method rows (default: all)")
+    ap.add_argument("--rows", help="comma-separated data:method rows (default: the main rows, CHOSEN)")
+    ap.add_argument("--all", action="store_true", help="every row (about 3 hours per seed on 2 cores)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds to run for each row: a list (0,1,2) or a count (3)")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("RESULTS_JOBS", "1")),
+                    help="(row, seed) processes at a time (set RESULTS_THREADS=1 with --jobs 2 on 2 cores)")
     ap.add_argument("--write", type=Path, help="write the markdown table here")
-    ap.add_argument("--resume", action="store_true", help="keep rows already measured in runs/results/rows.json")
-    ap.add_argument("--store", type=Path, default=ROOT / "runs" / "results" / "rows.json",
-                    help="the JSON file measured rows are kept in (separate files let row queues run side by side)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    ap.add_argument("--store", type=Path, default=STORE, help="the JSON file measured (row, seed) results are kept in; "
+                    "pairs already there are not run again")
+    ap.add_argument("--render-only", action="store_true", help="write the table from the store, run nothing (the "
+                    "(row, seed) pairs asked for and not stored are listed as not measured)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row@seed, print JSON
     args = ap.parse_args()
     if args.one:
-        print("ROW " + json.dumps(run_row(args.one)))
+        row, _, seed = args.one.partition("@")
+        print("ROW " + json.dumps(run_row(row, int(seed or 0))))
         return
-    every = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:base", "gsm8k:lora", "r8:full",
-                                                  "r8:dora", "r8:pissa"]
-    rows = args.rows.split(",") if args.rows else every
+    rows = args.rows.split(",") if args.rows else (EVERY if args.all else CHOSEN)
+    seeds = parse_seeds(args.seeds)
     store = args.store
-    done = json.loads(store.read_text()) if args.resume and store.exists() else {}
+    done = load_store(store)
+    todo = [(r, s) for s in seeds for r in rows  # seed by seed, so rows compared with each other get the same seeds first
+            if (s == 0 or not r.startswith("gsm8k:")) and str(s) not in done.get(r, {}).get("seeds", {})]
 
     def table() -> str:  # every row measured so far, in the table's order
-        return render([done[r] for r in every if r in done], "make results", [r for r in every if r not in done])
+        have = [{**merged(done[r]), "row": r} for r in EVERY if r in done]
+        return render(have, COMMAND, [f"{r}@{s}" for r, s in todo if str(s) not in done.get(r, {}).get("seeds", {})])
 
-    for row in (r for r in rows if r not in done):
-        print(f"== {row}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", row], capture_output=True, text=True)
+    def one(pair: tuple[str, int]) -> dict:
+        row, seed = pair
+        proc = subprocess.run([sys.executable, __file__, "--one", f"{row}@{seed}"], capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.exit(f"row {row} failed:\n{proc.stderr[-4000:]}")
-        res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
-        print(json.dumps(res), flush=True)
-        done[row] = res
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(done, indent=1))
-        if args.write:  # after every row, so a long run that stops early keeps what it measured
+            raise RuntimeError(f"row {row} seed {seed} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
+
+    if args.render_only:
+        if args.write:
             write_section(args.write, "results", table())
+        print(table())
+        return
+    print(f"{len(todo)} (row, seed) runs to do, {args.jobs} at a time: {todo}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for (row, seed), res in zip(todo, pool.map(one, todo)):
+            print(json.dumps(res), flush=True)
+            done.setdefault(row, {"seeds": {}})["seeds"][str(seed)] = res
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            tmp.replace(store)
+            if args.write:  # after every run, so a long run that stops early keeps what it measured
+                write_section(args.write, "results", table())
     if args.write:
         write_section(args.write, "results", table())
     print(table())
+
 
 if __name__ == "__main__":
     main()

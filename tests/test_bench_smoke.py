@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -127,3 +128,26 @@ def test_forward_bench_runs_on_cuda() -> None:
     assert res.train[0].act_ours < res.train[0].act_peft
     text = bench.render(res)
     assert bench.COMMAND_CUDA in text and "On a GPU" in text
+
+
+def test_results_rows_over_seeds_render_mean_and_std(tmp_path) -> None:
+    sys.path.insert(0, str(BENCH.parent))  # results.py imports _report from its folder
+    spec = importlib.util.spec_from_file_location("deltatune_bench_results", BENCH.parent / "results.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    store = tmp_path / "rows.json"
+    one = {"data": "r8", "method": "LoRA r=8", "accuracy": 0.8, "macro_f1": 0.3, "trainable": 10, "wall_s": 10.0,
+           "cpu_s": 20.0, "threads": 1, "peak_rss_mb": 100.0}
+    store.write_text(json.dumps({"r8:lora": one}))  # a row stored before seeds existed is seed 0
+    done = bench.load_store(store)
+    assert done == {"r8:lora": {"seeds": {"0": one}}}
+    done["r8:lora"]["seeds"]["1"] = {**one, "accuracy": 0.9, "macro_f1": 0.4, "wall_s": 30.0, "peak_rss_mb": 120.0}
+    row = bench.merged(done["r8:lora"])
+    assert row["accuracy"] == pytest.approx(0.85) and row["accuracy_std"] == pytest.approx(0.0707107, abs=1e-6)
+    assert row["accuracy_values"] == [0.8, 0.9] and row["wall_s"] == 20.0 and row["peak_rss_mb"] == 120.0
+    line = bench._cls_line({**row, "row": "r8:lora"})
+    assert "| r8 | LoRA r=8 | 2 (0, 1) | 0.8500 ± 0.0707 | 0.3500 ± 0.0707 | 10 | 20 |" in line
+    single = bench._cls_line({**bench.merged({"seeds": {"0": one}}), "row": "r8:lora"})
+    assert "| 1 seed | 0.8000 | 0.3000 |" in single
+    assert bench.parse_seeds("3") == [0, 1, 2] and bench.parse_seeds("0,4") == [0, 4]

@@ -15,6 +15,7 @@ from ..core.parsing import load_yaml, printable
 from .convert import convert_command
 from .serve import keys_app, serve_command
 from .threads import file_command_threads
+from .sweep import sweep_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
 
@@ -230,6 +231,7 @@ def merge_cmd(
 
 app.command("serve")(serve_command)
 app.command("convert")(convert_command)
+app.command("sweep")(sweep_command)
 app.add_typer(keys_app, name="keys")
 
 
