@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect, merge, compress, extract, serve, keys."""
+"""The `deltatune` command line: train, eval, inspect, merge, compress, extract, serve, export, keys."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import typer
 
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
+from .export import export_command
 from .serve import keys_app, serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning as deltas.")
@@ -203,6 +204,7 @@ def merge_cmd(
 
 
 app.command("serve")(serve_command)
+app.command("export")(export_command)
 app.add_typer(keys_app, name="keys")
 
 
