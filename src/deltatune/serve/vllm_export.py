@@ -1,10 +1,10 @@
 """Deltas as PEFT LoRA directories that vLLM serves (`deltatune export --format vllm`), a `lora-modules.json` and
 the launch command.
 
-vLLM (0.32) serves plain LoRA adapters only: A and B factors on the linear layers of the transformer blocks, one
-scale `lora_alpha / r` per adapter (its loader ignores PEFT's `rank_pattern` / `alpha_pattern`), no DoRA magnitude,
-no bias. Each delta is checked module by module, from declared capabilities and its stored update — never from its
-kind's name:
+vLLM (0.32) serves plain LoRA adapters only: A and B factors on the linear layers of the transformer blocks; its
+PEFT reader refuses `use_dora`, `lora_bias` and weight-derived inits (PiSSA, OLoRA, ...), and other kinds have no
+PEFT LoRA form at all. Each delta is checked module by module, from declared capabilities and its stored update —
+never from its kind's name:
 
 * a weight update that is low-rank as stored, independent of the base, with no bias change: written exactly;
 * any other weight update (DoRA, LoHa, LoKr, (IA)³, sparse or dense updates, a LoRA with bias changes, ...): its
@@ -13,8 +13,9 @@ kind's name:
 * not a weight update (prompt or prefix tuning, bottleneck adapters), or a module vLLM gives no LoRA (embeddings,
   the output head, norms): refused, naming the kind and the module.
 
-Every module is written at the delta's largest rank (zero-padded) with the scale folded into B and `lora_alpha = r`,
-so vLLM's single per-adapter scale is exact.
+Every module is written at the delta's largest rank (zero-padded) with the scale folded into B and `lora_alpha = r`:
+no rank or alpha patterns, the simplest file every vLLM version reads alike. A low-rank update stored with its
+starting factors subtracted (PiSSA/OLoRA/MiLoRA) is written as the one plain LoRA of rank 2r it is.
 """
 from __future__ import annotations
 
