@@ -172,3 +172,12 @@ def test_cli_export(base, base_dir, tmp_path):
     assert bad.exit_code == 2 and "error: --format 'tgi' is not supported" in bad.output
     refused = CliRunner().invoke(app, ["export", str(b), "-o", str(tmp_path / "o3"), "--model", str(base_dir)])
     assert refused.exit_code == 2 and "--rank" in refused.output and not (tmp_path / "o3").exists()
+
+
+def test_pissa_offsets_written_as_plain_lora_of_twice_the_rank(base, base_dir, tmp_path):
+    src = _delta(base, tmp_path / "pissa", dt.LoRA(r=3, init="pissa", targets=["q_proj", "o_proj"]), std=0.05)
+    rep = export_vllm(base, base_dir, [src], tmp_path / "out").deltas[0]
+    assert rep.converted == [] and rep.rank == 6  # s·(B A − B0 A0): rank 2r, exact, no --rank needed
+    cfg = json.loads((rep.path / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 6  # vLLM refuses init_lora_weights="pissa"
+    torch.testing.assert_close(_logits_peft(base, rep.path), _logits_dt(base, src), atol=1e-5, rtol=1e-5)
