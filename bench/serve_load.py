@@ -5,21 +5,22 @@ requests; loopback only, bounded in count and time, stops by itself.
 
 * The server: `deltatune serve` as a real process on 127.0.0.1 (a free port) over SmolLM2-135M (`deltatune.zoo`),
   `--deltas` a directory of `--deltas-n` (1,000) LoRA r=8 on q_proj/v_proj deltas (random, distinct files),
-  `--max-loaded 64 --max-rank 8 --max-batch 64`.
+  `--max-loaded 64 --max-rank 8 --max-batch 64 --host-cache-mb 64` (a host cache the warm-up fills, so RSS growth
+  afterwards is not the cache filling up to its cap).
 * `--clients` (64) asyncio clients with the `openai` package, each looping until `--seconds` (60) have passed:
   a streaming greedy completion (`stream_options.include_usage`) of a random prompt (token ids, 8–48 tokens of
   English text) for a delta drawn Zipf(1.0) over the registered names (10% the base, 3% a hot-loaded name that may
   have been unloaded since: a 404 is then expected), `max_tokens` 8–32; `--malformed` (5%) of the requests are
   malformed instead (bad JSON, missing or mistyped fields, out-of-range values, an unknown model, a body over 1 MiB,
   out-of-vocabulary token ids), sent raw with httpx. No request is started after the deadline; the ones running
-  finish (bounded by max_tokens), and a hard cap (`--seconds` + 120 s) cancels whatever is left.
+  finish (bounded by max_tokens), and a hard cap (`--seconds` + `--grace`) cancels whatever is left.
 * An admin task: every second, in turn, a hot load (`POST /v1/load_lora_adapter` of a new name `hot<k>` over one of
   the files) or the unload of the oldest hot name.
 * Measured: requests served, time to first token (request sent → first streamed text) p50/p99, inter-token latency
   (between streamed chunks) p50/p99, completion tokens/s over the window, every status code, 5xx and transport
   errors (must be 0), the server's RSS (VmRSS of its process) when ready, after a warm-up (one request per client,
   over distinct deltas, before the window) and at the end (growth from warm-up to end must be ≤ 10%).
-* Afterwards (server stopped, SIGTERM, exit status recorded): `--sample` (32) served requests drawn at random are
+* Afterwards (server stopped, SIGTERM, exit status recorded): `--sample` (16) served requests drawn at random are
   recomputed offline — `dt.load` of the delta on the same base + HF `generate`, greedy, one at a time — and the
   streamed text compared with the offline text (must be 0 mismatches).
 
@@ -127,40 +128,34 @@ def malformed_request(kind: str, name: str, vocab: int) -> tuple[str, bytes]:
     return path, json.dumps(body).encode()
 
 
-async def client_loop(cid: int, a, state: dict, url: str, names: list[str], prompts: list[list[int]], vocab: int):
+async def client_loop(cid: int, a, state: dict, client, raw, names: list[str], prompts: list[list[int]],
+                      vocab: int):
     import httpx2 as httpx
-    import openai
 
     rng = random.Random(1000 + cid)
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    raw = httpx.AsyncClient(base_url=url, timeout=300)
     picks = zipf(len(names), 100_000, cid)
     k = 0
-    try:
-        while time.monotonic() < state["deadline"]:
-            k += 1
-            if rng.random() < a.malformed:
-                kind = rng.choice(MALFORMED)
-                path, body = malformed_request(kind, names[picks[k] % len(names)], vocab)
-                try:
-                    resp = await raw.post(path, content=body, headers={"content-type": "application/json"})
-                    state["malformed"].append((kind, resp.status_code))
-                except httpx.HTTPError as e:
-                    state["transport_errors"].append(f"malformed {kind}: {type(e).__name__}: {e}")
-                continue
-            u = rng.random()
-            if u < 0.10:
-                model = "base"
-            elif u < 0.13 and state["hot"]:
-                model = rng.choice(list(state["hot_ever"]))
-            else:
-                model = names[picks[k]]
-            prompt = prompts[rng.randrange(len(prompts))]
-            max_tokens = rng.randint(8, 32)
-            await one_stream(client, state, model, prompt, max_tokens, record=True)
-    finally:
-        await client.close()
-        await raw.aclose()
+    while time.monotonic() < state["deadline"]:
+        k += 1
+        if rng.random() < a.malformed:
+            kind = rng.choice(MALFORMED)
+            path, body = malformed_request(kind, names[picks[k] % len(names)], vocab)
+            try:
+                resp = await raw.post(path, content=body, headers={"content-type": "application/json"})
+                state["malformed"].append((kind, resp.status_code))
+            except httpx.HTTPError as e:
+                state["transport_errors"].append(f"malformed {kind}: {type(e).__name__}: {e}")
+            continue
+        u = rng.random()
+        if u < 0.10:
+            model = "base"
+        elif u < 0.13 and state["hot"]:
+            model = rng.choice(list(state["hot_ever"]))
+        else:
+            model = names[picks[k]]
+        prompt = prompts[rng.randrange(len(prompts))]
+        max_tokens = rng.randint(8, 32)
+        await one_stream(client, state, model, prompt, max_tokens, record=True)
 
 
 async def one_stream(client, state: dict, model: str, prompt: list[int], max_tokens: int, record: bool) -> None:
@@ -202,47 +197,57 @@ async def one_stream(client, state: dict, model: str, prompt: list[int], max_tok
                                 itl=[b - c for c, b in zip(stamps, stamps[1:])], t0=t0, done=done))
 
 
-async def churn_loop(state: dict, url: str, names: list[str]) -> None:
+async def churn_loop(state: dict, raw, names: list[str]) -> None:
+    """Every second, in turn, a hot load of a new name or the unload of the oldest hot name, each sent on its own (a
+    slow one does not delay the next)."""
     import httpx2 as httpx
 
     rng = random.Random(7)
+    running = []
+
+    async def one(k: int) -> None:
+        t = time.monotonic()
+        try:
+            if k % 2 == 0 or not state["hot"]:
+                name = f"hot{k}"
+                resp = await raw.post("/v1/load_lora_adapter",
+                                      json={"lora_name": name, "lora_path": names[rng.randrange(len(names))]})
+                if resp.status_code == 200:
+                    state["hot"].append(name)
+                    state["hot_ever"].add(name)
+                state["loads"].append((resp.status_code, time.monotonic() - t))
+            else:
+                name = state["hot"].pop(0)
+                resp = await raw.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                state["unloads"].append((resp.status_code, time.monotonic() - t))
+            if resp.status_code >= 500:
+                state["server_errors"].append(f"admin {name}: {resp.status_code} {resp.text[:200]}")
+        except httpx.HTTPError as e:
+            state["transport_errors"].append(f"admin: {type(e).__name__}: {e}")
+
     k = 0
-    async with httpx.AsyncClient(base_url=url, timeout=300) as raw:
-        while time.monotonic() < state["deadline"]:
-            t = time.monotonic()
-            try:
-                if k % 2 == 0 or not state["hot"]:
-                    name = f"hot{k}"
-                    resp = await raw.post("/v1/load_lora_adapter",
-                                          json={"lora_name": name, "lora_path": names[rng.randrange(len(names))]})
-                    if resp.status_code == 200:
-                        state["hot"].append(name)
-                        state["hot_ever"].add(name)
-                    state["loads"].append((resp.status_code, time.monotonic() - t))
-                else:
-                    name = state["hot"].pop(0)
-                    resp = await raw.post("/v1/unload_lora_adapter", json={"lora_name": name})
-                    state["unloads"].append((resp.status_code, time.monotonic() - t))
-                if resp.status_code >= 500:
-                    state["server_errors"].append(f"admin {name}: {resp.status_code} {resp.text[:200]}")
-            except httpx.HTTPError as e:
-                state["transport_errors"].append(f"admin: {type(e).__name__}: {e}")
-            k += 1
-            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+    while time.monotonic() < state["deadline"]:
+        running.append(asyncio.create_task(one(k)))
+        k += 1
+        await asyncio.sleep(1.0)
+    await asyncio.gather(*running)
 
 
 async def drive(a, url: str, pid: int, names: list[str], prompts: list[list[int]], vocab: int) -> dict:
+    import httpx2 as httpx
     import openai
 
     state = dict(deadline=0.0, served=[], status={}, malformed=[], server_errors=[], transport_errors=[],
                  unexpected_4xx=[], loads=[], unloads=[], hot=[], hot_ever=set(), rss=[])
-    # warm-up: one request per client over distinct deltas (slots filled, KV arena grown to the batch)
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    # one client of each kind shared by every task (their connection pools hold 1,000 connections; a client per task
+    # would spend seconds of the event loop building SSL contexts on a busy CPU)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
+    raw = httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=1000))
+    # warm-up: one request per client over distinct deltas (slots and the host cache filled, KV arena grown)
     warm = {**state, "served": [], "status": {}}
     longest = max(prompts, key=len)
     await asyncio.gather(*(one_stream(client, warm, names[i % len(names)], longest, 32, record=True)
                            for i in range(a.clients)))
-    await client.close()
     state["warmup_errors"] = warm["server_errors"] + warm["transport_errors"] + warm["unexpected_4xx"]
     state["rss_warm"] = rss_of(pid)
     t0 = time.monotonic()
@@ -253,9 +258,10 @@ async def drive(a, url: str, pid: int, names: list[str], prompts: list[list[int]
             state["rss"].append((time.monotonic() - t0, rss_of(pid)))
             await asyncio.sleep(5)
 
-    tasks = [asyncio.create_task(client_loop(i, a, state, url, names, prompts, vocab)) for i in range(a.clients)]
-    tasks += [asyncio.create_task(churn_loop(state, url, names)), asyncio.create_task(sample_rss())]
-    done, pending = await asyncio.wait(tasks, timeout=a.seconds + 120)
+    tasks = [asyncio.create_task(client_loop(i, a, state, client, raw, names, prompts, vocab))
+             for i in range(a.clients)]
+    tasks += [asyncio.create_task(churn_loop(state, raw, names)), asyncio.create_task(sample_rss())]
+    done, pending = await asyncio.wait(tasks, timeout=a.seconds + a.grace)
     for t in pending:
         t.cancel()
     state["cancelled_at_cap"] = len(pending)
@@ -264,6 +270,8 @@ async def drive(a, url: str, pid: int, names: list[str], prompts: list[list[int]
             state["transport_errors"].append(f"task failed: {t.exception()!r}")
     state["window"] = time.monotonic() - t0
     state["rss_end"] = rss_of(pid)
+    await client.close()
+    await raw.aclose()
     return state
 
 
@@ -323,7 +331,7 @@ def run(a, log=print) -> dict:
             prompts.append(ids[s:s + n])
         t = time.perf_counter()
         server = Server(["--model", model_arg, "--deltas", str(deltas), "--max-loaded", str(a.slots),
-                         "--max-rank", str(a.rank), "--max-batch", str(a.batch), "--host-cache-mb", "512",
+                         "--max-rank", str(a.rank), "--max-batch", str(a.batch), "--host-cache-mb", str(a.host_mb),
                          "--name", "base"], root / "server.log")
         ready = time.perf_counter() - t
         pid = server.proc.pid
@@ -374,7 +382,7 @@ def render(out: dict, a) -> str:
         "## Serving under load and faults (`bench/serve_load.py`)", "",
         f"Command: `{cmd}` — `deltatune serve` as a process on 127.0.0.1 over {a.model} (fp32, 2 threads), "
         f"{out['names']:,} registered LoRA r={a.rank} q/v deltas ({out['disk'] / 2**20:.0f} MiB on disk), "
-        f"`--max-loaded {a.slots} --max-batch {a.batch}`; {a.clients} streaming `openai` clients for {a.seconds} s, "
+        f"`--max-loaded {a.slots} --max-batch {a.batch} --host-cache-mb {a.host_mb}`; {a.clients} streaming `openai` clients for {a.seconds} s, "
         f"deltas drawn Zipf(1.0) (10% base, 3% hot-loaded names), greedy, prompts of {a.prompt_len[0]}–"
         f"{a.prompt_len[1]} tokens, 8–32 generated; {100 * a.malformed:.0f}% malformed requests; a hot load or "
         f"unload every second. On {platform.machine()} with {os.cpu_count()} cores shared with other jobs: the "
@@ -422,7 +430,10 @@ def main(argv=None):
     ap.add_argument("--malformed", type=float, default=0.05)
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--sample", type=int, default=32)
+    ap.add_argument("--sample", type=int, default=16)
+    ap.add_argument("--host-mb", type=int, default=64, help="the server's host cache: small, so the warm-up fills it "
+                    "and RSS growth measures leaks, not the cache filling to its cap")
+    ap.add_argument("--grace", type=float, default=240, help="seconds after the window before what runs is cancelled")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--write", default=None, help="markdown file whose section 'serve-load' gets the results")
     a = ap.parse_args(argv)
@@ -430,7 +441,7 @@ def main(argv=None):
     a.prompt_len = (8, 48)
     if a.smoke:
         a.model, a.deltas_n, a.clients, a.seconds, a.slots, a.batch, a.sample, a.std = "tiny", 12, 8, 4, 4, 8, 6, 0.3
-        a.prompt_len, a.threads, a.malformed = (2, 6), 1, 0.2
+        a.prompt_len, a.threads, a.malformed, a.host_mb = (2, 6), 1, 0.2, 1
     out = run(a)
     text = render(out, a)
     if a.smoke or not a.write:
