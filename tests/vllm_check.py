@@ -7,7 +7,8 @@
    context) from the vLLM venv's python.
 4. Greedy completions of fixed prompts for each exported delta and for the base, sent concurrently (so vLLM's
    batches mix base rows and LoRA rows), through the `openai` client with `return_token_ids`.
-5. The same prompts through deltatune's engine over the exported directories: the token ids must be equal.
+5. The same prompts through deltatune's engine over the exported directories: the token ids must be equal, and
+   every adapter must change vLLM's output (vs its base rows) for at least half the prompts.
    For information it also reports whether the converted deltas' tokens equal the unconverted originals'.
 
 Not collected by pytest (no test_ prefix). Exit status 0 when every token matches.
@@ -42,10 +43,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a
 
 
 def make_deltas(base, root: Path) -> dict[str, Path]:
-    """Random but small deltas (outputs change, text stays fluent-ish)."""
-    specs = {"lora-qv": (dt.LoRA(r=8, targets=["q_proj", "v_proj"]), 0.02),
-             "dora-attn": (dt.LoRA(r=8, dora=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"]), 0.01),
-             "loha-qv": (dt.LoHa(r=4, targets=["q_proj", "v_proj"]), 0.02)}
+    """Random deltas, large enough that every one changes the greedy output."""
+    specs = {"lora-qv": (dt.LoRA(r=8, targets=["q_proj", "v_proj"]), 0.05),
+             "dora-attn": (dt.LoRA(r=8, dora=True, targets=["q_proj", "k_proj", "v_proj", "o_proj"]), 0.03),
+             "loha-qv": (dt.LoHa(r=4, targets=["q_proj", "v_proj"]), 0.15)}
     out = {}
     for i, (name, (cfg, std)) in enumerate(specs.items()):
         m = copy.deepcopy(base)
@@ -193,6 +194,12 @@ def main(argv=None) -> int:
               f"{'' if same else f'first difference at token {first}; '}"
               f"{'' if orig is None else ('= unconverted original' if list(orig) == list(ids) else '≠ unconverted original')}"
               f" {text!r}")
+    # a check that cannot fail is no check: every adapter must change vLLM's own output for most prompts
+    for name in sources:
+        changed = sum(list(got[(name, i)][0]) != list(got[(None, i)][0]) for i in range(len(PROMPTS)))
+        results.setdefault("changed_vs_base", {})[name] = changed
+        print(f"{name}: vLLM's output differs from its base output for {changed}/{len(PROMPTS)} prompts")
+        ok &= changed >= len(PROMPTS) // 2
     results["rows"] = rows
     results["all_match"] = ok
     results["seconds"] = time.monotonic() - t_start
