@@ -399,6 +399,8 @@ def render(out: dict, a) -> str:
     mem_ok = s["growth"] <= 0.10
     extra = [x for x in a.argv if x != "--write" and not x.endswith(".md")]
     cmd = COMMAND.replace(" --write", (" " + " ".join(extra) if extra else "") + " --write")
+    if os.environ.get("MALLOC_ARENA_MAX"):  # passed on to the server process
+        cmd = f"MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} {cmd}"
     lines = [
         "## Serving under load and faults (`bench/serve_load.py`)", "",
         f"Command: `{cmd}` — `deltatune serve` as a process on 127.0.0.1 over {a.model} (fp32, 2 threads), "
