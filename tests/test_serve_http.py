@@ -413,6 +413,9 @@ def test_client_disconnect_cancels_and_metrics(env):
         assert family in text, family
     assert _metric(text, "deltatune_requests_total", model="alice-1", status="ok") >= 1
     assert _metric(text, "deltatune_tokens_total", kind="completion") > 0
+    # the engine's own memory: banks preallocated, an arena and host factors once requests have run
+    assert _metric(text, "deltatune_slot_bank_bytes") > 0 and _metric(text, "deltatune_kv_arena_bytes") > 0
+    assert _metric(text, "deltatune_host_cache_bytes") > 0
     assert _metric(text, "deltatune_slot_evictions_total") > 0  # 5 deltas over 2 slots
     assert _metric(text, "deltatune_time_to_first_token_seconds_count") > 0
     assert _metric(text, "deltatune_delta_load_seconds_count") >= 1

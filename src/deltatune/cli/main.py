@@ -1,4 +1,4 @@
-"""The `deltatune` command line: train, eval, inspect, convert, merge, compress, extract, serve, keys."""
+"""The `deltatune` command line: train, eval, inspect, convert, merge, compress, extract, serve, export, sweep, keys."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import typer
 from ..core.errors import DeltaTuneError
 from ..core.parsing import load_yaml, printable
 from .convert import convert_command
+from .export import export_command
 from .serve import keys_app, serve_command
 from .threads import file_command_threads
 from .sweep import sweep_command
@@ -232,6 +233,7 @@ def merge_cmd(
 app.command("serve")(serve_command)
 app.command("convert")(convert_command)
 app.command("sweep")(sweep_command)
+app.command("export")(export_command)
 app.add_typer(keys_app, name="keys")
 
 

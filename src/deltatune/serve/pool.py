@@ -33,6 +33,7 @@ from ..core.tensors import LowRankDelta
 from ..io.delta import Delta
 from ..io.files import check_fits, fitted_state
 from ..runtime import build_pieces
+from .convert import pad_rank, truncate
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # path -> (A [r, in], B [out, r] with the scale folded in)
 
@@ -194,19 +195,12 @@ class DeltaPool:
         factors: Factors = {}
         errors: dict[str, float] = {}
         for mpath in delta.state:
-            dw = delta.update(mpath, self.model, with_bias=False)[0]
-            exact = dw.to_dense().double()
-            low = dw.svd(rank) if hasattr(dw, "svd") else LowRankDelta(*_svd(exact, rank))
-            approx = low.to_dense().double()
-            norm = float(exact.norm())
-            errors[mpath] = float((exact - approx).norm()) / norm if norm > 0 else 0.0
+            low, errors[mpath] = truncate(delta.update(mpath, self.model, with_bias=False)[0], rank)
             factors[mpath] = self._pad_to(mpath, low.A, low.B * low.scale, rank)
         return factors, errors
 
     def _pad_to(self, mpath: str, a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-        if a.shape[0] < rank:  # an SVD of a matrix of lower rank may return fewer factors
-            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+        a, b = pad_rank(a, b, rank)
         return a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
 
     # --- host tier ---------------------------------------------------------------------------------
@@ -248,7 +242,3 @@ class DeltaPool:
 def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
-
-def _svd(dense: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
-    return vh[:rank], u[:, :rank] * s[:rank]

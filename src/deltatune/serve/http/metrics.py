@@ -40,6 +40,16 @@ class _EngineCollector:
         c = CounterMetricFamily("deltatune_slot_evictions", "Deltas evicted from a device slot")
         c.add_metric([], evictions)
         yield c
+        for name, help_, value in (
+                ("deltatune_kv_arena_bytes", "Bytes of the KV arena (grows to about twice the longest live span)",
+                 getattr(getattr(engine, "arena", None), "nbytes", 0)),
+                ("deltatune_slot_bank_bytes", "Bytes of the preallocated device slot banks",
+                 getattr(getattr(engine, "banks", None), "nbytes", 0)),
+                ("deltatune_host_cache_bytes", "Bytes of delta factors in the host cache",
+                 getattr(getattr(engine, "pool", None), "host_used", 0))):
+            g = GaugeMetricFamily(name, help_)
+            g.add_metric([], int(value))
+            yield g
 
 
 class Metrics:
