@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,15 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.parsing import read_yaml
 from ..core.quant import SCHEMES as QUANT_SCHEMES
+from .losses import check_class_weights
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")
+SELECT_METRICS = ("loss", "accuracy", "macro_f1")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -39,11 +46,15 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     schedule: str = "linear"
     loraplus_ratio: float = 1.0
+    head_lr: float | None = None              # lr of the new head (modules_to_save / head modules); None: lr
+    class_weights: Any = "none"               # none | balanced | sqrt | [w_0, ..., w_K-1] (train/losses.py)
+    label_smoothing: float = 0.0
     max_length: int = 128
     eval_every: int | None = None
     eval_batch_size: int = 64
     max_eval_examples: int | None = None
     early_stopping_patience: int | None = None
+    select_metric: str | None = None          # loss | accuracy | macro_f1: keep (save, test) the best evaluation's state
     checkpoint_every: int | None = None
     resume: bool = False
     lisa_layers: int | None = None
@@ -69,6 +80,16 @@ class TrainConfig:
             raise ConfigError(f"quantize must be one of {QUANT_SCHEMES} (or unset), got {self.quantize!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.head_lr is not None and not (_is_number(self.head_lr) and self.head_lr > 0):
+            raise ConfigError(f"head_lr must be > 0 (or unset for lr), got {self.head_lr!r}")
+        if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        check_class_weights(self.class_weights)
+        if self.select_metric is not None and self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"select_metric must be one of {SELECT_METRICS} (or unset), got {self.select_metric!r}")
+        if self.early_stopping_patience is not None and not (
+                isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1):
+            raise ConfigError(f"early_stopping_patience must be >= 1 (or unset), got {self.early_stopping_patience!r}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("give epochs > 0 or max_steps")
         if isinstance(self.delta, DeltaConfig):
