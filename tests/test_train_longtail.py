@@ -187,3 +187,16 @@ def test_class_weights_must_match_the_classes(skewed_splits, tmp_path):
     with pytest.raises(ConfigError, match="2 classes"):
         train({"output_dir": str(tmp_path), "max_steps": 1, "class_weights": [1, 2, 3], **QUIET}, model=tiny_bert(),
               tokenizer=word_tokenizer(), splits=skewed_splits)
+
+
+@pytest.mark.parametrize("options", [{"class_weights": "balanced"}, {"label_smoothing": 0.1},
+                                     {"select_metric": "macro_f1"}])
+def test_classification_options_are_refused_for_generation(options, tmp_path):
+    from train_fixtures import additions, tiny_llama
+
+    write_jsonl(tmp_path / "gen.jsonl", additions(40, 0))
+    splits = local_splits(str(tmp_path / "gen.jsonl"), "generation")
+    with pytest.raises(ConfigError, match="classification"):
+        train({"output_dir": str(tmp_path / "o"), "max_steps": 1, "task": "generation", **options, **QUIET},
+              model=tiny_llama(), tokenizer=word_tokenizer(causal=True), splits=splits)
+    assert not (tmp_path / "o").exists()
