@@ -9,13 +9,15 @@ from typing import Annotated, Any
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.parsing import read_yaml, short
-from ..core.schema import NoneMeans, NonNegative, NonNegativeInt, OneOf, Positive, PositiveInt, Range, Unit, validate_fields
+from ..core.schema import Dropout, NoneMeans, NonNegative, NonNegativeInt, OneOf, Positive, PositiveInt, Range, Unit, validate_fields
 from ..core.suggest import did_you_mean
 from ..core.quant import SCHEMES as QUANT_SCHEMES
 from .device import check_device, check_precision
+from .losses import check_class_weights
 
 TASKS = ("auto", "classification", "generation")
 SCHEDULES = ("linear", "cosine", "constant")
+SELECT_METRICS = ("loss", "accuracy", "macro_f1")
 
 
 @dataclass
@@ -46,11 +48,16 @@ class TrainConfig:
     warmup_ratio: Unit = 0.06
     schedule: Annotated[str, OneOf(SCHEDULES)] = "linear"
     loraplus_ratio: Positive = 1.0
+    head_lr: Annotated[Positive | None, NoneMeans("lr")] = None  # lr of the new head (modules_to_save / head modules)
+    class_weights: Any = "none"               # none | balanced | sqrt | [w_0, ..., w_K-1] (train/losses.py)
+    label_smoothing: Dropout = 0.0            # in [0, 1)
     max_length: PositiveInt = 128
     eval_every: Annotated[NonNegativeInt | None, NoneMeans("5 times per run")] = None
     eval_batch_size: PositiveInt = 64
     max_eval_examples: NonNegativeInt | None = None
-    early_stopping_patience: NonNegativeInt | None = None
+    early_stopping_patience: PositiveInt | None = None
+    #: loss | accuracy | macro_f1: keep (save, test) the best evaluation's state
+    select_metric: Annotated[str | None, OneOf(SELECT_METRICS), NoneMeans("the last state")] = None
     checkpoint_every: Annotated[NonNegativeInt | None, NoneMeans("no checkpoints")] = None
     resume: bool = False
     lisa_layers: Annotated[NonNegativeInt | None, NoneMeans("no LISA")] = None
@@ -72,6 +79,7 @@ class TrainConfig:
         validate_fields(self)  # every option converted to its declared type and checked against its annotation
         check_device(self.device)
         check_precision(self.precision)
+        check_class_weights(self.class_weights)
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("give epochs > 0 or max_steps")
         self.delta_config()  # validate now, not after the model is loaded

@@ -29,8 +29,9 @@ from .config import TrainConfig
 from .data import Collator, Splits, count_tokens, local_splits, subset
 from .device import Precision, resolve_device, to_device
 from .distributed import Dist, local_rank
-from .evaluate import evaluate_classification, evaluate_generation
+from .evaluate import evaluate_classification
 from .lisa import Lisa
+from .losses import ClassificationLoss
 from ..core.progress import Progress, duration
 from ..zoo.load_report import held_load_reports
 from ..runtime.step_hooks import after_optimizer_step, before_step, regularization
@@ -169,6 +170,26 @@ def schedule(cfg: TrainConfig, total: int):
     return factor
 
 
+def training_loss(cfg: TrainConfig, task: str, train_set: list, n_labels: int | None) -> ClassificationLoss | None:
+    """The loss the options ask for (class weights, label smoothing); None: the model's own loss."""
+    weighted = cfg.class_weights not in (None, "none") or cfg.label_smoothing
+    if task != "classification":
+        if weighted:
+            raise ConfigError("class_weights and label_smoothing apply to classification only")
+        if cfg.select_metric in ("accuracy", "macro_f1"):
+            raise ConfigError(f"select_metric={cfg.select_metric!r} needs classification; use 'loss' for {task}")
+        return None
+    return ClassificationLoss.from_options(cfg.class_weights, cfg.label_smoothing, [e["label"] for e in train_set],
+                                           n_labels or 0)
+
+
+def selection_score(metrics: dict[str, Any], select_metric: str | None) -> float:
+    """Higher is better: the chosen validation metric (the loss negated); by default accuracy, else the loss."""
+    if select_metric is None:
+        return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+    return -metrics["loss"] if select_metric == "loss" else metrics[select_metric]
+
+
 class BatchOrder:
     """Global batches from seeded per-epoch permutations; rank r takes its slice of each global batch."""
 
@@ -247,6 +268,7 @@ class _Run:
         self.model, self.tok = model, tokenizer
         self.train_set = subset(self.splits.train, cfg.train_examples, cfg.seed)  # stratified, not the first n
         self.val_set = subset(self.splits.validation, cfg.max_eval_examples, cfg.seed)
+        self.loss_fn = training_loss(cfg, self.task, self.train_set, n_labels)
         self.out = Path(cfg.output_dir)
         self.delta_cfg = with_head(cfg.delta_config(), model, self.task)
         model.to(self.device)  # the base first, so initialisations that read its weights run on the device
@@ -262,7 +284,8 @@ class _Run:
         if cfg.lisa_layers and self.dist.enabled:
             raise ConfigError("LISA toggles requires_grad between steps, which DDP does not allow; train LISA in one process")
         self.lisa = Lisa(model, cfg.name, cfg.lisa_layers, cfg.lisa_interval, cfg.seed) if cfg.lisa_layers else None
-        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio, cfg.head_lr,
+                              tuple(self.delta_cfg.modules_to_save or ()))
         if not any(g["params"] for g in groups):
             raise ConfigError("no parameter is trainable; check the delta config (or the prepare function)")
         self.opt = torch.optim.AdamW(groups)
@@ -339,7 +362,7 @@ class _Run:
 
     def _after_eval(self, metrics: dict[str, Any]) -> bool:
         """Track the best state; True when early stopping says stop."""
-        score = metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+        score = selection_score(metrics, self.cfg.select_metric)
         if self.best is None or score > self.best[0]:
             self.best = (score, self.step, _trainable_snapshot(self.model))
             self.bad_evals = 0
@@ -397,7 +420,9 @@ class _Run:
             tokens += count_tokens(batch)
             batch = to_device(batch, self.device)
             with self.precision.autocast():
-                loss = (self.wrapped(**batch).loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
+                out = self.wrapped(**batch)
+                task_loss = out.loss if self.loss_fn is None else self.loss_fn(out.logits, batch["labels"])
+                loss = (task_loss + regularization(self.model, [cfg.name])) / cfg.grad_accum
             self.precision.backward(loss)  # scaled under fp16
             total_loss += float(loss.detach())
         stepped = self.precision.step(self.opt)
@@ -417,7 +442,7 @@ class _Run:
 
     def _finish(self, stopped: bool) -> TrainResult:
         cfg = self.cfg
-        if self.best is not None and cfg.early_stopping_patience is not None:
+        if self.best is not None and (cfg.early_stopping_patience is not None or cfg.select_metric is not None):
             with torch.no_grad():
                 params = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
                 for n, t in self.best[2].items():
