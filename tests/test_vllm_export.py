@@ -181,3 +181,32 @@ def test_pissa_offsets_written_as_plain_lora_of_twice_the_rank(base, base_dir, t
     cfg = json.loads((rep.path / "adapter_config.json").read_text())
     assert cfg["init_lora_weights"] is True and cfg["r"] == 6  # vLLM refuses init_lora_weights="pissa"
     torch.testing.assert_close(_logits_peft(base, rep.path), _logits_dt(base, src), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [
+    dt.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
+    dt.LoHa(r=2, targets=["q_proj", "v_proj"]),
+    dt.LoKr(r=2, targets=["q_proj", "v_proj"]),
+    dt.VeRA(r=8, targets=["q_proj", "v_proj"]),
+    dt.RandLoRA(r=4, targets=["q_proj", "v_proj"]),
+    dt.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj"]),
+], ids=lambda c: type(c).__name__)
+def test_every_weight_update_kind_exports_to_equal_logits_at_full_rank(base, base_dir, tmp_path, cfg):
+    """The compatibility table's vLLM column: each linear weight-update kind becomes plain LoRA that peft (vLLM's file
+    reader) loads with deltatune's logits, exactly at a rank that holds every ΔW."""
+    src = _delta(base, tmp_path / "src", cfg, std=0.05)
+    out = export_vllm(base, base_dir, [src], tmp_path / "out", rank=64).deltas[0]
+    assert out.error < 1e-5
+    assert not torch.allclose(_logits_dt(base, src), _base_logits(base), atol=1e-4)  # the delta does something
+    torch.testing.assert_close(_logits_peft(base, out.path), _logits_dt(base, src), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    dt.LNTuning(), dt.PrefixTuning(n_tokens=2),
+    dt.Houlsby(targets=["o_proj", "down_proj"], bottleneck=4),
+], ids=lambda c: type(c).__name__)
+def test_kinds_vllm_cannot_hold_are_refused_by_name(base, base_dir, tmp_path, cfg):
+    src = _delta(base, tmp_path / "src", cfg)
+    with pytest.raises(UnsupportedError):
+        export_vllm(base, base_dir, [src], tmp_path / "out", rank=8)
+    assert not (tmp_path / "out").exists()
