@@ -17,19 +17,14 @@ from deltatune.train import TrainConfig, train
 from deltatune.train.data import Collator, local_splits
 from deltatune.train.evaluate import classification_metrics, final_number
 
-from train_fixtures import additions, save_bert_dir, sentiment, tiny_bert, tiny_llama, word_tokenizer, write_jsonl
+from train_fixtures import sentiment_splits, additions, save_bert_dir, sentiment, tiny_bert, tiny_llama, word_tokenizer, write_jsonl
 
 QUIET = {"progress": False, "plot": False}
 
 
 @pytest.fixture(scope="module")
 def cls_splits(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "train.jsonl", sentiment(160, 1))
-    write_jsonl(d / "val.jsonl", sentiment(40, 2))
-    write_jsonl(d / "test.jsonl", sentiment(40, 3))
-    return local_splits(str(d / "train.jsonl"), "classification", validation=str(d / "val.jsonl"),
-                        test=str(d / "test.jsonl"))
+    return sentiment_splits(tmp_path_factory.mktemp("data"))
 
 
 def free_port() -> str:

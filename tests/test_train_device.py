@@ -16,7 +16,7 @@ from deltatune.train.data import local_splits
 from deltatune.train.device import Precision, resolve_device
 from deltatune.train.evaluate import evaluate_classification
 
-from train_fixtures import sentiment, tiny_bert, word_tokenizer, write_jsonl
+from train_fixtures import sentiment_splits, sentiment, tiny_bert, word_tokenizer, write_jsonl
 
 QUIET = {"progress": False, "plot": False}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -24,12 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 @pytest.fixture(scope="module")
 def cls_splits(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "train.jsonl", sentiment(160, 1))
-    write_jsonl(d / "val.jsonl", sentiment(40, 2))
-    write_jsonl(d / "test.jsonl", sentiment(40, 3))
-    return local_splits(str(d / "train.jsonl"), "classification", validation=str(d / "val.jsonl"),
-                        test=str(d / "test.jsonl"))
+    return sentiment_splits(tmp_path_factory.mktemp("data"))
 
 
 def _losses(result) -> list[float]:

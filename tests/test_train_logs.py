@@ -11,12 +11,11 @@ import pytest
 
 from deltatune.core.progress import Progress, duration
 from deltatune.train import TrainConfig, train
-from deltatune.train.data import local_splits
 from deltatune.train.loop import load_model, trained_whole
 from deltatune.train.plot import history_figure
 from deltatune.zoo.load_report import missing_only
 
-from train_fixtures import VOCAB, sentiment, tiny_bert, word_tokenizer, write_jsonl
+from train_fixtures import sentiment_splits, VOCAB, sentiment, tiny_bert, word_tokenizer, write_jsonl
 
 STEP = re.compile(r"^step (\d+)/20  loss (\d+\.\d{4})  lr (\S+)  tokens/s (\d+)  ETA (\d+:\d\d)$")
 EVAL = re.compile(r"^eval step (\d+)/20  val_accuracy (\d\.\d{4})  val_macro_f1 (\d\.\d{4})  val_loss (\d+\.\d{4})$")
@@ -29,12 +28,7 @@ class FakeTerminal(io.StringIO):
 
 @pytest.fixture(scope="module")
 def cls_splits(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "train.jsonl", sentiment(120, 1))
-    write_jsonl(d / "val.jsonl", sentiment(40, 2))
-    write_jsonl(d / "test.jsonl", sentiment(20, 3))
-    return local_splits(str(d / "train.jsonl"), "classification", validation=str(d / "val.jsonl"),
-                        test=str(d / "test.jsonl"))
+    return sentiment_splits(tmp_path_factory.mktemp("data"), 120, 40, 20)
 
 
 RUN = {"max_steps": 20, "batch_size": 8, "lr": 1e-2, "log_every": 5, "eval_every": 10, "eval_batch_size": 16}

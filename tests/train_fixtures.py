@@ -71,3 +71,13 @@ def save_bert_dir(path: Path) -> Path:
     tiny_bert().save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def sentiment_splits(root, n_train: int = 160, n_val: int = 40, n_test: int = 40):
+    """Train/validation/test JSONL files of the toy sentiment task under `root`, read back as classification splits."""
+    from deltatune.train.data import local_splits
+
+    for name, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
+        write_jsonl(root / f"{name}.jsonl", sentiment(n, seed))
+    return local_splits(str(root / "train.jsonl"), "classification", validation=str(root / "val.jsonl"),
+                        test=str(root / "test.jsonl"))

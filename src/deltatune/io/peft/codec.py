@@ -408,6 +408,18 @@ def module_key(path: str, name: str) -> str:
     return f"{PREFIX}{path}.{name}"
 
 
+def linear_tensors(delta: Delta, paths: list[str], names: dict[str, str], where: str) -> dict[str, Tensor]:
+    """peft's flat tensors of a kind whose peft layers adapt nn.Linear only: each module's state under peft's key
+    (`names`: our state name -> peft's tensor name); a module of another type is refused by name."""
+    flat: dict[str, Tensor] = {}
+    for mpath in paths:
+        if delta.module_types.get(mpath) != "Linear":
+            raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's "
+                                   f"{delta.config.kind} adapts nn.Linear modules only")
+        flat.update({module_key(mpath, names[k]): t for k, t in delta.state[mpath].items()})
+    return flat
+
+
 def write_peft(delta: Delta, path: Path) -> Path:
     """Write `delta` as a PEFT adapter directory that `PeftModel.from_pretrained` loads to the same model, with an
     integrity manifest beside the two files (peft ignores it); the directory is replaced as a whole."""

@@ -16,7 +16,7 @@ from ...core.errors import CorruptFileError, UnsupportedError
 from ...methods.loha import LoHa
 from ...methods.lokr import LoKr
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftFile, PeftKind, linear_tensors, register_kind
 
 _REFUSE = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
            "use_effective_conv2d": "effective Conv2d factors"}
@@ -40,12 +40,7 @@ def _read(file: PeftFile, names: dict[str, str], make: Any) -> Delta:
 
 def _write(names: dict[str, str], extra: Any) -> Any:
     def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        flat = {}
-        for mpath in paths:
-            if delta.module_types.get(mpath) != "Linear":
-                raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's "
-                                       f"{delta.config.kind} adapts nn.Linear modules only")
-            flat.update({module_key(mpath, names[k]): t for k, t in delta.state[mpath].items()})
+        flat = linear_tensors(delta, paths, names, where)
         cfg = delta.config
         return flat, {"target_modules": paths, "r": cfg.r, "alpha": cfg.alpha, "rank_pattern": {}, "alpha_pattern": {},
                       "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True, **extra(cfg)}

@@ -10,7 +10,7 @@ from torch import Tensor
 from ...core.errors import CorruptFileError, UnsupportedError
 from ...methods.poly import Poly
 from ..delta import Delta
-from ..peft import PeftFile, PeftKind, module_key, register_kind
+from ..peft import PeftFile, PeftKind, linear_tensors, register_kind
 
 _NAMES = {"poly_A": "poly_lora_A", "poly_B": "poly_lora_B", "logits": "poly_router.module_logits"}
 _KNOWN = frozenset({"r", "n_tasks", "n_skills", "n_splits", "poly_type", "init_weights"})
@@ -32,12 +32,7 @@ def read(file: PeftFile) -> Delta:
 
 
 def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    flat = {}
-    for mpath in paths:
-        if delta.module_types.get(mpath) != "Linear":
-            raise UnsupportedError(f"{where}: module {mpath!r} is a {delta.module_types.get(mpath)}; peft's Poly adapts "
-                                   f"nn.Linear modules only")
-        flat.update({module_key(mpath, _NAMES[k]): t for k, t in delta.state[mpath].items()})
+    flat = linear_tensors(delta, paths, _NAMES, where)
     cfg = delta.config
     return flat, {"target_modules": paths, "r": cfg.r, "n_tasks": cfg.n_tasks, "n_skills": cfg.n_skills,
                   "n_splits": cfg.n_splits, "poly_type": "poly", "init_weights": True}

@@ -23,7 +23,7 @@ _KNOWN = frozenset({"r", "mask_type", "random_seed", "fan_in_fan_out", "init_wei
 def read(file: PeftFile) -> Delta:
     parts = file.take({".shira_weight": "values", ".shira_indices": "indices"})
     state, ks = {}, {}
-    r = file.number("r", int)
+    file.number("r", int)  # checked: the entry counts below are r·(in + out)
     for mpath, named in parts.items():
         if set(named) != {"values", "indices"}:
             raise CorruptFileError(f"{file.where}: module {mpath!r} lacks shira_weight or shira_indices")
