@@ -171,6 +171,7 @@ def test_the_architecture_walkthrough_shows_this_file_verbatim() -> None:
     root = Path(__file__).resolve().parents[1]
     doc = (root / "docs" / "architecture.md").read_text()
     section = doc[doc.index("## Adding a method: AdapterBias"):]
-    block = section[section.index("```python\n") + len("```python\n"):]
+    start = section.index("```python")
+    block = section[section.index("\n", start) + 1:]  # after the fence line (its info string may carry markers)
     block = block[:block.index("```")]
     assert block == (root / "src" / "deltatune" / "methods" / "adapter_bias.py").read_text()

