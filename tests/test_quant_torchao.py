@@ -152,3 +152,32 @@ def test_other_torchao_weights_are_refused_clearly() -> None:
     lin.weight = nn.Parameter(Odd(w.qdata, w.scale, w.block_size, w.dtype), requires_grad=False)
     with pytest.raises(TargetError, match="Int8WeightOnlyConfig"):
         quant.quant_kind(lin)
+
+
+def test_every_linear_kind_attaches_or_refuses_clearly() -> None:
+    """Every registered kind attaches to the int8 weight-only Llama (identity at init for the input / weight / output
+    positions), or refuses with a TargetError naming the quantised module (pieces with quantized_hosts = False)."""
+    from deltatune.core.config import _REGISTRY
+
+    attached = []
+    for kind, cls in sorted(_REGISTRY.items()):
+        make = getattr(cls, "example", None)
+        cfg = make() if make is not None else cls()
+        if cfg.follows():  # a fusion layer goes on other deltas' modules
+            continue
+        tiny, _ = quantized()
+        base = tiny.logits()
+        try:
+            dt.attach(tiny.model, cfg, name="d")
+        except TargetError as e:
+            if "quantised" in str(e):
+                assert not cfg.piece_class(None).quantized_hosts, kind
+            assert not any(".deltatune." in n for n, _ in tiny.model.named_parameters())  # untouched
+            continue
+        attached.append(kind)
+        pieces = {type(p) for _, m in tiny.model.named_modules() if (s := m._modules.get("deltatune")) is not None
+                  for p in s.values()}
+        if all(p.position in ("input", "weight", "output") and not p.keywords for p in pieces):
+            assert torch.allclose(tiny.logits(), base, atol=1e-5), kind
+        assert all(isinstance(m.weight, Int8Tensor) for m in tiny.model.modules() if quant.quant_kind(m)), kind
+    assert {"lora", "ia3", "sparse"} <= set(attached)
