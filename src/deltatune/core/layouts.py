@@ -6,11 +6,12 @@ Normalisation modules (LayerNorm, RMSNorm: y = n(x) ⊙ γ + β) are the one 1-D
 map of n(x), kept as its diagonal, so their ΔW is a 1-D tensor of γ's shape (`NormLayout`; only methods that list
 "Norm" in `supported` receive it).
 
-Quantised linears (bitsandbytes `Linear4bit` NF4/FP4, `Linear8bitLt`; `core/quant.py`) get `QuantLinearLayout`, whose
-`module_type` is "QuantLinear". A piece that lists "Linear" in `supported` accepts them too, unless it declares
-`quantized_hosts = False`: every method reads the base weight only through the layout (`weight`, a dequantised copy
-here), computes with `x` and the module's output, and never writes the weight, so a quantised linear is a Linear to
-it. Only merging writes the weight (`writable` is False: the slot dequantises, adds and requantises).
+Quantised linears (bitsandbytes `Linear4bit` NF4/FP4, `Linear8bitLt`; torchao int8 weight-only; `core/quant.py`) get
+`QuantLinearLayout`, whose `module_type` is "QuantLinear". A piece that lists "Linear" in `supported` accepts them
+too, unless it declares `quantized_hosts = False`: every method reads the base weight only through the layout
+(`weight`, a dequantised copy here), computes with `x` and the module's output, and never writes the weight, so a
+quantised linear is a Linear to it. Only merging writes the weight (`writable` is False: the slot dequantises, adds
+and requantises).
 """
 from __future__ import annotations
 
@@ -88,9 +89,9 @@ class LinearLayout(Layout):
 
 
 class QuantLinearLayout(LinearLayout):
-    """A bitsandbytes quantised linear (4-bit NF4/FP4, 8-bit): `weight` is a dequantised copy (reading only), the
-    module's forward stays the quantised kernel. Its name is "QuantLinear"; it is accepted wherever "Linear" is
-    (`layout_of`)."""
+    """A quantised linear (bitsandbytes 4-bit NF4/FP4 or 8-bit; torchao int8 weight-only): `weight` is a dequantised
+    copy (reading only), the module's forward stays the quantised kernel. Its name is "QuantLinear"; it is accepted
+    wherever "Linear" is (`layout_of`)."""
 
     module_type = "QuantLinear"
     writable = False

@@ -1,5 +1,9 @@
-"""Quantised linear layers (bitsandbytes `Linear4bit` NF4/FP4 and `Linear8bitLt`): recognising, dequantising and
-requantising their weights, and `quantize`, which puts them into a model in place (docs/quantization.md).
+"""Quantised linear layers (bitsandbytes `Linear4bit` NF4/FP4 and `Linear8bitLt`; an `nn.Linear` whose weight is a
+torchao `Int8Tensor`, from `quantize_(model, Int8WeightOnlyConfig())`): recognising, dequantising and requantising
+their weights (docs/quantization.md).
+
+torchao is optional too, and recognised the same way: by its weight's class (`Int8Tensor` from a `torchao` module);
+requantising uses that class's own `from_hp`, so torchao is never imported here.
 
 bitsandbytes is optional (the `quant` extra). Nothing here imports it at import time: a quantised module is
 recognised by the class name of its weight parameter (`Params4bit`, `Int8Params`), and bitsandbytes is imported only
@@ -32,10 +36,16 @@ def bnb() -> Any:
 
 
 def quant_kind(module: nn.Module) -> str | None:
-    """"4bit" for a bitsandbytes Linear4bit, "8bit" for a Linear8bitLt holding int8 weights, else None. Decided from
-    the weight parameter's class name, so bitsandbytes is never imported here."""
+    """"4bit" for a bitsandbytes Linear4bit, "8bit" for a Linear8bitLt holding int8 weights, "torchao" for a linear
+    whose weight is a torchao Int8Tensor, else None. Decided from the weight parameter's class, so neither library is
+    imported here."""
     w = module._parameters.get("weight") if isinstance(module, nn.Module) else None
     name = type(w).__name__ if w is not None else ""
+    if type(w).__module__.split(".")[0] == "torchao":
+        if name == "Int8Tensor" and w.dim() == 2 and isinstance(module, nn.Linear):
+            return "torchao"
+        raise TargetError(f"{type(module).__name__} holds a torchao {name} weight; deltatune supports torchao's int8 "
+                          f"weights on nn.Linear (Int8WeightOnlyConfig) only (docs/quantization.md)")
     if name == "Params4bit" and getattr(w, "quant_state", None) is not None:
         return "4bit"
     if name == "Int8Params" and w.dtype == torch.int8:
@@ -58,6 +68,8 @@ def dequantized(module: nn.Module) -> Tensor:
         return bnb().functional.dequantize_4bit(w.data, qs)
     if kind == "8bit":
         return w.data.float() * (_scb(module).float()[:, None] / 127.0)
+    if kind == "torchao":
+        return w.dequantize()
     raise TargetError(f"{type(module).__name__} is not a quantised linear layer")
 
 
@@ -76,8 +88,11 @@ def _dequantize_cpu_packed(w: Tensor) -> Tensor:
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype the quantised module computes in (its dequantised view's dtype)."""
-    if quant_kind(module) == "4bit":
+    kind = quant_kind(module)
+    if kind == "4bit":
         return module.compute_dtype or module.weight.quant_state.dtype
+    if kind == "torchao":
+        return module.weight.dtype  # the dtype it was quantised from, which its forward computes in
     return torch.float32
 
 
@@ -91,7 +106,10 @@ class QuantizedWeight:
 
 def snapshot(module: nn.Module) -> QuantizedWeight:
     w = module.weight
-    if quant_kind(module) == "4bit":
+    kind = quant_kind(module)
+    if kind == "torchao":  # requantize replaces the parameter and never writes it: keeping it keeps its bytes
+        return QuantizedWeight(module._parameters["weight"], {"torchao": True})
+    if kind == "4bit":
         import copy
         return QuantizedWeight(w.data.clone(), {"quant_state": copy.deepcopy(w.quant_state)})
     return QuantizedWeight(w.data.clone(), {"SCB": _scb(module).clone()})
@@ -99,6 +117,9 @@ def snapshot(module: nn.Module) -> QuantizedWeight:
 
 def restore(module: nn.Module, saved: QuantizedWeight) -> None:
     """Put back a `snapshot` exactly (the weight parameter keeps its identity)."""
+    if "torchao" in saved.extra:
+        module._parameters["weight"] = saved.data
+        return
     w = module.weight
     w.data = saved.data.clone()
     if "quant_state" in saved.extra:
@@ -128,9 +149,13 @@ def _set8(module: nn.Module, cb: Tensor, scb: Tensor) -> None:
 @torch.no_grad()
 def requantize(module: nn.Module, weight: Tensor) -> None:
     """Store the dense [out, in] `weight` in the module, quantised with the module's own scheme (quant type, block
-    size, double quantisation); the weight parameter keeps its identity."""
-    lib = bnb()
+    size, double quantisation); the weight parameter keeps its identity (torchao: a new parameter replaces it, the
+    old one is left as it was, for `restore`)."""
     w = module.weight
+    if quant_kind(module) == "torchao":
+        _requantize_torchao(module, weight)
+        return
+    lib = bnb()
     if quant_kind(module) == "4bit":
         qs = w.quant_state
         dtype = qs.dtype
@@ -141,3 +166,17 @@ def requantize(module: nn.Module, weight: Tensor) -> None:
     else:
         cb, scb, _ = lib.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())  # as Int8Params does
         _set8(module, cb, scb)
+
+
+def _requantize_torchao(module: nn.Module, weight: Tensor) -> None:
+    """A torchao Int8Tensor of `weight` with the stored one's block size, zero points (symmetric or not) and
+    activation settings, in a new frozen parameter."""
+    from torchao.quantization.granularity import PerBlock  # present: the module's weight came from torchao
+    from torchao.quantization.quant_primitives import MappingType
+
+    w = module.weight
+    asym = w.zero_point is not None and bool((w.zero_point != 0).any())
+    new = type(w).from_hp(weight.detach().to(w.dtype).contiguous(), granularity=PerBlock(tuple(w.block_size)),
+                          mapping_type=MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC,
+                          act_quant_kwargs=w.act_quant_kwargs, reduce_range=w.reduce_range)
+    module._parameters["weight"] = nn.Parameter(new, requires_grad=False)
