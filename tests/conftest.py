@@ -207,3 +207,9 @@ def compeft_oracle(x: Tensor, density: float, alpha: float) -> Tensor:
     out = torch.zeros_like(flat)
     out[keep] = alpha * flat.std() * torch.sign(flat[keep])
     return out.reshape(x.shape)
+
+
+def attached_piece_types(model: nn.Module) -> set[type]:
+    """The classes of every piece attached anywhere in `model`."""
+    return {type(p) for _, m in model.named_modules() if (s := m._modules.get("deltatune")) is not None
+            for p in s.values()}

@@ -15,7 +15,7 @@ from deltatune.core import quant
 from deltatune.core.errors import RoundingWarning, TargetError
 from deltatune.core.layouts import QuantLinearLayout, layout_of
 
-from conftest import build_tiny, module_pieces, randomize_delta
+from conftest import attached_piece_types, build_tiny, module_pieces, randomize_delta
 
 try:
     with warnings.catch_warnings():
@@ -176,8 +176,7 @@ def test_every_linear_kind_attaches_or_refuses_clearly() -> None:
             assert not any(".deltatune." in n for n, _ in tiny.model.named_parameters())  # untouched
             continue
         attached.append(kind)
-        pieces = {type(p) for _, m in tiny.model.named_modules() if (s := m._modules.get("deltatune")) is not None
-                  for p in s.values()}
+        pieces = attached_piece_types(tiny.model)
         if all(p.position in ("input", "weight", "output") and not p.keywords for p in pieces):
             assert torch.allclose(tiny.logits(), base, atol=1e-5), kind
         assert all(isinstance(m.weight, Int8Tensor) for m in tiny.model.modules() if quant.quant_kind(m)), kind
