@@ -30,6 +30,7 @@ def file_command_threads(limit: int = MAX_FILE_THREADS) -> Iterator[int]:
     import torch
 
     from ..core.errors import ConfigError
+    from ..core.threads import torch_threads
 
     before = torch.get_num_threads()
     given = os.environ.get(THREADS_ENV)
@@ -39,8 +40,5 @@ def file_command_threads(limit: int = MAX_FILE_THREADS) -> Iterator[int]:
         now = int(given)
     else:
         now = max(1, min(before, limit))
-    torch.set_num_threads(now)
-    try:
+    with torch_threads(now):
         yield now
-    finally:
-        torch.set_num_threads(before)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError, CorruptFileError, DeltaNotFoundError, UnsupportedError
 from . import atomic
+from .deferred import settle
 from .integrity import MANIFEST, manifest, verify
 
 if TYPE_CHECKING:
@@ -157,7 +158,8 @@ _OVERLAP_BYTES = 4 << 20  # from this size on, hashing (which releases the GIL) 
 
 def _read_verifying(path: Path, fmt: Format) -> "Delta":
     """`verify` in a second thread while the format's reader runs; the reader's result is returned only after the
-    hashes matched, and a mismatch is reported in preference to whatever the reader made of the torn files."""
+    hashes matched (inside `deferred.checks_at_exit()`: the check is handed to that block), and a mismatch is
+    reported in preference to whatever the reader made of the torn files."""
     failure: list[BaseException] = []
 
     def check() -> None:
@@ -166,18 +168,19 @@ def _read_verifying(path: Path, fmt: Format) -> "Delta":
         except BaseException as e:  # handed to the reading thread, raised there
             failure.append(e)
 
+    def finish() -> None:
+        worker.join()
+        if failure:
+            raise failure[0] from None
+
     worker = threading.Thread(target=check, name="deltatune-verify", daemon=True)
     worker.start()
     try:
         delta = fmt.read(path)
     except BaseException:
-        worker.join()
-        if failure:
-            raise failure[0] from None
+        finish()
         raise
-    worker.join()
-    if failure:
-        raise failure[0]
+    settle(finish)
     return delta
 
 

@@ -2,9 +2,11 @@
 
 `read_tensors` compares the file's size with what the caller's manifest records (delta.json) before it maps
 anything, parses the header with the bounded JSON reader, checks that the tensors tile the data exactly (no gaps,
-no overlaps, nothing past the end, sizes that fit dtype and shape), verifies a recorded SHA-256 on the same
-mapping the tensors are then copied from, and only then copies each tensor out. A 1 GiB file where 1 KiB is
-expected is refused after one `fstat`; a damaged header costs the header's bytes. Nothing is ever unpickled.
+no overlaps, nothing past the end, sizes that fit dtype and shape), and verifies a recorded SHA-256 on the same
+mapping the tensors are copied from: before the copy for small files, beside it (a second thread) for large ones,
+and no tensor is returned before its hash matched (inside `deferred.checks_at_exit()`: before that block ends
+without an error). A 1 GiB file where 1 KiB is expected is refused after one `fstat`; a damaged header costs the
+header's bytes. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -14,13 +16,16 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..core.errors import CorruptFileError, DeltaNotFoundError, NonFiniteError
 from ..core.parsing import load_json, short
+from .deferred import settle
+
+T = TypeVar("T")
 #: the largest header accepted (the safetensors format's own limit)
 MAX_HEADER_BYTES = 100 << 20
 #: safetensors dtype names
@@ -34,9 +39,53 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     """All tensors of the safetensors file at `path` and its metadata. `size` / `sha256`, when given, are what a
     manifest (named by `manifest` in messages) records: the file must have exactly that size (checked before it is
     read) and hash. With `header_only`, the tensors are meta tensors (names, shapes, dtypes) from the checked header:
-    no tensor data is read and the hash is not checked."""
-    path = Path(path)
+    no tensor data is read and the hash is not checked. From `HASH_BESIDE_BYTES` on, the hash runs in a second
+    thread from the moment the file is mapped; the read returns after it matched, or, inside
+    `deferred.checks_at_exit()`, hands the check to that block."""
     where = repr(str(path))
+    mm, actual = _map(Path(path), where, size, manifest)
+
+    def read() -> tuple[dict[str, Tensor], dict[str, str]]:
+        header, start = _header(mm, actual, where)
+        metadata = header.pop("__metadata__", {})
+        if header_only:
+            return {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
+                    for key, entry in header.items()}, metadata
+        return {key: _tensor(mm, start, entry) for key, entry in header.items()}, metadata
+
+    return _hashed(mm, actual, None if header_only else sha256, where, manifest, read)
+
+
+def read_data(path: Path, *, size: int, sha256: str, manifest: str = "") -> tuple[bytes, Tensor]:
+    """The raw header bytes and a copy of the data bytes (one uint8 tensor) of the safetensors file at `path`, which
+    must have exactly `size` bytes and the SHA-256 `sha256`. The hash is computed over the header and the copy itself
+    (so the bytes the caller uses are the bytes checked), in a second thread from HASH_BESIDE_BYTES on, settled
+    through `deferred` like `read_tensors`' check. The header is not parsed: the caller compares it with a header it
+    checked before (the serving engine's registration)."""
+    where = repr(str(path))
+    mm, actual = _map(Path(path), where, size, manifest)
+    try:
+        n = int.from_bytes(mm[:8], "little")
+        if n > actual - 8 or n < 2:
+            raise _corrupt(where, f"its header length {n} does not fit a file of {actual} bytes")
+        head = mm[:8 + n]
+        data = torch.empty(actual - 8 - n, dtype=torch.uint8)
+        if data.numel():
+            data.copy_(torch.frombuffer(mm, dtype=torch.uint8, count=data.numel(), offset=8 + n))
+    finally:
+        mm.close()
+    digest = _Digest([head, data.numpy()], beside=actual >= HASH_BESIDE_BYTES)
+
+    def finish() -> None:
+        digest.join()
+        _check_hash(digest.value, sha256, where, manifest)
+
+    settle(finish)
+    return head[8:], data
+
+
+def _map(path: Path, where: str, size: int | None, manifest: str) -> tuple[mmap.mmap, int]:
+    """A private mapping of the file at `path` (which must have `size` bytes when given) and its size."""
     fd = _open(path, where)
     try:
         actual = os.fstat(fd).st_size
@@ -45,26 +94,36 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
                                    f"the file was truncated, modified or belongs to another save — it was not read")
         if actual < 8:
             raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
-        with mmap.mmap(fd, actual, access=mmap.ACCESS_COPY) as mm:  # private pages: tensors never alias the file
-            header, start = _header(mm, actual, where)
-            metadata = header.pop("__metadata__", {})
-            if header_only:
-                tensors = {key: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
-                           for key, entry in header.items()}
-            else:
-                beside = sha256 is not None and actual >= HASH_BESIDE_BYTES
-                if sha256 is not None and not beside:
-                    _check_hash(hashlib.sha256(mm).hexdigest(), sha256, where, manifest)
-                digest = _Digest(mm if beside else None)
-                try:
-                    with digest:
-                        tensors = {key: _tensor(mm, start, entry) for key, entry in header.items()}
-                finally:  # a hash mismatch is reported in preference to whatever the copy made of a changed file
-                    if beside:
-                        _check_hash(digest.value, sha256, where, manifest)
+        return mmap.mmap(fd, actual, access=mmap.ACCESS_COPY), actual  # private pages: tensors never alias the file
     finally:
-        os.close(fd)
-    return tensors, metadata
+        os.close(fd)  # the mapping holds its own descriptor
+
+
+def _hashed(mm: mmap.mmap, actual: int, sha256: str | None, where: str, manifest: str, read: Callable[[], T]) -> T:
+    """`read()` from the mapping with its SHA-256 checked against `sha256` (when given): before the read for small
+    files, beside it from HASH_BESIDE_BYTES on — then the check is settled through `deferred` (now, or at the end of
+    an enclosing `checks_at_exit` block). The mapping is closed once the hash is done."""
+    beside = sha256 is not None and actual >= HASH_BESIDE_BYTES
+    digest = _Digest([mm] if beside else None)
+
+    def finish() -> None:
+        digest.join()
+        mm.close()
+        if beside:
+            _check_hash(digest.value, sha256, where, manifest)
+
+    try:
+        if sha256 is not None and not beside:
+            _check_hash(hashlib.sha256(mm).hexdigest(), sha256, where, manifest)
+        out = read()
+    except BaseException:
+        finish()  # a hash mismatch is reported in preference to whatever the copy made of a changed file
+        raise
+    if beside:
+        settle(finish)
+    else:
+        finish()
+    return out
 
 
 #: from this size on, a file's hash is computed in a second thread while its tensors are copied out (hashlib and
@@ -73,22 +132,25 @@ HASH_BESIDE_BYTES = 4 << 20
 
 
 class _Digest:
-    """The SHA-256 of a mapping computed in a second thread for the duration of a `with` block (nothing runs when
-    the mapping is None); the block's exit waits for it, so the mapping outlives the thread, error or not."""
+    """The SHA-256 of a sequence of buffers, computed in a second thread started at once (with `beside`; else now;
+    nothing when `parts` is None); `join` waits for it — the caller joins before it releases the buffers."""
 
-    def __init__(self, mm: mmap.mmap | None) -> None:
-        self.mm, self.value = mm, None
-        self.worker = None if mm is None else threading.Thread(target=self._run, name="deltatune-sha256", daemon=True)
+    def __init__(self, parts: list | None, beside: bool = True) -> None:
+        self.parts, self.value = parts, None
+        self.worker = None
+        if parts is not None and beside:
+            self.worker = threading.Thread(target=self._run, name="deltatune-sha256", daemon=True)
+            self.worker.start()
+        elif parts is not None:
+            self._run()
 
     def _run(self) -> None:
-        self.value = hashlib.sha256(self.mm).hexdigest()
+        h = hashlib.sha256()
+        for part in self.parts:
+            h.update(part)
+        self.value = h.hexdigest()
 
-    def __enter__(self) -> "_Digest":
-        if self.worker is not None:
-            self.worker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def join(self) -> None:
         if self.worker is not None:
             self.worker.join()
 

@@ -30,12 +30,14 @@ from torch import Tensor, nn
 
 from ..core.errors import ConfigError, DeltaNameError, UnsupportedError
 from ..core.tensors import LowRankDelta
+from ..io.deferred import after_checks
 from ..io.delta import Delta
 from ..io.files import check_fits, fitted_state
 from ..runtime import build_pieces
 from .convert import pad_rank, truncate
+from .direct import Layout, Plan, plan_for, read_direct
 
-Factors = dict[str, tuple[Tensor, Tensor]]  # path -> (A [r, in], B [out, r] with the scale folded in)
+Factors = dict[str, tuple[Tensor, Tensor, float]]  # path -> (A [r, in], B [out, r], scale): ΔW = scale · B A
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class FileInfo:
     ranks: dict[str, int]          # module path -> rank of its update (fast) or of the conversion
     fast: bool
     nbytes: int                    # host bytes of the factors
+    direct: Plan | None = None     # where its factors lie in its file (serve/direct.py), when they are stored as is
 
 
 @dataclass
@@ -87,6 +90,7 @@ class DeltaPool:
         self.max_rank, self.host_bytes, self.dtype = max_rank, int(host_bytes), dtype
         self.entries: dict[str, Registered] = {}
         self._files: dict[tuple, FileInfo] = {}
+        self._layouts: dict[str, Layout] = {}   # header SHA-256 -> factor layout, shared by files with that header
         self._host: OrderedDict[tuple[str, int], tuple[Factors, int]] = OrderedDict()
         self.host_used = 0
         self.disk_reads = 0
@@ -168,10 +172,11 @@ class DeltaPool:
                                        f"served here")
             if cls.needs_base or cls.needs_shape:
                 fast = False
+        update = _meta_updates(path, delta, self.skeleton)
         ranks: dict[str, int] = {}
         for mpath in delta.state:
             if fast:
-                dw, db = delta.update(mpath)
+                dw, db = update(mpath, None)
                 if not isinstance(dw, LowRankDelta):
                     fast = False
                 else:
@@ -183,11 +188,11 @@ class DeltaPool:
                 ranks[mpath] = 0
         if not fast:
             for mpath in delta.state:
-                if delta.update(mpath, self.skeleton)[1] is not None:
+                if update(mpath, self.skeleton)[1] is not None:
                     raise UnsupportedError(f"delta {str(path)!r} changes the bias of {mpath!r}; the serving engine "
                                            f"adds weight updates only — bias changes are not served")
         nbytes = sum(r * sum(self.bank_shapes[p]) for p, r in ranks.items()) * _size(self.dtype)
-        return FileInfo(delta.config.kind, ranks, fast, nbytes)
+        return FileInfo(delta.config.kind, ranks, fast, nbytes, plan_for(path, delta, self._layouts) if fast else None)
 
     def _convert(self, path: Path, rank: int) -> tuple[Factors, dict[str, float]]:
         delta = Delta.read(path).for_model(self.model)
@@ -196,7 +201,7 @@ class DeltaPool:
         errors: dict[str, float] = {}
         for mpath in delta.state:
             low, errors[mpath] = truncate(delta.update(mpath, self.model, with_bias=False)[0], rank)
-            factors[mpath] = self._pad_to(mpath, low.A, low.B * low.scale, rank)
+            factors[mpath] = (*self._pad_to(mpath, low.A, low.B, rank), low.scale)
         return factors, errors
 
     def _pad_to(self, mpath: str, a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -205,29 +210,36 @@ class DeltaPool:
 
     # --- host tier ---------------------------------------------------------------------------------
     def factors(self, entry: Registered) -> Factors:
-        """The delta's factors in host memory (read from disk, with every check of `dt.load`, when not cached)."""
+        """The delta's factors in host memory (read from disk, with every check of `dt.load`, when not cached).
+        Inside `deferred.checks_at_exit()` a large file's hash may still be running when this returns: the factors
+        enter the host cache only once it matched, and the caller must not publish them before the block ends."""
         with self._lock:
             hit = self._host.get(entry.key)
             if hit is not None:
                 self._host.move_to_end(entry.key)
                 return hit[0]
-        if entry.info.fast:
-            delta = Delta.read(entry.path)
-            self.disk_reads += 1
-            factors = {}
-            for mpath in delta.state:
-                dw = delta.update(mpath)[0]
-                factors[mpath] = (dw.A.to(self.dtype).contiguous(), (dw.B * dw.scale).to(self.dtype).contiguous())
-        else:
+        if not entry.info.fast:
             factors = self._convert(entry.path, entry.convert_rank)[0]
-        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
+        else:
+            factors = None
+            if entry.info.direct is not None:  # None back: changed since registration, so read in full
+                factors = read_direct(entry.path, entry.info.direct)
+            if factors is None:
+                delta = Delta.read(entry.path)
+                factors = {mpath: (dw.A, dw.B, dw.scale) for mpath in delta.state for dw in [delta.update(mpath)[0]]}
+            self.disk_reads += 1
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for a, b, _ in factors.values() for t in (a, b)}
+        nbytes = sum(storages.values())
+        after_checks(lambda: self._keep(entry, factors, nbytes))  # cached only once the file's hash has matched
+        return factors
+
+    def _keep(self, entry: Registered, factors: Factors, nbytes: int) -> None:
         with self._lock:
             if self.entries.get(entry.name) is entry and nbytes <= self.host_bytes:  # a replaced version is not kept
                 while self.host_used + nbytes > self.host_bytes and self._host:
                     self._drop_host(next(iter(self._host)))
                 self._host[entry.key] = (factors, nbytes)
                 self.host_used += nbytes
-        return factors
 
     def _drop_host(self, key: tuple[str, int]) -> None:
         hit = self._host.pop(key, None)
@@ -237,6 +249,25 @@ class DeltaPool:
     @property
     def host_cached(self) -> list[tuple[str, int]]:
         return list(self._host)
+
+
+def _meta_updates(path: Path, delta: Delta, skeleton: nn.Module):
+    """`update(module, base)` → (ΔW, Δb) of `delta` (read with meta tensors), computed on the meta tensors; a kind whose
+    update reads stored values (VeRA and RandLoRA read their saved shapes) cannot be computed there, so the delta's
+    tensors are then read once, at registration, and the update computed from them (with every check of dt.load)."""
+    full: list[Delta] = []
+
+    def update(mpath: str, base):
+        if not full:
+            try:
+                return delta.update(mpath, base)
+            except (RuntimeError, NotImplementedError) as e:  # a value of a meta tensor was asked for
+                if "meta" not in str(e):
+                    raise
+                full.append(Delta.read(path).for_model(skeleton))
+        return full[0].update(mpath, base)
+
+    return update
 
 
 def _size(dtype: torch.dtype) -> int:

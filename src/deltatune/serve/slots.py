@@ -2,7 +2,7 @@
 (name, version) each slot holds, with pins for requests in flight and LRU eviction among the unpinned.
 
 A bucket of rank R with n slots holds, for every banked module of shape [out, in], A [n, R, in] and B [n, out, R]
-(the scale folded into B). A delta of rank r goes into the smallest bucket with R ≥ r (a larger one if that is
+(the scale folded into B when written). A delta of rank r goes into the smallest bucket with R ≥ r (a larger one if that is
 full of pinned deltas); its rows are copied in and the unused R − r rows zeroed, which adds exactly nothing.
 Nothing is allocated after construction and no module of the model changes."""
 from __future__ import annotations
@@ -66,10 +66,12 @@ class Banks:
                 a_bank.zero_()
                 b_bank.zero_()
                 continue
-            a, b = f
+            a, b, scale = f
             r = a.shape[0]
             a_bank[:r].copy_(a, non_blocking=True)
             b_bank[:, :r].copy_(b, non_blocking=True)
+            if scale != 1:
+                b_bank[:, :r].mul_(scale)
             if r < a_bank.shape[0]:
                 a_bank[r:].zero_()
                 b_bank[:, r:].zero_()

@@ -1,0 +1,162 @@
+"""The engine's hot load: the direct path (factors copied out of their byte ranges in a native file) against the full
+read, the checks it keeps (hash, finiteness, a file changed since registration), and the deferred hash checks it
+relies on (io/deferred.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import CorruptFileError, NonFiniteError
+from deltatune.io import deferred, safetensors_io
+from deltatune.io.delta import Delta
+from deltatune.serve import Engine, SamplingParams
+from deltatune.serve import pool as pool_module
+from test_serve import build_base, make_lora, reference
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_base()
+
+
+def bank_rows(eng: Engine, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    bi, row = eng.banks.locate(slot)
+    return {p: (eng.banks.A[p][bi][row].clone(), eng.banks.B[p][bi][row].clone()) for p in eng.banks.shapes}
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_direct_load_equals_the_full_read(base, tmp_path, monkeypatch, beside):
+    """Bank rows written by the direct path equal those of the full read (Delta.read + update) bit for bit, for a
+    rank below the bucket's (zeroed tail) and with alpha ≠ r (a scale to fold in)."""
+    monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if beside else 1 << 62)
+    path = make_lora(base, tmp_path / "d", 4, 1, alpha=12)
+    eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
+    entry = eng.register("d", path)
+    assert entry.info.direct is not None
+    direct = bank_rows(eng, eng.preload("d"))
+    calls = []
+    monkeypatch.setattr(pool_module, "read_direct", lambda *a: calls.append(a))  # None: the full read
+    full = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
+    full.register("d", path)
+    rows = bank_rows(full, full.preload("d"))
+    assert calls and set(rows) == set(direct)
+    assert all(torch.equal(direct[p][0], rows[p][0]) and torch.equal(direct[p][1], rows[p][1]) for p in rows)
+    delta = Delta.read(path)
+    some = next(iter(delta.state))
+    dw = delta.update(some)[0]
+    assert dw.scale == 3.0 and torch.equal(direct[some][1][:, :4], dw.B * 3.0) and not direct[some][0][4:].any()
+
+
+def test_files_of_one_recipe_share_one_layout_and_other_kinds_have_no_plan(base, tmp_path):
+    eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=16)
+    a = eng.register("a", make_lora(base, tmp_path / "a", 8, 1))
+    b = eng.register("b", make_lora(base, tmp_path / "b", 8, 2))
+    assert a.info.direct.layout is b.info.direct.layout and a.info.direct.sha256 != b.info.direct.sha256
+    peft = eng.register("p", dt.save(dt.load(copy.deepcopy(base), tmp_path / "a"), tmp_path / "peft", format="peft"))
+    assert peft.info.direct is None and eng.preload("p") >= 0  # another format: the full read
+    paths = {}
+    for name, cfg in (("vera", dt.VeRA(r=8, targets=("q_proj", "v_proj"))),
+                      ("randlora", dt.RandLoRA(r=8, targets=("q_proj", "v_proj")))):
+        m = copy.deepcopy(base)
+        dt.attach(m, cfg, name=name)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lambda" in n:
+                    p.normal_(0, 0.5)
+        paths[name] = dt.save(m, tmp_path / name)
+    # their updates read the saved shape, which meta tensors do not hold: computed from the tensors, once
+    vera = eng.register("vera", paths["vera"])
+    assert vera.policy == "fast" and vera.info.direct is None  # factors computed from what is stored
+    [r] = eng.generate([[3, 9, 4]], ["vera"], SamplingParams(max_tokens=5, eos=()))
+    assert r.tokens == reference(base, paths["vera"], [3, 9, 4], 5)
+    rand = eng.register("randlora", paths["randlora"], convert_rank=16)  # a sum of full-rank bases: converted
+    assert rand.policy == "converted" and 0 <= rand.error < 1 and eng.preload("randlora") >= 0
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_changed_file_is_refused_and_the_slot_stays_empty(base, tmp_path, monkeypatch, beside):
+    """Same size, one value changed after registration (delta.json untouched): the hash refuses it; nothing is
+    cached, no slot holds it, and torch's thread count is restored."""
+    monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if beside else 1 << 62)
+    path = make_lora(base, tmp_path / "d", 4, 1)
+    eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
+    eng.register("d", path)
+    weights = path / "delta.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)
+    weights.write_bytes(bytes(data))
+    threads = torch.get_num_threads()
+    with pytest.raises(CorruptFileError, match="SHA-256"):
+        eng.preload("d")
+    assert eng.slots.where == {} and eng.pool.host_cached == [] and torch.get_num_threads() == threads
+
+
+def test_a_replaced_directory_takes_the_full_read(base, tmp_path):
+    """Re-saved under the same path (another delta, same recipe): the registration's plan no longer matches the
+    directory, so the full read serves what is there now."""
+    path = make_lora(base, tmp_path / "d", 4, 1)
+    eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
+    entry = eng.register("d", path)
+    make_lora(base, tmp_path / "d", 4, 2)
+    assert pool_module.read_direct(path, entry.info.direct) is None
+    rows = bank_rows(eng, eng.preload("d"))
+    some = next(iter(rows))
+    now = Delta.read(path).update(some)[0]
+    assert torch.equal(rows[some][1][:, :4], now.B * now.scale) and torch.equal(rows[some][0][:4], now.A)
+
+
+def test_non_finite_factors_are_refused_and_an_overflowing_sum_is_not(base, tmp_path):
+    path = make_lora(base, tmp_path / "d", 4, 1)
+    delta = Delta.read(path)
+    some = next(iter(delta.state))
+    delta.state[some]["lora_B"][0, 0] = float("nan")
+    nan = delta.write(tmp_path / "nan")
+    delta.state[some]["lora_B"][0, 0] = 0.0
+    for st in delta.state.values():  # every value finite, their sum not
+        st["lora_B"].fill_(1e37)  # × scale 4 stays finite; thousands of them do not
+    big = delta.write(tmp_path / "big")
+    eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
+    eng.register("nan", nan)
+    eng.register("big", big)
+    with pytest.raises(NonFiniteError, match=f"{some}.lora_B"):
+        eng.preload("nan")
+    assert eng.slots.where == {}
+    slot = eng.preload("big")
+    bi, row = eng.banks.locate(slot)
+    assert bool(torch.isfinite(eng.banks.B[some][bi][row]).all())
+
+
+def test_checks_at_exit_defers_settles_and_prefers_a_failed_check():
+    seen = []
+
+    def failing() -> None:
+        seen.append("check")
+        raise CorruptFileError("hash mismatch")
+
+    deferred.settle(lambda: seen.append("now"))
+    deferred.after_checks(lambda: seen.append("published now"))
+    assert seen == ["now", "published now"]
+    seen.clear()
+    with deferred.checks_at_exit():
+        deferred.settle(lambda: seen.append("later"))
+        deferred.after_checks(lambda: seen.append("published"))
+        assert seen == []
+    assert seen == ["later", "published"]
+    seen.clear()
+    with pytest.raises(CorruptFileError, match="hash mismatch"):  # in preference to the block's own error
+        with deferred.checks_at_exit():
+            deferred.settle(failing)
+            deferred.settle(lambda: seen.append("still run"))
+            deferred.after_checks(lambda: seen.append("published"))
+            raise ValueError("what the copy made of a changed file")
+    assert seen == ["check", "still run"]
+    seen.clear()
+    with pytest.raises(ValueError):
+        with deferred.checks_at_exit():
+            deferred.settle(lambda: seen.append("passed"))
+            deferred.after_checks(lambda: seen.append("published"))
+            raise ValueError("the block's own error")
+    assert seen == ["passed"]
