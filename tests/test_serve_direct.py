@@ -160,3 +160,38 @@ def test_checks_at_exit_defers_settles_and_prefers_a_failed_check():
             deferred.after_checks(lambda: seen.append("published"))
             raise ValueError("the block's own error")
     assert seen == ["passed"]
+
+
+def test_the_arena_moves_its_columns_in_place_when_wide_enough():
+    """When the column pointer reaches the arena's end and the live columns fit, they move left within the same
+    tensors (no new arena, so nothing for the heap to keep); every live row's keys and values are kept."""
+    from deltatune.serve.kv import Arena
+
+    class Req:
+        row = None
+
+    torch.manual_seed(0)
+    arena = Arena(rows=2)
+    first, second = Req(), Req()
+    prompt = [(torch.randn(2, 5, 4), torch.randn(2, 5, 4))]  # one layer: 2 kv heads, 5 positions, head dim 4
+    arena.join(first, prompt, 5)
+    written = {id(first): [prompt[0][0][:, i] for i in range(5)]}
+    k0, cols = arena.k[0], arena.cols
+    steps = 0
+    while arena.moves == 0:
+        cache, used, lo = arena.cache()
+        new = torch.randn(used, 2, 1, 4)
+        cache.layers[0].update(new, new.clone())
+        for row, req in enumerate(arena.owner[:used]):
+            if req is not None:
+                written[id(req)].append(new[row, :, 0])
+        arena.advance()
+        steps += 1
+        if steps == cols - 7:  # two columns before the end: the second joins with 2 positions, the first leaves
+            arena.join(second, prompt, 2)
+            written[id(second)] = [prompt[0][0][:, i] for i in range(2)]
+            arena.leave(first)
+    assert arena.k[0] is k0 and arena.cols == cols and arena.moves == 1
+    row, start = second.row, arena.start[second.row]
+    kept = arena.k[0][row, :, start:arena.cur]
+    assert torch.equal(kept, torch.stack(written[id(second)], 1))

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .memory import trim
+
 
 class ArenaLayer(DynamicLayer):
     """One layer's view of the arena for one decode forward: writes column `cur`, returns [:, :, lo:cur + 1]."""
@@ -78,9 +80,14 @@ class Arena:
         extent = self.cur - lo
         new_cur = max(extent, need_left)
         new_cols = max(self.cols, 2 * new_cur + 16)
-        if self.k and new_cols == self.cols and (new_cur == self.cur or extent == 0):
+        if self.k and new_cols == self.cols:  # wide enough: the live columns move within the arena, nothing allocated
+            if extent and new_cur != self.cur:
+                for k, v in zip(self.k, self.v):
+                    k[:, :, new_cur - extent:new_cur] = k[:, :, lo:self.cur].clone()  # clone: the ranges may overlap
+                    v[:, :, new_cur - extent:new_cur] = v[:, :, lo:self.cur].clone()
+                self.moves += 1
             self.start = [s + new_cur - self.cur for s in self.start]
-            self.cur = new_cur  # nothing live to move
+            self.cur = new_cur
             return
         src_k, src_v = self.k, self.v
         if not src_k:
@@ -100,6 +107,8 @@ class Arena:
         shift = new_cur - self.cur
         self.start = [s + shift for s in self.start]
         self.k, self.v, self.cols, self.cur = new_k, new_v, new_cols, new_cur
+        del src_k, src_v, k, v  # nothing of the old arena stays referenced
+        trim()  # the old arena's pages go back to the OS instead of staying in the heap (serve/memory.py)
 
     def join(self, req, kv: list[tuple[Tensor, Tensor]], n: int) -> None:
         """Copy a finished prompt's KV (per layer [kv_heads, ≥ n, head_dim], first n positions) into a free row."""
