@@ -265,9 +265,11 @@ async def drive(a, url: str, pid: int, names: list[str], prompts: list[list[int]
     t0 = time.monotonic()
     state["deadline"] = t0 + a.seconds
 
-    async def sample_rss():
-        while time.monotonic() < state["deadline"]:
+    async def sample_rss():  # every 5 s through the window and the drain after it, until every client is done
+        while True:
             state["rss"].append((time.monotonic() - t0, rss_of(pid)))
+            if time.monotonic() >= state["deadline"] and all(t.done() for t in tasks[:a.clients]):
+                return
             await asyncio.sleep(5)
 
     tasks = [asyncio.create_task(client_loop(i, a, state, client, raw, names, prompts, vocab))
@@ -430,7 +432,7 @@ def render(out: dict, a) -> str:
         f"| server exit status after SIGTERM | {out['exit']} |", "",
         f"Statuses of the delta requests: {dict(sorted(st['status'].items()))} (404s: hot names unloaded between "
         f"pick and request). Malformed kinds → statuses: "
-        f"{', '.join(f'{k} {sorted(v)}' for k, v in sorted(kinds.items()))}. RSS every 5 s (MiB): "
+        f"{', '.join(f'{k} {sorted(v)}' for k, v in sorted(kinds.items()))}. RSS every 5 s through the window and the drain (MiB): "
         f"{', '.join(f'{r / 2**20:.0f}' for _, r in st['rss'])}. Requests cancelled at the hard cap: "
         f"{st['cancelled_at_cap']}. Unexpected 4xx: {len(st['unexpected_4xx'])}.", "",
         f"Result: **{'pass' if ok else 'FAIL'}** on 5xx = 0, no transport error, 0 mismatches, clean exit; RSS growth "
