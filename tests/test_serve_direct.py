@@ -195,3 +195,36 @@ def test_the_arena_moves_its_columns_in_place_when_wide_enough():
     row, start = second.row, arena.start[second.row]
     kept = arena.k[0][row, :, start:arena.cur]
     assert torch.equal(kept, torch.stack(written[id(second)], 1))
+
+
+def test_other_threads_get_the_engine_between_steps(base, tmp_path):
+    """While a thread steps the engine back to back (a server's engine thread under load), registrations, preloads
+    and unregistrations from another thread are served before the next step — not after whichever step the lock
+    happens to be free at (Python's locks are not fair)."""
+    import threading
+
+    eng = Engine(copy.deepcopy(base), max_loaded=4, max_rank=8, max_batch=4)
+    paths = [make_lora(base, tmp_path / f"d{i}", 4, i) for i in range(3)]
+    for i in range(4):
+        eng.submit([3, 9, 4, i + 1], None, SamplingParams(max_tokens=10_000, eos=()))
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            eng.step()
+
+    stepper = threading.Thread(target=loop)
+    stepper.start()
+    waits = []
+    try:
+        for i in range(30):
+            name = f"n{i}"
+            for call in (lambda: eng.register(name, paths[i % 3]), lambda: eng.preload(name),
+                         lambda: eng.unregister(name)):
+                before = eng.steps
+                call()
+                waits.append(eng.steps - before)
+    finally:
+        stop.set()
+        stepper.join()
+    assert max(waits) <= 2, f"steps run while a call waited for the engine: {sorted(waits)[-10:]}"

@@ -3,8 +3,10 @@ continuous batching (docs/serving.md)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +63,8 @@ class Engine:
         self.arena = Arena(max_batch)
         self.steps = 0
         self._lock = threading.RLock()
+        self._callers = 0                    # threads outside the step loop waiting for the lock (`_external`)
+        self._callers_lock = threading.Lock()
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(getattr(model, "config", None), "eos_token_id", None)
@@ -70,13 +74,13 @@ class Engine:
     def register(self, name: str, path, *, convert_rank: int | None = None) -> Registered:
         """Register (or replace, for new requests) delta `name` from a native or PEFT directory; reads metadata only
         (a converted delta's tensors are read once, to report the error). Raises dt.load's typed errors."""
-        with self._lock:
-            entry = self.pool.register(name, path, convert_rank=convert_rank)
+        entry = self.pool.register(name, path, convert_rank=convert_rank)  # validated without the engine's lock
+        with self._external():  # old versions' slots are unreachable already (new key); freed now
             self.slots.forget(name)
-            return entry
+        return entry
 
     def unregister(self, name: str) -> None:
-        with self._lock:
+        with self._external():
             self.pool.unregister(name)
             self.slots.forget(name)
 
@@ -91,7 +95,7 @@ class Engine:
     def preload(self, name: str) -> int:
         """Load `name` into a slot now (pinned, then released): the hot-load path, for warming or measuring."""
         entry = self.pool.get(name)
-        with self._lock:
+        with self._external():
             slot = self.slots.acquire(entry.key, entry.rank, lambda s: self._load(entry, s))
             if slot is None:
                 raise StateError(f"every slot that fits {name!r} (rank {entry.rank}) is pinned")
@@ -115,9 +119,33 @@ class Engine:
             self.pool.get(delta)  # DeltaNameError now, not at admission
         req = Request(prompt, delta, sampling, on_token)
         req.generator = generator_for(sampling, self.device)
-        with self._lock:
+        with self._external():
             self.waiting.append(req)
         return req
+
+    @contextmanager
+    def _external(self) -> Iterator[None]:
+        """The engine's lock for a caller outside the step loop (registry changes, preloads, submissions from other
+        threads), served before the next step: `step` lets such callers go first. Python's locks are not fair — a
+        thread stepping back to back re-took the lock before a waiting thread woke, and hot loads over HTTP waited
+        30 s under load."""
+        with self._callers_lock:
+            self._callers += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._callers_lock:
+                self._callers -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _let_callers_in(self, bound: float = 0.05) -> None:
+        """Before a step: wait (at most `bound` seconds) while other threads wait for the lock, so they get it."""
+        deadline = time.monotonic() + bound
+        while self._callers and time.monotonic() < deadline:
+            time.sleep(0.0002)
 
     @property
     def idle(self) -> bool:
@@ -144,6 +172,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Cancel, plan this step's prompt chunks (admitting), decode the requests past their prompt in place,
         prefill the chunks, sample; returns the requests finished in this step."""
+        self._let_callers_in()
         with self._lock:
             self.steps += 1
             finished: list[Request] = []
