@@ -314,7 +314,7 @@ def main(argv=None):
     ap.add_argument("--peft-loaded", type=int, default=128)
     ap.add_argument("--loads", type=int, default=10)
     ap.add_argument("--registry", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--write", default=None, help="markdown file whose section 'serve' gets the results")

@@ -23,8 +23,7 @@ def base():
 
 
 def bank_rows(eng: Engine, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    bi, row = eng.banks.locate(slot)
-    return {p: (eng.banks.A[p][bi][row].clone(), eng.banks.B[p][bi][row].clone()) for p in eng.banks.shapes}
+    return {p: tuple(t.clone() for t in eng.banks.factors(p, slot)) for p in eng.banks.shapes}
 
 
 @pytest.mark.parametrize("beside", [True, False])
@@ -125,8 +124,7 @@ def test_non_finite_factors_are_refused_and_an_overflowing_sum_is_not(base, tmp_
         eng.preload("nan")
     assert eng.slots.where == {}
     slot = eng.preload("big")
-    bi, row = eng.banks.locate(slot)
-    assert bool(torch.isfinite(eng.banks.B[some][bi][row]).all())
+    assert bool(torch.isfinite(eng.banks.factors(some, slot)[1]).all())
 
 
 def test_checks_at_exit_defers_settles_and_prefers_a_failed_check():
@@ -228,3 +226,59 @@ def test_other_threads_get_the_engine_between_steps(base, tmp_path):
         stop.set()
         stepper.join()
     assert max(waits) <= 2, f"steps run while a call waited for the engine: {sorted(waits)[-10:]}"
+
+
+@pytest.mark.parametrize("bag_below", [0, 1000])
+def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below):
+    """Gathered slots + batched matmuls (long segments) and per-token row sums (short segments) each give, for every
+    token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in buckets of 4 and 8; tokens without a slot and
+    padded segments untouched) — against a loop over tokens."""
+    from deltatune.serve import routing
+    from deltatune.serve.slots import Banks
+
+    monkeypatch.setattr(routing, "BAG_BELOW", bag_below)
+    torch.manual_seed(0)
+    shapes = {"m": (6, 5)}
+    banks = Banks(shapes, {4: 2, 8: 2}, torch.device("cpu"), torch.float64)
+    factors = {}
+    for slot, r in enumerate([2, 4, 5, 8]):
+        a, b, scale = torch.randn(r, 5, dtype=torch.float64), torch.randn(6, r, dtype=torch.float64), 0.5 + slot
+        banks.write(slot, {"m": (a, b, scale)})
+        factors[slot] = (a, b, scale)
+    slots = [3, -1, 0, 0, 2, 3, 3, 1, -1, 2]
+    x = torch.randn(2, 5, 5, dtype=torch.float64)
+    out = torch.randn(2, 5, 6, dtype=torch.float64)
+    expect = out.clone().view(-1, 6)
+    for t, s in enumerate(slots):
+        if s >= 0:
+            a, b, scale = factors[s]
+            expect[t] += scale * b @ (a @ x.view(-1, 5)[t])
+    got = routing.low_rank_add(banks, "m", x, out.clone(), routing.make_plan(slots, banks, torch.device("cpu")))
+    assert torch.allclose(got.view(-1, 6), expect, atol=1e-12)
+    plan = routing.make_plan(slots, banks, torch.device("cpu"))
+    assert all((g.token_rows is not None) == (bag_below > 0) for g in plan.groups)
+
+
+def test_read_buffers_of_dropped_entries_are_reused_and_nothing_kept_is_overwritten(base, tmp_path, monkeypatch):
+    """A direct read whose factors are not kept (or are evicted) hands its buffer to the next read: the next delta
+    reads into it (no fresh pages), its slot gets its own factors, and the entries still cached are untouched."""
+    paths = [make_lora(base, tmp_path / f"d{i}", 4, i) for i in range(4)]
+    size = Delta.read(paths[0]).num_params * 4
+    eng = Engine(copy.deepcopy(base), max_loaded=4, max_rank=8, host_bytes=2 * size)  # room for two entries
+    for i, p in enumerate(paths):
+        eng.register(f"d{i}", p)
+    fresh = []
+    original = torch.empty
+    monkeypatch.setattr(pool_module.torch, "empty",
+                        lambda *a, **k: (k.get("dtype") is torch.uint8 and fresh.append(a)) or original(*a, **k))
+    for i in range(4):
+        slot = eng.preload(f"d{i}")
+        rows = bank_rows(eng, slot)
+        for mpath, dw in ((m, Delta.read(paths[i]).update(m)[0]) for m in Delta.read(paths[i]).state):
+            assert torch.equal(rows[mpath][0][:4], dw.A) and torch.equal(rows[mpath][1][:, :4], dw.B * dw.scale)
+    assert len(fresh) == 3  # d0, d1 fill the cache, d2 evicts d0 (fresh: d0's buffer is spare only after d2's load)
+    assert eng.pool.host_cached == [("d2", 1), ("d3", 1)]
+    for name, i in (("d2", 2), ("d3", 3)):  # what is cached still equals its file
+        cached = eng.pool.factors(eng.pool.get(name))
+        some = next(iter(cached))
+        assert torch.equal(cached[some][0], Delta.read(paths[i]).update(some)[0].A)

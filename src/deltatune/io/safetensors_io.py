@@ -56,24 +56,29 @@ def read_tensors(path: Path, *, size: int | None = None, sha256: str | None = No
     return _hashed(mm, actual, None if header_only else sha256, where, manifest, read)
 
 
-def read_data(path: Path, *, size: int, sha256: str, manifest: str = "") -> tuple[bytes, Tensor]:
+def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
+              alloc: Callable[[int], Tensor] | None = None) -> tuple[bytes, Tensor]:
     """The raw header bytes and a copy of the data bytes (one uint8 tensor) of the safetensors file at `path`, which
-    must have exactly `size` bytes and the SHA-256 `sha256`. The hash is computed over the header and the copy itself
-    (so the bytes the caller uses are the bytes checked), in a second thread from HASH_BESIDE_BYTES on, settled
-    through `deferred` like `read_tensors`' check. The header is not parsed: the caller compares it with a header it
-    checked before (the serving engine's registration)."""
+    must have exactly `size` bytes and the SHA-256 `sha256`. The data is read with `preadv` straight into the
+    tensor (no mapping: a freshly written file's pages are not faulted in one by one). The hash is computed over
+    the header and the copy itself (so the bytes the caller uses are the bytes checked), in a second thread from
+    HASH_BESIDE_BYTES on, settled through `deferred` like `read_tensors`' check. The header is not parsed: the
+    caller compares it with a header it checked before (the serving engine's registration). `alloc(n)`, when given,
+    supplies the uint8 buffer of n bytes to read into (the engine recycles buffers whose pages are already mapped:
+    faulting in fresh pages cost more than the read itself in a busy process)."""
     where = repr(str(path))
-    mm, actual = _map(Path(path), where, size, manifest)
+    fd = _open(Path(path), where)
     try:
-        n = int.from_bytes(mm[:8], "little")
+        actual = _checked_size(fd, where, size, manifest)
+        n = int.from_bytes(_pread(fd, 0, memoryview(bytearray(8)), where), "little")
         if n > actual - 8 or n < 2:
             raise _corrupt(where, f"its header length {n} does not fit a file of {actual} bytes")
-        head = mm[:8 + n]
-        data = torch.empty(actual - 8 - n, dtype=torch.uint8)
+        head = bytes(_pread(fd, 0, memoryview(bytearray(8 + n)), where))
+        data = (alloc or _empty_bytes)(actual - 8 - n)
         if data.numel():
-            data.copy_(torch.frombuffer(mm, dtype=torch.uint8, count=data.numel(), offset=8 + n))
+            _pread(fd, 8 + n, memoryview(data.numpy()), where)
     finally:
-        mm.close()
+        os.close(fd)
     digest = _Digest([head, data.numpy()], beside=actual >= HASH_BESIDE_BYTES)
 
     def finish() -> None:
@@ -84,16 +89,37 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "") -> tupl
     return head[8:], data
 
 
+def _empty_bytes(n: int) -> Tensor:
+    return torch.empty(n, dtype=torch.uint8)
+
+
+def _pread(fd: int, offset: int, into: memoryview, where: str) -> memoryview:
+    """Fill `into` from the file at `offset` (however many reads it takes); the file ending first is an error."""
+    got = 0
+    while got < len(into):
+        k = os.preadv(fd, [into[got:]], offset + got)
+        if k == 0:
+            raise _corrupt(where, f"it ended at byte {offset + got} while being read (it was changed meanwhile)")
+        got += k
+    return into
+
+
+def _checked_size(fd: int, where: str, size: int | None, manifest: str) -> int:
+    """The open file's size, which must be `size` when given, and at least a header's length."""
+    actual = os.fstat(fd).st_size
+    if size is not None and actual != size:
+        raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
+                               f"the file was truncated, modified or belongs to another save — it was not read")
+    if actual < 8:
+        raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+    return actual
+
+
 def _map(path: Path, where: str, size: int | None, manifest: str) -> tuple[mmap.mmap, int]:
     """A private mapping of the file at `path` (which must have `size` bytes when given) and its size."""
     fd = _open(path, where)
     try:
-        actual = os.fstat(fd).st_size
-        if size is not None and actual != size:
-            raise CorruptFileError(f"{where} is {actual} bytes but {manifest or 'its manifest'} records {size}; "
-                                   f"the file was truncated, modified or belongs to another save — it was not read")
-        if actual < 8:
-            raise _corrupt(where, f"it is {actual} bytes long, shorter than a safetensors header")
+        actual = _checked_size(fd, where, size, manifest)
         return mmap.mmap(fd, actual, access=mmap.ACCESS_COPY), actual  # private pages: tensors never alias the file
     finally:
         os.close(fd)  # the mapping holds its own descriptor

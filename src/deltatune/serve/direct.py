@@ -115,24 +115,25 @@ def plan_for(path: Path, delta: Delta, layouts: dict[str, Layout]) -> Plan | Non
     return Plan(tensor_file.name, int(record["bytes"]), record["sha256"], layout, tuple(scales), stamp)
 
 
-def read_direct(path: Path, plan: Plan) -> dict[str, tuple[Tensor, Tensor, float]] | None:
-    """The delta's factors {module: (A, B, scale)} as views of one copy of its data, or None when the directory or
-    the file's header changed since registration (the caller then reads it in full). Raises CorruptFileError when
+def read_direct(path: Path, plan: Plan, alloc=None) -> tuple[dict[str, tuple[Tensor, Tensor, float]], Tensor] | None:
+    """The delta's factors {module: (A, B, scale)} as views of one copy of its data, and that copy (read into
+    `alloc(n)` when given), or None when the directory or the file's header changed since registration (the caller
+    then reads it in full). Raises CorruptFileError when
     the data's hash does not match delta.json's (at the end of an enclosing `checks_at_exit` block) and
     NonFiniteError for NaN/inf values."""
     if stamp_of(path) != plan.stamp:
         return None
     tensor_file = path / plan.tensor_file
-    raw, data = read_data(tensor_file, size=plan.size, sha256=plan.sha256, manifest="delta.json")
+    raw, data = read_data(tensor_file, size=plan.size, sha256=plan.sha256, manifest="delta.json", alloc=alloc)
     layout = plan.layout
     if hashlib.sha256(raw).hexdigest() != layout.header_sha256:
         return None
     factors = {mpath: (a.view(data), b.view(data), scale) for (mpath, a, b), scale in zip(layout.spans, plan.scales)}
     whole = layout.dtype is not None and layout.dtype.is_floating_point and data.numel() % layout.dtype.itemsize == 0
     if whole and bool(torch.isfinite(data.view(layout.dtype).sum())):
-        return factors  # a sum is finite only if every value is (NaN and inf propagate); an overflow checks below
+        return factors, data  # a sum is finite only if every value is (NaN and inf propagate); an overflow checks below
     check_finite({span.key: span.view(data) for _, *pair in layout.spans for span in pair}, str(tensor_file))
     if whole and not bool(torch.isfinite(data.view(layout.dtype)).all()):  # a value outside the factors
         raise NonFiniteError(f"{str(tensor_file)!r} holds NaN/inf value(s) outside the factors; the file is damaged — "
                              f"it was not loaded")
-    return factors
+    return factors, data

@@ -1,10 +1,12 @@
 """Device slots: preallocated per-module factor banks, split into rank buckets, and the table of which delta
 (name, version) each slot holds, with pins for requests in flight and LRU eviction among the unpinned.
 
-A bucket of rank R with n slots holds, for every banked module of shape [out, in], A [n, R, in] and B [n, out, R]
-(the scale folded into B when written). A delta of rank r goes into the smallest bucket with R ≥ r (a larger one if that is
-full of pinned deltas); its rows are copied in and the unused R − r rows zeroed, which adds exactly nothing.
-Nothing is allocated after construction and no module of the model changes."""
+A bucket of rank R with n slots holds, for every banked module of shape [out, in], Aᵀ [n, in, R] and Bᵀ [n, R, out]
+(the scale folded into Bᵀ): transposed, so that both the batched matmuls over gathered slots and the per-token
+row sums of the routing's short-segment path (serve/routing.py) read them as they lie. A delta of rank r goes into
+the smallest bucket with R ≥ r (a larger one if that is full of pinned deltas); its factors are copied in and the
+unused R − r ranks zeroed, which adds exactly nothing. Nothing is allocated after construction and no module of
+the model changes."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,7 +27,7 @@ class Bucket:
 
 
 class Banks:
-    """A [n, R, in] and B [n, out, R] per banked module and bucket, on the model's device, in its dtype."""
+    """Aᵀ [n, in, R] and Bᵀ [n, R, out] per banked module and bucket, on the model's device, in its dtype."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], buckets: dict[int, int], device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -38,15 +40,15 @@ class Banks:
             offset += buckets[rank]
         self.size = offset
         self.shapes = shapes
-        self.A: dict[str, list[Tensor]] = {}
-        self.B: dict[str, list[Tensor]] = {}
+        self.AT: dict[str, list[Tensor]] = {}
+        self.BT: dict[str, list[Tensor]] = {}
         for path, (out_f, in_f) in shapes.items():
-            self.A[path] = [torch.zeros(b.count, b.rank, in_f, device=device, dtype=dtype) for b in self.buckets]
-            self.B[path] = [torch.zeros(b.count, out_f, b.rank, device=device, dtype=dtype) for b in self.buckets]
+            self.AT[path] = [torch.zeros(b.count, in_f, b.rank, device=device, dtype=dtype) for b in self.buckets]
+            self.BT[path] = [torch.zeros(b.count, b.rank, out_f, device=device, dtype=dtype) for b in self.buckets]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (*self.A.values(), *self.B.values()) for t in ts)
+        return sum(t.numel() * t.element_size() for ts in (*self.AT.values(), *self.BT.values()) for t in ts)
 
     def locate(self, slot: int) -> tuple[int, int]:
         """(bucket index, row in it) of a global slot number."""
@@ -60,21 +62,26 @@ class Banks:
         """Copy a delta's factors into the slot's rows (zeros for modules it does not adapt and unused ranks)."""
         bi, row = self.locate(slot)
         for path in self.shapes:
-            a_bank, b_bank = self.A[path][bi][row], self.B[path][bi][row]
+            at, bt = self.AT[path][bi][row], self.BT[path][bi][row]  # [in, R], [R, out]
             f = factors.get(path)
             if f is None:
-                a_bank.zero_()
-                b_bank.zero_()
+                at.zero_()
+                bt.zero_()
                 continue
             a, b, scale = f
             r = a.shape[0]
-            a_bank[:r].copy_(a, non_blocking=True)
-            b_bank[:, :r].copy_(b, non_blocking=True)
+            at[:, :r].copy_(a.t(), non_blocking=True)
+            bt[:r].copy_(b.t(), non_blocking=True)
             if scale != 1:
-                b_bank[:, :r].mul_(scale)
-            if r < a_bank.shape[0]:
-                a_bank[r:].zero_()
-                b_bank[:, r:].zero_()
+                bt[:r].mul_(scale)
+            if r < at.shape[1]:
+                at[:, r:].zero_()
+                bt[r:].zero_()
+
+    def factors(self, path: str, slot: int) -> tuple[Tensor, Tensor]:
+        """The slot's (A [R, in], B [out, R] with the scale folded in) for `path`: views of the bank."""
+        bi, row = self.locate(slot)
+        return self.AT[path][bi][row].t(), self.BT[path][bi][row].t()
 
 
 class SlotTable:
