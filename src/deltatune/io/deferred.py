@@ -30,6 +30,11 @@ def settle(check: Callable[[], None]) -> None:
         pending.append(check)
 
 
+def active() -> bool:
+    """Whether a `checks_at_exit` block encloses the caller."""
+    return _PENDING.get() is not None
+
+
 def after_checks(publish: Callable[[], None]) -> None:
     """Run `publish` once the enclosing block's checks have all passed (now, outside a block)."""
     after = _AFTER.get()

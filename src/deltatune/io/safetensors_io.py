@@ -71,7 +71,7 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
     try:
         actual = _checked_size(fd, where, size, manifest)
         n = int.from_bytes(_pread(fd, 0, memoryview(bytearray(8)), where), "little")
-        if n > actual - 8 or n < 2:
+        if n > actual - 8 or n > MAX_HEADER_BYTES or n < 2:
             raise _corrupt(where, f"its header length {n} does not fit a file of {actual} bytes")
         head = bytes(_pread(fd, 0, memoryview(bytearray(8 + n)), where))
         data = (alloc or _empty_bytes)(actual - 8 - n)

@@ -6,8 +6,8 @@ whose factors are stored, e.g. LoRA and rsLoRA) gets a plan: per module, where A
 the scale. The layout part is shared by every file with the same header (same tensor names, shapes and offsets:
 every delta of one recipe), keyed by the header's SHA-256, so a registry of many such deltas holds it once.
 
-At a hot load (`read_direct`) the tensor file is mapped and its hash computed beside one copy of its data (settled
-through `io.deferred`, like every read), its raw header is compared with the plan's digest — a file whose directory
+At a hot load (`read_direct`) the tensor file's data is read into one buffer and its hash computed beside the
+caller's work (settled through `io.deferred`, like every read), its raw header is compared with the plan's digest — a file whose directory
 or header changed since registration gets None, and the caller takes the full read, which checks everything again
 — its values are checked finite, and the factors are views of the copied data. Other deltas (converted, factors
 computed from stored tensors, other formats) take the full read (`Delta.read` + `Delta.update`)."""
@@ -25,6 +25,7 @@ from ..core.errors import NonFiniteError
 from ..core.parsing import read_json
 from ..io.delta import Delta
 from ..io.formats import format_of
+from ..io.native import CONFIG_FILE, TENSOR_FILE
 from ..io.safetensors_io import DTYPES, check_finite, read_data, read_header
 
 
@@ -70,16 +71,20 @@ def stamp_of(path: Path) -> tuple:
                         if e.is_file()))
 
 
-def plan_for(path: Path, delta: Delta, layouts: dict[str, Layout]) -> Plan | None:
-    """The direct plan of the fast delta `delta` (read with meta tensors from `path`), or None when it has none.
-    `layouts` (header SHA-256 → Layout) is shared between calls."""
-    if format_of(path).name != "native":
+def plan_for(path: Path, delta: Delta, layouts: dict[str, Layout], stamp: tuple) -> Plan | None:
+    """The direct plan of the fast delta `delta` (read with meta tensors from `path`, whose `stamp_of` was `stamp`
+    before it was read), or None when it has none — or when the directory changed since `stamp` (what was validated
+    may not be what is there). `layouts` (header SHA-256 → Layout) is shared between calls."""
+    if format_of(path).name != "native" or stamp_of(path) != stamp:
         return None
-    stamp = stamp_of(path)
-    record = read_json(path / "delta.json").get("tensors")
+    record = read_json(path / CONFIG_FILE).get("tensors")
     if not (isinstance(record, dict) and type(record.get("bytes")) is int and isinstance(record.get("sha256"), str)):
         return None  # changed since it was validated: the full read will say what is wrong
-    tensor_file = path / record.get("file", "delta.safetensors")
+    name = record.get("file", TENSOR_FILE)
+    if not (isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors")
+            and not name.startswith(".")):
+        return None
+    tensor_file = path / name
     header, start = read_header(tensor_file)
     with open(tensor_file, "rb") as f:
         raw = f.read(start)[8:]
@@ -112,7 +117,9 @@ def plan_for(path: Path, delta: Delta, layouts: dict[str, Layout]) -> Plan | Non
         layouts[digest] = layout
     elif layout.spans != tuple(spans):  # the same header read as other modules: not the plan to share
         return None
-    return Plan(tensor_file.name, int(record["bytes"]), record["sha256"], layout, tuple(scales), stamp)
+    if stamp_of(path) != stamp:  # changed while it was planned
+        return None
+    return Plan(name, int(record["bytes"]), record["sha256"], layout, tuple(scales), stamp)
 
 
 def read_direct(path: Path, plan: Plan, alloc=None) -> tuple[dict[str, tuple[Tensor, Tensor, float]], Tensor] | None:

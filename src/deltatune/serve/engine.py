@@ -73,10 +73,11 @@ class Engine:
     # --- deltas ------------------------------------------------------------------------------------
     def register(self, name: str, path, *, convert_rank: int | None = None) -> Registered:
         """Register (or replace, for new requests) delta `name` from a native or PEFT directory; reads metadata only
-        (a converted delta's tensors are read once, to report the error). Raises dt.load's typed errors."""
+        (the tensors are read once for a converted delta, to report the error, and for kinds whose update reads a
+        stored value, docs/serving.md). Raises dt.load's typed errors."""
         entry = self.pool.register(name, path, convert_rank=convert_rank)  # validated without the engine's lock
         with self._external():  # old versions' slots are unreachable already (new key); freed now
-            self.slots.forget(name)
+            self.slots.forget(name, below=entry.version)
         return entry
 
     def unregister(self, name: str) -> None:

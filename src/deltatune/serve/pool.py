@@ -30,12 +30,12 @@ from torch import Tensor, nn
 
 from ..core.errors import ConfigError, DeltaNameError, UnsupportedError
 from ..core.tensors import LowRankDelta
-from ..io.deferred import after_checks
+from ..io.deferred import active, after_checks
 from ..io.delta import Delta
 from ..io.files import check_fits, fitted_state
 from ..runtime import build_pieces
 from .convert import pad_rank, truncate
-from .direct import Layout, Plan, plan_for, read_direct
+from .direct import Layout, Plan, plan_for, read_direct, stamp_of
 
 #: read buffers of dropped host entries kept for reuse (serve/pool.py, "read buffers")
 SPARE_BUFFERS = 2
@@ -79,8 +79,7 @@ class Registered:
 
 
 def _file_key(path: Path) -> tuple:
-    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
-    return (str(path.resolve()), tuple(files))
+    return (str(path.resolve()), stamp_of(path))
 
 
 class DeltaPool:
@@ -157,6 +156,7 @@ class DeltaPool:
                 f"truncated to rank r (the error is reported)")
 
     def _inspect(self, path: Path, convert_rank: int | None) -> FileInfo:
+        stamp = stamp_of(path)  # before anything is read: a direct plan is made only for what was validated here
         delta = Delta.read_meta(path)
         check_fits(self.skeleton, delta)
         delta = delta.for_model(self.skeleton)
@@ -195,7 +195,7 @@ class DeltaPool:
                     raise UnsupportedError(f"delta {str(path)!r} changes the bias of {mpath!r}; the serving engine "
                                            f"adds weight updates only — bias changes are not served")
         nbytes = sum(r * sum(self.bank_shapes[p]) for p, r in ranks.items()) * _size(self.dtype)
-        return FileInfo(delta.config.kind, ranks, fast, nbytes, plan_for(path, delta, self._layouts) if fast else None)
+        return FileInfo(delta.config.kind, ranks, fast, nbytes, plan_for(path, delta, self._layouts, stamp) if fast else None)
 
     def _convert(self, path: Path, rank: int) -> tuple[Factors, dict[str, float]]:
         delta = Delta.read(path).for_model(self.model)
@@ -235,33 +235,39 @@ class DeltaPool:
             self.disk_reads += 1
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for a, b, _ in factors.values() for t in (a, b)}
         nbytes = sum(storages.values())
-        after_checks(lambda: self._keep(entry, factors, nbytes, buffer))  # cached once the file's hash has matched
+        recycle = active()  # a load's block: what this load drops may be reused once it has written its slot
+        after_checks(lambda: self._keep(entry, factors, nbytes, buffer, recycle))  # once the file's hash matched
         return factors
 
-    def _keep(self, entry: Registered, factors: Factors, nbytes: int, buffer: Tensor | None) -> None:
-        """Into the host cache (evicting the least recently used), or — too large, or replaced meanwhile — not kept,
-        its read buffer then reused by the next read. Called after the caller wrote the factors to their slot."""
+    def _keep(self, entry: Registered, factors: Factors, nbytes: int, buffer: Tensor | None, recycle: bool) -> None:
+        """Into the host cache (evicting the least recently used), or — too large, or replaced meanwhile — not kept.
+        Inside a load's `checks_at_exit` block (the engine's `_load`: it runs when the block ends, after the factors
+        were written to their slot) the read buffers dropped here are reused by the next read; outside one nothing
+        is reused, since the caller still holds the factors."""
         with self._lock:
             if self.entries.get(entry.name) is entry and nbytes <= self.host_bytes:  # a replaced version is not kept
                 while self.host_used + nbytes > self.host_bytes and self._host:
-                    self._drop_host(next(iter(self._host)))
+                    self._drop_host(next(iter(self._host)), recycle)
                 self._host[entry.key] = (factors, nbytes, buffer)
                 self.host_used += nbytes
-            else:
+            elif recycle:
                 self._recycle(buffer)
 
-    def _drop_host(self, key: tuple[str, int]) -> None:
+    def _drop_host(self, key: tuple[str, int], recycle: bool = False) -> None:
         hit = self._host.pop(key, None)
         if hit is not None:
             self.host_used -= hit[1]
-            self._recycle(hit[2])
+            if recycle:
+                self._recycle(hit[2])
 
     # --- read buffers ------------------------------------------------------------------------------
     # A direct read (serve/direct.py) copies a file's data into one buffer; the factors are views of it. Fresh
     # buffers cost a page fault per 4 KiB page on first write, which in a busy engine process was measured at
-    # 64 ms for a 19.5 MB SmolLM2 r=16 delta against 3 ms for the read itself; buffers of dropped entries are
-    # therefore reused. This is safe because every reader of host factors is a load, loads run one at a time under
-    # the engine's lock, and each copies the factors into its slot before the next load can reuse a buffer.
+    # 64 ms for a 19.5 MB SmolLM2 r=16 delta against 3 ms for the read itself; buffers that a load drops (not
+    # kept, or evicted by it) are therefore reused (at most SPARE_BUFFERS, held beside the `host_bytes` budget).
+    # Loads run one at a time under the engine's lock and each has copied its factors into its slot before the next
+    # can reuse a buffer; factors returned by `factors` to a caller outside a load are never recycled under it,
+    # but an entry evicted by a later load may be — such a caller must copy what it keeps.
     def _buffer(self, n: int) -> Tensor:
         with self._lock:
             for i, b in enumerate(self._spare):
@@ -290,7 +296,7 @@ def _meta_updates(path: Path, delta: Delta, skeleton: nn.Module):
             try:
                 return delta.update(mpath, base)
             except (RuntimeError, NotImplementedError) as e:  # a value of a meta tensor was asked for
-                if "meta" not in str(e):
+                if "meta" not in str(e).lower():
                     raise
                 full.append(Delta.read(path).for_model(skeleton))
         return full[0].update(mpath, base)

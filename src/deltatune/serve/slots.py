@@ -144,11 +144,12 @@ class SlotTable:
             else:
                 self.lru[slot] = None
 
-    def forget(self, name: str) -> None:
-        """Versions of `name` in unpinned slots are dropped (re-registered or unregistered); pinned ones stay for
-        their requests, unreachable by new ones (their version differs), and are evicted first once released."""
+    def forget(self, name: str, below: int | None = None) -> None:
+        """Versions of `name` (those below version `below`, when given: a re-registration keeps the new version's
+        slot, which a request may have loaded already) in unpinned slots are dropped; pinned ones stay for their
+        requests, unreachable by new ones (their version differs), and are evicted first once released."""
         for key, slot in list(self.where.items()):
-            if key[0] == name:
+            if key[0] == name and (below is None or key[1] < below):
                 del self.where[key]
                 if self.pins[slot] == 0:
                     self.key[slot] = None
