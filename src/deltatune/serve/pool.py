@@ -19,7 +19,6 @@ Which path a delta takes is decided here from declared capabilities, never from 
 """
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
