@@ -200,8 +200,9 @@ def registry_scaling(base, files, prompts, a) -> dict[int, float]:
     for _ in range(3):
         eng.step()
     per: dict[int, list[float]] = {10: [], a.registry: []}
-    for _ in range(a.rounds):
-        for n in (10, a.registry):
+    steps: dict[int, list[float]] = {10: [], a.registry: []}
+    for i in range(a.rounds):  # ABBA: the order flips every round, so a drift over the run (growing contexts) cancels
+        for n in ((10, a.registry) if i % 2 == 0 else (a.registry, 10)):
             extra = [f"x{j}" for j in range(n - 10)]
             for name in extra:
                 eng.register(name, files[0])
@@ -212,10 +213,11 @@ def registry_scaling(base, files, prompts, a) -> dict[int, float]:
                 eng.step()
                 ts.append(1e3 * (time.perf_counter() - t))
             per[n].append(statistics.median(ts))
+            steps[n] += ts
             for name in extra:
                 eng.unregister(name)
     eng.close()
-    return {n: statistics.median(v) for n, v in per.items()}, per
+    return {n: statistics.median(v) for n, v in steps.items()}, per
 
 
 def run(a, log=print):
@@ -235,6 +237,8 @@ def run(a, log=print):
     prompts = [torch.randint(1, vocab, (a.prompt,), generator=rng).tolist() for _ in range(a.requests)]
     out = dict(engine={}, peft={}, naive={}, hot=None, scaling=None, base_rss=rss(),
                params=sum(p.numel() * p.element_size() for p in base.parameters()))
+    if a.only == "scaling":
+        a.ks = a.peft_ks = a.naive_ks = []
     picks_of = {k: (zipf(k, a.requests, k) if k else [None] * a.requests) for k in a.ks}
     for k in a.ks:
         out["engine"][k] = engine_row(base, files, k, prompts, picks_of[k], a)
@@ -245,12 +249,33 @@ def run(a, log=print):
     for k in a.naive_ks:
         out["naive"][k] = naive_row(base, files, prompts, picks_of[k], a)
         log(f"naive K={k}: {out['naive'][k]}")
+    if a.only == "scaling":
+        out["scaling"] = registry_scaling(base, files, prompts, a)
+        log(f"registry scaling: {out['scaling']}")
+        out["seconds"] = time.perf_counter() - t_start
+        return out
     out["hot"] = hot_load(base, files, a)
     log(f"hot load ms: {[round(x, 1) for x in out['hot']]}")
     out["scaling"] = registry_scaling(base, files, prompts, a)
     log(f"registry scaling: {out['scaling']}")
     out["seconds"] = time.perf_counter() - t_start
     return out
+
+
+def scaling_line(out, a) -> str:
+    (s10, sbig), per = out["scaling"][0].values(), out["scaling"][1]
+    return (f"Registry scaling, decode step with {a.batch} running requests over 10 deltas: **{s10:.1f} ms** with 10 "
+            f"registered vs **{sbig:.1f} ms** with {a.registry:,} registered ({100 * (sbig / s10 - 1):+.1f}%; median "
+            f"of all {a.rounds * a.decode_steps} steps of each, in {a.rounds} rounds of {a.decode_steps} steps whose "
+            f"order flips every round; each round's median: {', '.join(f'{x:.1f}' for x in per[10])} vs "
+            f"{', '.join(f'{x:.1f}' for x in per[a.registry])} ms).")
+
+
+def render_scaling(out, a) -> str:
+    return "\n".join(["## Serving: registry scaling (`bench/serve.py --only scaling`)", "",
+                      f"Command: `{command(a)}` — one process, {a.model} (fp32) on CPU ({a.threads} threads, "
+                      f"{platform.machine()}, {os.cpu_count()} cores); registering and unregistering the extra "
+                      f"names between rounds. Took {out['seconds']:.0f} s.", "", scaling_line(out, a)])
 
 
 def render(out, a) -> str:
@@ -280,14 +305,10 @@ def render(out, a) -> str:
             lines.append(f"| {name} | {k} | {r['tok_s']:.1f} | {rel} | {ours} | – | – "
                          f"| {r.get('loads', r.get('swaps'))} | {r['wall']:.0f} s |")
     hot = out["hot"]
-    (s10, sbig), per = out["scaling"][0].values(), out["scaling"][1]
     lines += ["", f"* Hot load disk → device slot of one r=16 all-linear delta (fresh name, host cache off, file in the "
                   f"OS page cache): median **{statistics.median(hot):.1f} ms** over {len(hot)} (min {min(hot):.1f}, "
                   f"max {max(hot):.1f}).",
-              f"* Registry scaling, decode step with {a.batch} running requests over 10 deltas: **{s10:.1f} ms** with "
-              f"10 registered vs **{sbig:.1f} ms** with {a.registry:,} registered ({100 * (sbig / s10 - 1):+.1f}%; "
-              f"median of {a.rounds} alternating rounds of {a.decode_steps} steps each, each round's median: "
-              f"{', '.join(f'{x:.1f}' for x in per[10])} vs {', '.join(f'{x:.1f}' for x in per[a.registry])} ms).",
+              "* " + scaling_line(out, a),
               f"* Memory: base parameters {out['params'] / 2**20:.0f} MiB; process RSS before the engine rows "
               f"{out['base_rss'] / 2**20:.0f} MiB. Per engine row, RSS growth while it ran vs the engine's own "
               f"accounting (KV arena + slot banks + host cache):"]
@@ -317,6 +338,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--only", choices=["all", "scaling"], default="all",
+                    help="scaling: only the registry-scaling measurement (its own section, 'serve-scaling')")
     ap.add_argument("--write", default=None, help="markdown file whose section 'serve' gets the results")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -327,6 +350,9 @@ def main(argv=None):
     for key in ("ks", "peft_ks", "naive_ks"):
         setattr(a, key, [int(x) for x in getattr(a, key).split(",") if x])
     out = run(a)
+    if a.only == "scaling":
+        publish(render_scaling(out, a), a.write, "serve-scaling", out["seconds"])
+        return out
     text = render(out, a)
     if a.smoke:
         print(text)
