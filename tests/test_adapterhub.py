@@ -22,7 +22,10 @@ from deltatune.io.delta import Delta
 from deltatune.io.formats import format_of
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
-ATOL = 1e-5
+#: the reference outputs were computed by `adapters` on another machine: fp32 kernels of another CPU (instruction
+#: set, summation order) put the tiny Llama's LoRA case 2.8e-5 away on an AVX512-BF16 machine, 1.6e-6 on the one that
+#: made them; an adapter itself moves the output by more than 1e-2 (checked first in each test)
+ATOL = 1e-4
 LOADED = [("bert", n) for n in ("houlsby", "pfeiffer", "parallel", "lora", "prefix")] + \
          [("roberta", n) for n in ("houlsby", "pfeiffer", "parallel", "lora", "prefix")] + \
          [("llama", n) for n in ("houlsby", "lora")]

@@ -333,11 +333,15 @@ def test_transformers_bitsandbytes_config_on_cpu(tmp_path) -> None:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
     assert isinstance(q.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     ids = torch.randint(1, 64, (2, 5))
-    with torch.no_grad():
-        base = q(ids).logits
     dt.attach(q, dt.LoRA(r=2, targets="all-linear"), name="l")
     with torch.no_grad():
-        assert torch.allclose(q(ids).logits, base, atol=1e-6)
+        attached = q(ids).logits
+        dt.detach(q, "l")
+        base = q(ids).logits
+    # identity at init against the bare model in the same bitsandbytes state: on an AVX512-BF16 CPU, bitsandbytes
+    # 0.50's 4-bit CPU forward gave other numerics after a delta had been attached (which reads the dequantised
+    # weight) and detached again — 1.6e-2 in these logits — so the model before attaching is not the reference
+    assert attached.abs().max() > 1e-2 and torch.allclose(attached, base, atol=1e-6)
 
 
 # --- docs -----------------------------------------------------------------------------------------------------------
