@@ -25,7 +25,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from safetensors.torch import save as st_save
@@ -230,6 +230,13 @@ class SizedDelta(Delta):
     sizes)` gives the concrete Delta; `for_model` calls it with the model's sizes."""
 
     complete: Any = None
+
+    def placed_each(self, sizes: dict[str, tuple[int, int]], place: Callable[[str, dict, int, int], dict],
+                    whole: Callable[[str, dict], bool]) -> Delta:
+        """The concrete Delta: each module's state replaced by `place(path, state, d_out, d_in)`, except the modules
+        kept whole (`whole(path, state)`: peft's modules_to_save), which stay as they are."""
+        state = {p: st if whole(p, st) else place(p, st, *sizes[p]) for p, st in self.state.items()}
+        return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
 
     def sizes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         lookup = base_lookup(model, self.module_types)

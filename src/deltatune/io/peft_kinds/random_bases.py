@@ -62,18 +62,14 @@ class VeRAFileDelta(SizedDelta):
             own = [s for p, s in sizes.items() if not self.config.saves_whole(p)]
             a_sh = _kaiming((r, max(s[1] for s in own)), gen)
             b_sh = _kaiming((max(s[0] for s in own), r), gen)
-        state = {}
-        for path, st in self.state.items():
-            if self.config.saves_whole(path):  # a module kept whole (modules_to_save)
-                state[path] = st
-                continue
-            d_out, d_in = sizes[path]
+
+        def place(path: str, st: dict, d_out: int, d_in: int) -> dict:
             if a_sh.shape[1] < d_in or b_sh.shape[0] < d_out:
                 raise CorruptFileError(f"PEFT adapter {self.name!r}: its shared projections [{tuple(a_sh.shape)}, "
                                        f"{tuple(b_sh.shape)}] are smaller than module {path!r} ([{d_out}, {d_in}])")
-            state[path] = {**st, "shape": torch.tensor([d_out, d_in]), "A": a_sh[:, :d_in].clone(),
-                           "B": b_sh[:d_out].clone()}
-        return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
+            return {**st, "shape": torch.tensor([d_out, d_in]), "A": a_sh[:, :d_in].clone(), "B": b_sh[:d_out].clone()}
+
+        return self.placed_each(sizes, place, lambda path, st: self.config.saves_whole(path))
 
 
 def read_vera(file: PeftFile) -> Delta:
@@ -125,12 +121,8 @@ class RandLoRAFileDelta(SizedDelta):
     def complete(self, sizes: dict[str, tuple[int, int]]) -> Delta:
         r = self.config.r
         a_sh, b_sh = self.shared
-        state = {}
-        for path, st in self.state.items():
-            if self.config.saves_whole(path):  # a module kept whole (modules_to_save)
-                state[path] = st
-                continue
-            d_out, d_in = sizes[path]
+
+        def place(path: str, st: dict, d_out: int, d_in: int) -> dict:
             m, big = min(d_out, d_in), max(d_out, d_in)
             n = n_bases(r, m)
             if a_sh.shape[2] < m or b_sh.shape[0] < big or b_sh.shape[1] < n:
@@ -141,8 +133,9 @@ class RandLoRAFileDelta(SizedDelta):
                                        f"{tuple(st['lambdas'].shape[::-1])} and randlora_gamma {tuple(st['gammas'].shape)}, "
                                        f"expected ({r}, {n}) and ({n}, {m}) for its [{d_out}, {d_in}] weight")
             b = b_sh[:big, :n].reshape(big, n * r).reshape(big, r, n).permute(0, 2, 1).contiguous()
-            state[path] = {**st, "shape": torch.tensor([d_out, d_in]), "A": a_sh[:, 0, :m].clone(), "B": b}
-        return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
+            return {**st, "shape": torch.tensor([d_out, d_in]), "A": a_sh[:, 0, :m].clone(), "B": b}
+
+        return self.placed_each(sizes, place, lambda path, st: self.config.saves_whole(path))
 
 
 def read_randlora(file: PeftFile) -> Delta:

@@ -54,12 +54,7 @@ class _ShiraDelta(SizedDelta):
     weight's column count is (the file does not record it)."""
 
     def complete(self, sizes: dict[str, tuple[int, int]]) -> Delta:
-        state = {}
-        for mpath, st in self.state.items():
-            if "rows" not in st:  # a module kept whole
-                state[mpath] = st
-                continue
-            d_out, d_in = sizes[mpath]
+        def place(mpath: str, st: dict, d_out: int, d_in: int) -> dict:
             rows, cols = st["rows"], st["cols"]
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= d_out or int(cols.min()) < 0
                                  or int(cols.max()) >= d_in):
@@ -67,9 +62,10 @@ class _ShiraDelta(SizedDelta):
                                        f"[{d_out}, {d_in}] weight")
             flat = rows * d_in + cols
             order = torch.argsort(flat)
-            state[mpath] = {"shape": torch.tensor([d_out, d_in], dtype=torch.int64), "index": flat[order],
-                            "values": st["values"][order]}
-        return Delta(self.name, self.config, state, dict(self.module_types), dict(self.base))
+            return {"shape": torch.tensor([d_out, d_in], dtype=torch.int64), "index": flat[order],
+                    "values": st["values"][order]}
+
+        return self.placed_each(sizes, place, lambda mpath, st: "rows" not in st)  # no rows: a module kept whole
 
 
 def write(delta: Delta, paths: list[str], where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
