@@ -213,3 +213,10 @@ def attached_piece_types(model: nn.Module) -> set[type]:
     """The classes of every piece attached anywhere in `model`."""
     return {type(p) for _, m in model.named_modules() if (s := m._modules.get("deltatune")) is not None
             for p in s.values()}
+
+
+def assert_identity_where_plain(model: nn.Module, logits, base: torch.Tensor, kind: str) -> None:
+    """Identity at init for a freshly attached delta: `logits()` equals `base` when every attached piece works on
+    inputs, weights or outputs without per-call keywords (others need inputs of their own to be checked)."""
+    if all(p.position in ("input", "weight", "output") and not p.keywords for p in attached_piece_types(model)):
+        assert torch.allclose(logits(), base, atol=1e-5), kind

@@ -18,7 +18,7 @@ from deltatune.core.errors import (ConfigError, MissingDependencyError, Rounding
                                    UnsupportedError)
 from deltatune.core.layouts import LinearLayout, QuantLinearLayout, layout_of
 
-from conftest import attached_piece_types, build_tiny, module_pieces, randomize_delta
+from conftest import assert_identity_where_plain, build_tiny, module_pieces, randomize_delta
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning")
@@ -168,9 +168,7 @@ def test_every_linear_kind_attaches_or_refuses_clearly() -> None:
             assert not any(".deltatune." in n for n, _ in tiny.model.named_parameters())  # untouched
             continue
         attached.append(kind)
-        pieces = attached_piece_types(tiny.model)
-        if all(p.position in ("input", "weight", "output") and not p.keywords for p in pieces):
-            assert torch.allclose(tiny.logits(), base, atol=1e-5), kind
+        assert_identity_where_plain(tiny.model, tiny.logits, base, kind)
     assert {"lora", "ia3", "sparse"} <= set(attached)
     assert all(not piece.quantized_hosts for kind in refused for piece in _piece_classes(_REGISTRY[kind])), refused
 

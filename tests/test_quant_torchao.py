@@ -15,7 +15,7 @@ from deltatune.core import quant
 from deltatune.core.errors import RoundingWarning, TargetError
 from deltatune.core.layouts import QuantLinearLayout, layout_of
 
-from conftest import attached_piece_types, build_tiny, module_pieces, randomize_delta
+from conftest import assert_identity_where_plain, build_tiny, module_pieces, randomize_delta
 
 try:
     with warnings.catch_warnings():
@@ -176,8 +176,6 @@ def test_every_linear_kind_attaches_or_refuses_clearly() -> None:
             assert not any(".deltatune." in n for n, _ in tiny.model.named_parameters())  # untouched
             continue
         attached.append(kind)
-        pieces = attached_piece_types(tiny.model)
-        if all(p.position in ("input", "weight", "output") and not p.keywords for p in pieces):
-            assert torch.allclose(tiny.logits(), base, atol=1e-5), kind
+        assert_identity_where_plain(tiny.model, tiny.logits, base, kind)
         assert all(isinstance(m.weight, Int8Tensor) for m in tiny.model.modules() if quant.quant_kind(m)), kind
     assert {"lora", "ia3", "sparse"} <= set(attached)
