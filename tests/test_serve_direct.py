@@ -245,11 +245,14 @@ def test_other_threads_get_the_engine_between_steps(base, tmp_path):
     assert len(waits) == 90 and max(waits) <= 2, f"steps run while a call waited for the lock: {sorted(waits)[-10:]}"
 
 
+@pytest.mark.parametrize("slots", [[3, -1, 0, 0, 2, 3, 3, 1, -1, 2], [1, 0, 0, 1, 1, 1, 0, 0, 1, 0]],
+                         ids=["mixed", "every-token-one-bucket"])
 @pytest.mark.parametrize("bag_below", [0, 1000])
-def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below):
+def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below, slots):
     """Gathered slots + batched matmuls (long segments) and per-token row sums (short segments) each give, for every
     token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in buckets of 4 and 8; tokens without a slot and
-    padded segments untouched) — against a loop over tokens."""
+    padded segments untouched) — against a loop over tokens; also when every token of the forward has a slot in one
+    bucket (the row sums then add in the forward's own order, without selecting)."""
     from deltatune.serve import routing
     from deltatune.serve.slots import Banks
 
@@ -262,7 +265,6 @@ def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below):
         a, b, scale = torch.randn(r, 5, dtype=torch.float64), torch.randn(6, r, dtype=torch.float64), 0.5 + slot
         banks.write(slot, {"m": (a, b, scale)})
         factors[slot] = (a, b, scale)
-    slots = [3, -1, 0, 0, 2, 3, 3, 1, -1, 2]
     x = torch.randn(2, 5, 5, dtype=torch.float64)
     out = torch.randn(2, 5, 6, dtype=torch.float64)
     expect = out.clone().view(-1, 6)
@@ -274,6 +276,7 @@ def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below):
     assert torch.allclose(got.view(-1, 6), expect, atol=1e-12)
     plan = routing.make_plan(slots, banks, torch.device("cpu"))
     assert all((g.token_rows is not None) == (bag_below > 0) for g in plan.groups)
+    assert any(g.tokens is None for g in plan.groups) == (bag_below > 0 and min(slots) >= 0)
 
 
 def test_read_buffers_of_dropped_entries_are_reused_and_nothing_kept_is_overwritten(base, tmp_path, monkeypatch):

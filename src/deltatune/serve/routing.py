@@ -29,19 +29,20 @@ from .slots import Banks
 
 _PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("deltatune_serve_plan", default=None)
 #: a bucket's tokens take the row-sum path when they average fewer than this many per distinct slot
-BAG_BELOW = 4
+BAG_BELOW = 16
 
 
 @dataclass
 class Group:
     bucket: int
-    rows: Tensor    # [u] bank rows of the bucket
-    gather: Tensor  # [u * L] token index per padded position (padding points at token 0; dropped below)
-    valid: Tensor   # positions of real tokens in [u * L]
-    tokens: Tensor  # [n] token index of each valid position, in the same order
+    rows: Tensor                # [u] bank rows of the bucket
+    gather: Tensor | None       # [u * L] token index per padded position (padding points at token 0; dropped below)
+    valid: Tensor | None        # positions of real tokens in [u * L]
+    tokens: Tensor | None       # [n] token index of each valid position, in the same order; None: every token of
+                                # the forward in its own order (short-segment path only)
     u: int
     length: int
-    token_rows: Tensor | None = None  # [n] bank row of each token (short-segment path), in `tokens` order
+    token_rows: Tensor | None = None  # [n] bank row of each token (short-segment path), in the forward's order
     bags: dict | None = None          # (size, width) -> (indices, offsets), built once per forward
 
     def bag(self, size: int, width: int) -> tuple[Tensor, Tensor]:
@@ -71,18 +72,22 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
         segs = [(s - b.offset, toks) for s, toks in sorted(by_slot.items()) if b.offset <= s < b.offset + b.count]
         if not segs:
             continue
+        as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+        n = sum(len(toks) for _, toks in segs)
+        if n < BAG_BELOW * len(segs):  # short segments: each token by itself, in the forward's own order
+            row_of = {t: r for r, toks in segs for t in toks}
+            order = sorted(row_of)
+            whole = len(order) == len(slots)  # every token of the forward, in order: no select, a plain add
+            groups.append(Group(bi, as_t([r for r, _ in segs]), None, None, None if whole else as_t(order),
+                                len(segs), 1, as_t([row_of[t] for t in order]), {}))
+            continue
         length = max(len(toks) for _, toks in segs)
         gather, valid, tokens = [], [], []
         for i, (_, toks) in enumerate(segs):
             gather.extend(toks + [0] * (length - len(toks)))
             valid.extend(range(i * length, i * length + len(toks)))
             tokens.extend(toks)
-        as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-        group = Group(bi, as_t([r for r, _ in segs]), as_t(gather), as_t(valid), as_t(tokens), len(segs), length)
-        if len(tokens) < BAG_BELOW * len(segs):
-            group.token_rows = as_t([r for r, toks in segs for _ in toks])
-            group.bags = {}
-        groups.append(group)
+        groups.append(Group(bi, as_t([r for r, _ in segs]), as_t(gather), as_t(valid), as_t(tokens), len(segs), length))
     return Plan(groups)
 
 
@@ -108,11 +113,14 @@ def low_rank_add(banks: Banks, path: str, x: Tensor, out: Tensor, plan: Plan) ->
         at, bt = banks.AT[path][g.bucket], banks.BT[path][g.bucket]  # [count, in, R], [count, R, out]
         if g.token_rows is not None:  # short segments: per-token row sums where the factors lie
             rank, width = at.shape[2], bt.shape[2]
-            xs = x2.index_select(0, g.tokens).to(at.dtype)
+            xs = (x2 if g.tokens is None else x2.index_select(0, g.tokens)).to(at.dtype)
             idx, off = g.bag(at.shape[1], rank)
             z = F.embedding_bag(idx, at.view(-1, rank), off, mode="sum", per_sample_weights=xs.reshape(-1))
             idx, off = g.bag(rank, width)
             y = F.embedding_bag(idx, bt.view(-1, width), off, mode="sum", per_sample_weights=z.reshape(-1))
+            if g.tokens is None:
+                o2.add_(y.to(o2.dtype))
+                continue
         else:  # long segments: gathered slots, batched matmuls
             a, b = at.index_select(0, g.rows), bt.index_select(0, g.rows)
             xs = x2.index_select(0, g.gather).view(g.u, g.length, -1).to(a.dtype)
