@@ -99,6 +99,24 @@ def test_serve_bench_runs_on_a_tiny_model() -> None:
     assert out["naive"][4]["tok_s"] > 0 and min(out["hot"]) > 0 and set(out["scaling"][0]) == {10, 100}
 
 
+def test_serve_routing_bench_runs_on_a_tiny_model(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("deltatune_bench_serve_routing", BENCH.parent / "serve_routing.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    from deltatune.serve import routing
+
+    threads, threshold = torch.get_num_threads(), routing.BAG_BELOW
+    try:
+        rows = bench.main(["--smoke", "--reps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert routing.BAG_BELOW == threshold  # put back
+    assert [(t, u) for t, u, *_ in rows] == [(64, 1), (64, 4), (8, 2)]
+    assert all(min(r[2:]) > 0 for r in rows)  # base only, row sums, gathered: each timed
+    assert "| 64 | 4 | 16 |" in capsys.readouterr().out
+
+
 def test_quant_bench_runs_on_a_tiny_model() -> None:
     pytest.importorskip("bitsandbytes")
     spec = importlib.util.spec_from_file_location("deltatune_bench_quant", BENCH.parent / "quant.py")

@@ -33,6 +33,7 @@ def test_direct_load_equals_the_full_read(base, tmp_path, monkeypatch, beside):
     """Bank rows written by the direct path equal those of the full read (Delta.read + update) bit for bit, for a
     rank below the bucket's (zeroed tail) and with alpha ≠ r (a scale to fold in)."""
     monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if beside else 1 << 62)
+    monkeypatch.setattr(safetensors_io, "READ_PIECE_BYTES", 1000)  # beside: read and hashed in many pieces
     path = make_lora(base, tmp_path / "d", 4, 1, alpha=12)
     eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
     entry = eng.register("d", path)
@@ -82,6 +83,7 @@ def test_a_changed_file_is_refused_and_the_slot_stays_empty(base, tmp_path, monk
     """Same size, one value changed after registration (delta.json untouched): the hash refuses it; nothing is
     cached, no slot holds it, and torch's thread count is restored."""
     monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0 if beside else 1 << 62)
+    monkeypatch.setattr(safetensors_io, "READ_PIECE_BYTES", 1000)  # beside: read and hashed in many pieces
     path = make_lora(base, tmp_path / "d", 4, 1)
     eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=8)
     eng.register("d", path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import queue
 import stat
 import threading
 from pathlib import Path
@@ -62,7 +63,8 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
     must have exactly `size` bytes and the SHA-256 `sha256`. The data is read with `preadv` straight into the
     tensor (no mapping: a freshly written file's pages are not faulted in one by one). The hash is computed over
     the header and the copy itself (so the bytes the caller uses are the bytes checked), in a second thread from
-    HASH_BESIDE_BYTES on, settled through `deferred` like `read_tensors`' check. The header is not parsed: the
+    HASH_BESIDE_BYTES on — piece by piece as the data arrives (READ_PIECE_BYTES at a time), so the hash has started
+    before the read ends — settled through `deferred` like `read_tensors`' check. The header is not parsed: the
     caller compares it with a header it checked before (the serving engine's registration). `alloc(n)`, when given,
     supplies the uint8 buffer of n bytes to read into (the engine recycles buffers whose pages are already mapped:
     faulting in fresh pages cost more than the read itself in a busy process)."""
@@ -75,11 +77,20 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
             raise _corrupt(where, f"its header length {n} does not fit a file of {actual} bytes")
         head = bytes(_pread(fd, 0, memoryview(bytearray(8 + n)), where))
         data = (alloc or _empty_bytes)(actual - 8 - n)
-        if data.numel():
-            _pread(fd, 8 + n, memoryview(data.numpy()), where)
+        view = memoryview(data.numpy())
+        if actual < HASH_BESIDE_BYTES:
+            _pread(fd, 8 + n, view, where)
+            digest = _Digest([head, view], beside=False)
+        else:  # hashed as it arrives: the second thread hashes each piece while the next one is read
+            pieces: queue.SimpleQueue = queue.SimpleQueue()
+            digest = _Digest(_arriving(head, pieces))
+            try:
+                for at in range(0, len(view), READ_PIECE_BYTES):
+                    pieces.put(_pread(fd, 8 + n + at, view[at:at + READ_PIECE_BYTES], where))
+            finally:
+                pieces.put(None)
     finally:
         os.close(fd)
-    digest = _Digest([head, data.numpy()], beside=actual >= HASH_BESIDE_BYTES)
 
     def finish() -> None:
         digest.join()
@@ -87,6 +98,13 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
 
     settle(finish)
     return head[8:], data
+
+
+def _arriving(head: bytes, pieces: queue.SimpleQueue):
+    """`head`, then each piece put into `pieces` until None."""
+    yield head
+    while (piece := pieces.get()) is not None:
+        yield piece
 
 
 def _empty_bytes(n: int) -> Tensor:
@@ -155,6 +173,8 @@ def _hashed(mm: mmap.mmap, actual: int, sha256: str | None, where: str, manifest
 #: from this size on, a file's hash is computed in a second thread while its tensors are copied out (hashlib and
 #: torch's copies both release the GIL); the tensors are returned only after the hash matched
 HASH_BESIDE_BYTES = 4 << 20
+#: `read_data` reads in pieces of this size, each hashed while the next is read
+READ_PIECE_BYTES = 2 << 20
 
 
 class _Digest:

@@ -71,9 +71,10 @@ class Banks:
             a, b, scale = f
             r = a.shape[0]
             at[:, :r].copy_(a.t(), non_blocking=True)
-            bt[:r].copy_(b.t(), non_blocking=True)
-            if scale != 1:
-                bt[:r].mul_(scale)
+            if scale != 1:  # scaled on the way in: one pass over B, rounded once to the bank's dtype
+                torch.mul(b.t().to(bt.device, non_blocking=True), scale, out=bt[:r])
+            else:
+                bt[:r].copy_(b.t(), non_blocking=True)
             if r < at.shape[1]:
                 at[:, r:].zero_()
                 bt[r:].zero_()
