@@ -161,8 +161,8 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
-COST = ("the six main rows took 2,313 CPU-seconds for one seed (their CPU time column), so 3 seeds are about 7,000 "
-        "CPU-seconds: an hour with `--jobs 2` on two idle cores; every row (`--all`) is about 3 hours per seed")
+COST = ("seeds 1 and 2 of the six main rows (12 runs) took 36 minutes with `--jobs 2` on two idle cores (2026-12-07), "
+        "so all three seeds from nothing take about 55 minutes; every row (`--all`) is about 3 hours per seed")
 
 
 def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
