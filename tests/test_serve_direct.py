@@ -304,3 +304,22 @@ def test_read_buffers_of_dropped_entries_are_reused_and_nothing_kept_is_overwrit
         cached = eng.pool.factors(eng.pool.get(name))
         some = next(iter(cached))
         assert torch.equal(cached[some][0], Delta.read(paths[i]).update(some)[0].A)
+
+
+@pytest.mark.parametrize("factors, bank", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)],
+                         ids=["fp32-into-bf16", "fp16-into-fp32"])
+def test_the_scale_is_folded_into_b_in_the_wider_dtype_and_rounded_once(factors, bank):
+    """Bᵀ = scale · B computed in the wider of the factors' and the bank's dtypes, then stored: one rounding (a
+    bf16 bank gets round(scale · B), not round(scale · round(B)); fp16 factors are scaled in fp32)."""
+    from deltatune.serve.slots import Banks
+
+    torch.manual_seed(0)
+    banks = Banks({"m": (64, 48)}, {8: 1}, torch.device("cpu"), bank)
+    a, b = torch.randn(5, 48, dtype=factors), torch.randn(64, 5, dtype=factors)
+    banks.write(0, {"m": (a, b, 0.37)})
+    got_a, got_b = banks.factors("m", 0)
+    wide = torch.promote_types(factors, bank)
+    assert torch.equal(got_b[:, :5], (b.to(wide) * 0.37).to(bank)) and not got_b[:, 5:].any()
+    assert torch.equal(got_a[:5], a.to(bank))
+    if bank == torch.bfloat16:  # rounding twice differs somewhere in 320 values
+        assert not torch.equal(got_b[:, :5], (b.to(bank) * 0.37).to(bank))

@@ -10,10 +10,10 @@ of two paths, both reading the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serv
 * **short segments** (decode, and any bucket with fewer than `BAG_BELOW` tokens per distinct slot on average): no
   gather — two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and y = Σᵣ zᵣ·Bᵀ[s, r, :], which read
   each token's factors where they lie, in the forward's own token order (when every token of the forward has a
-  slot in the bucket, the input is used as it is and y added to the output as a whole). Measured on the
-  development CPU (SmolLM2-135M, 2 threads): one decode step of 32 requests costs the same or less this way than
-  gathered for 1 to 32 distinct slots, and a 32-token forward the same at 8 tokens per slot; a 256-token prefill
-  is faster gathered (311 vs 338 ms at 4 slots of 64 tokens), hence 16.
+  slot in the bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
+  (SmolLM2-135M, 2 CPU threads) times one forward both ways: a 32-token forward is as fast or faster summed at
+  1 to 32 distinct slots (134 vs 163 ms at 32), a 256-token prefill faster gathered from 16 tokens per slot up
+  (331 vs 345 ms at 16 slots), the two within 3% between 8 and 16 — hence 16.
 
 Otherwise the result is added into the module's output rows with `index_add_`. Tokens without a delta are never
 touched, so their output is the base output exactly; a step's cost grows with its tokens and the distinct deltas

@@ -71,8 +71,9 @@ class Banks:
             a, b, scale = f
             r = a.shape[0]
             at[:, :r].copy_(a.t(), non_blocking=True)
-            if scale != 1:  # scaled on the way in: one pass over B, rounded once to the bank's dtype
-                torch.mul(b.t().to(bt.device, non_blocking=True), scale, out=bt[:r])
+            if scale != 1:  # scaled on the way in: one pass over B, in the wider of the two dtypes, rounded once
+                wide = torch.promote_types(b.dtype, bt.dtype)
+                torch.mul(b.t().to(bt.device, wide, non_blocking=True), scale, out=bt[:r])
             else:
                 bt[:r].copy_(b.t(), non_blocking=True)
             if r < at.shape[1]:
