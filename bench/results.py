@@ -341,10 +341,12 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
     lines = [f"Regenerate: `{command}` (`RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 "
              "--write docs/results.md`, then bench/multitask.py: every row × seed in its own process, `--jobs 2` of them at a time with one thread "
              f"each; {COST}). `--rows` picks rows, `--seeds 0,1,2` the seeds; each (row, seed) measured is kept with its "
-             "own values in bench/results_rows.json, and a row's cells are the mean ± sample standard deviation over "
-             "its seeds (one value where the seeds column says `1 seed`).", "",
+             "own values in bench/results_rows.json, and a row's metric cells are the mean ± sample standard deviation "
+             "over its seeds (one value where the seeds column says `1 seed`); wall and CPU time are the mean, peak RSS "
+             "and threads the largest over its seeds.", "",
              f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
-             "torch thread count. "
+             "torch thread count (the main rows' seed 0 ran with 2 threads on R8 and with peft on BBC, seeds 1 and 2 "
+             "with 1, so their time columns mix the two). "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
              "one epoch over the zoo's fixed train split for BBC, half an epoch for R8, batch 16, max 128 tokens, AdamW with 6% warmup and "
              "linear decay; the seed sets the head's initialisation, the delta's, the data order and dropout (rows "

@@ -51,7 +51,7 @@ def forward_ms(eng: Engine, tokens: int, u: int, bag: bool, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[tuple[int, int, float, float, float]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny random model (the test suite's)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
@@ -73,9 +73,10 @@ def main(argv=None) -> None:
         eng.preload(f"d{j}")
     saved, measured = routing.BAG_BELOW, []
     lines = ["## Serving: the two routing paths (`bench/serve_routing.py`)", "",
-             f"Command: `PYTHONPATH=src .venv/bin/python bench/serve_routing.py --write docs/benchmarks.md` — SmolLM2-135M "
-             f"(fp32) on CPU ({a.threads} threads, {platform.machine()}, {os.cpu_count()} cores), 64 r=16 all-linear "
-             f"deltas in slots; one forward, tokens split evenly over u distinct slots, median of {a.reps}. "
+             f"Command: `PYTHONPATH=src .venv/bin/python bench/serve_routing.py --write docs/benchmarks.md` — "
+             f"{'a tiny random Llama' if a.smoke else 'SmolLM2-135M'} (fp32) on CPU ({a.threads} threads, {platform.machine()}, {os.cpu_count()} cores), 64 r=16 all-linear "
+             f"deltas in slots; one forward, tokens split evenly over u distinct slots, median of {a.reps} (row sums: the "
+             f"mean of two such medians, taken before and after the gathered one). "
              f"The engine row-sums a bucket's tokens when they average fewer than {saved} per slot.", "",
              "| tokens | distinct slots u | tokens per slot | base only | row sums | gathered + bmm |",
              "|---:|---:|---:|---:|---:|---:|"]

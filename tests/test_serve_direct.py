@@ -278,7 +278,8 @@ def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below, 
     assert torch.allclose(got.view(-1, 6), expect, atol=1e-12)
     plan = routing.make_plan(slots, banks, torch.device("cpu"))
     assert all((g.token_rows is not None) == (bag_below > 0) for g in plan.groups)
-    assert any(g.tokens is None for g in plan.groups) == (bag_below > 0 and min(slots) >= 0)
+    one_bucket = min(slots) >= 0 and len({banks.locate(s)[0] for s in slots}) == 1
+    assert any(g.tokens is None for g in plan.groups) == (bag_below > 0 and one_bucket)
 
 
 def test_read_buffers_of_dropped_entries_are_reused_and_nothing_kept_is_overwritten(base, tmp_path, monkeypatch):
@@ -323,3 +324,36 @@ def test_the_scale_is_folded_into_b_in_the_wider_dtype_and_rounded_once(factors,
     assert torch.equal(got_a[:5], a.to(bank))
     if bank == torch.bfloat16:  # rounding twice differs somewhere in 320 values
         assert not torch.equal(got_b[:, :5], (b.to(bank) * 0.37).to(bank))
+
+
+def test_a_read_failing_midway_leaves_no_hashing_thread(base, tmp_path, monkeypatch):
+    """The file ends while its pieces are read (and hashed as they arrive): the error is raised only after the
+    hashing thread finished — no thread outlives the read, even when hashing lags behind it."""
+    import threading
+    import time
+
+    monkeypatch.setattr(safetensors_io, "HASH_BESIDE_BYTES", 0)
+    monkeypatch.setattr(safetensors_io, "READ_PIECE_BYTES", 1000)
+    arriving = safetensors_io._arriving
+
+    def slow(head, pieces):  # a hash that lags: without the join it is still running when the error is raised
+        for piece in arriving(head, pieces):
+            time.sleep(0.02)
+            yield piece
+
+    monkeypatch.setattr(safetensors_io, "_arriving", slow)
+    reads = []
+    pread = safetensors_io._pread
+
+    def failing(fd, offset, into, where):
+        reads.append(offset)
+        if len(reads) == 5:  # length, header, two pieces, then the file "ends"
+            raise CorruptFileError(f"{where} ended while being read")
+        return pread(fd, offset, into, where)
+
+    monkeypatch.setattr(safetensors_io, "_pread", failing)
+    weights = make_lora(base, tmp_path / "d", 4, 1) / "delta.safetensors"
+    with pytest.raises(CorruptFileError, match="ended"):
+        safetensors_io.read_data(weights, size=weights.stat().st_size, sha256="0" * 64)
+    assert len(reads) == 5
+    assert not [t for t in threading.enumerate() if t.name == "deltatune-sha256"]

@@ -87,8 +87,11 @@ def read_data(path: Path, *, size: int, sha256: str, manifest: str = "",
             try:
                 for at in range(0, len(view), READ_PIECE_BYTES):
                     pieces.put(_pread(fd, 8 + n + at, view[at:at + READ_PIECE_BYTES], where))
-            finally:
+            except BaseException:  # no hashing thread outlives a failed read
                 pieces.put(None)
+                digest.join()
+                raise
+            pieces.put(None)
     finally:
         os.close(fd)
 

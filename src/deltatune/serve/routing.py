@@ -11,9 +11,10 @@ of two paths, both reading the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serv
   gather — two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and y = Σᵣ zᵣ·Bᵀ[s, r, :], which read
   each token's factors where they lie, in the forward's own token order (when every token of the forward has a
   slot in the bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
-  (SmolLM2-135M, 2 CPU threads) times one forward both ways: a 32-token forward is as fast or faster summed at
-  1 to 32 distinct slots (134 vs 163 ms at 32), a 256-token prefill faster gathered from 16 tokens per slot up
-  (331 vs 345 ms at 16 slots), the two within 3% between 8 and 16 — hence 16.
+  (SmolLM2-135M, 2 CPU threads) times one forward both ways: below 8 tokens per slot the row sums are faster
+  (32 tokens over 32 slots: 134 vs 163 ms; over 8: 107 vs 113), from 8 on gathering is as fast or faster
+  (8 per slot: 110 vs 112 ms for 32 tokens, 357 vs 366 ms for 256; 16 per slot: 331 vs 345; 32: 106 vs 109) —
+  hence 8. The gaps near the threshold are a few percent, from one run.
 
 Otherwise the result is added into the module's output rows with `index_add_`. Tokens without a delta are never
 touched, so their output is the base output exactly; a step's cost grows with its tokens and the distinct deltas
@@ -31,7 +32,7 @@ from .slots import Banks
 
 _PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("deltatune_serve_plan", default=None)
 #: a bucket's tokens take the row-sum path when they average fewer than this many per distinct slot
-BAG_BELOW = 16
+BAG_BELOW = 8
 
 
 @dataclass
