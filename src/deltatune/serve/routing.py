@@ -7,7 +7,7 @@ of two paths, both reading the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serv
 
 * **long segments** (prefill: many tokens per slot): the u segments are padded to the longest one (L); the hook
   gathers the u slots' factors once, runs two batched matmuls over [u, L, ·] and keeps the valid rows;
-* **short segments** (decode, and any bucket with fewer than `BAG_BELOW` tokens per distinct slot on average): no
+* **short segments** (fewer than `BAG_BELOW` tokens per distinct slot on average: decode over many deltas): no
   gather — two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and y = Σᵣ zᵣ·Bᵀ[s, r, :], which read
   each token's factors where they lie, in the forward's own token order (when every token of the forward has a
   slot in the bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
