@@ -15,8 +15,9 @@ pytest.importorskip("peft")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "forward.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("deltatune_bench_forward", BENCH)
+def _load_bench(script: str = "forward.py"):
+    """bench/`script` imported as a module (registered in sys.modules under its own name)."""
+    spec = importlib.util.spec_from_file_location(f"deltatune_bench_{script[:-3]}", BENCH.parent / script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
@@ -45,10 +46,7 @@ def test_forward_bench_runs_on_a_tiny_model() -> None:
 
 
 def test_sparse_bench_runs_on_a_tiny_model() -> None:
-    spec = importlib.util.spec_from_file_location("deltatune_bench_sparse", BENCH.parent / "sparse.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench("sparse.py")
     shape = bench.Shape(hidden=32, intermediate=48, layers=1, heads=4, kv_heads=2, vocab=64, batch=2, seq=8, r=2,
                         every=4, window=2)
     threads = torch.get_num_threads()
@@ -67,10 +65,7 @@ def test_sparse_bench_runs_on_a_tiny_model() -> None:
 
 
 def test_mixed_bench_runs_on_a_tiny_model() -> None:
-    spec = importlib.util.spec_from_file_location("deltatune_bench_mixed", BENCH.parent / "mixed.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench("mixed.py")
     from _common import build_llama
 
     shape = bench.Shape(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, past=4)
@@ -86,10 +81,7 @@ def test_mixed_bench_runs_on_a_tiny_model() -> None:
 
 
 def test_serve_bench_runs_on_a_tiny_model() -> None:
-    spec = importlib.util.spec_from_file_location("deltatune_bench_serve", BENCH.parent / "serve.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench("serve.py")
     threads = torch.get_num_threads()
     try:
         out = bench.main(["--smoke"])
@@ -100,10 +92,7 @@ def test_serve_bench_runs_on_a_tiny_model() -> None:
 
 
 def test_serve_routing_bench_runs_on_a_tiny_model(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("deltatune_bench_serve_routing", BENCH.parent / "serve_routing.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench("serve_routing.py")
     from deltatune.serve import routing
 
     threads, threshold = torch.get_num_threads(), routing.BAG_BELOW
@@ -119,10 +108,7 @@ def test_serve_routing_bench_runs_on_a_tiny_model(capsys) -> None:
 
 def test_quant_bench_runs_on_a_tiny_model() -> None:
     pytest.importorskip("bitsandbytes")
-    spec = importlib.util.spec_from_file_location("deltatune_bench_quant", BENCH.parent / "quant.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = _load_bench("quant.py")
     shape = {"hidden": 96, "intermediate": 128, "layers": 1, "heads": 3, "vocab": 64}
     rows = module.measure(shape, batch=2, seq=8, r=4, steps=1, threads=1)
     assert [r["case"] for r in rows] == list(module.CASES)
@@ -150,10 +136,7 @@ def test_forward_bench_runs_on_cuda() -> None:
 
 def test_results_rows_over_seeds_render_mean_and_std(tmp_path) -> None:
     sys.path.insert(0, str(BENCH.parent))  # results.py imports _report from its folder
-    spec = importlib.util.spec_from_file_location("deltatune_bench_results", BENCH.parent / "results.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench("results.py")
     store = tmp_path / "rows.json"
     one = {"data": "r8", "method": "LoRA r=8", "accuracy": 0.8, "macro_f1": 0.3, "trainable": 10, "wall_s": 10.0,
            "cpu_s": 20.0, "threads": 1, "peak_rss_mb": 100.0}

@@ -78,11 +78,10 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
         as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         n = sum(len(toks) for _, toks in segs)
         if n < BAG_BELOW * len(segs):  # short segments: each token by itself, in the forward's own order
-            row_of = {t: r for r, toks in segs for t in toks}
-            order = sorted(row_of)
-            whole = len(order) == len(slots)  # every token of the forward, in order: no select, a plain add
+            order = [t for t, s in enumerate(slots) if b.offset <= s < b.offset + b.count]
+            whole = n == len(slots)  # every token of the forward, in order: no select, a plain add
             groups.append(Group(bi, as_t([r for r, _ in segs]), None, None, None if whole else as_t(order),
-                                len(segs), 1, as_t([row_of[t] for t in order]), {}))
+                                len(segs), 1, as_t([slots[t] - b.offset for t in order]), {}))
             continue
         length = max(len(toks) for _, toks in segs)
         gather, valid, tokens = [], [], []
