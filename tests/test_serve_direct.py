@@ -249,16 +249,22 @@ def test_other_threads_get_the_engine_between_steps(base, tmp_path):
 
 @pytest.mark.parametrize("slots", [[3, -1, 0, 0, 2, 3, 3, 1, -1, 2], [1, 0, 0, 1, 1, 1, 0, 0, 1, 0]],
                          ids=["mixed", "every-token-one-bucket"])
-@pytest.mark.parametrize("bag_below", [0, 1000])
-def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below, slots):
-    """Gathered slots + batched matmuls (long segments) and per-token row sums (short segments) each give, for every
-    token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in buckets of 4 and 8; tokens without a slot and
-    padded segments untouched) — against a loop over tokens; also when every token of the forward has a slot in one
-    bucket (the row sums then add in the forward's own order, without selecting)."""
-    from deltatune.serve import routing
+@pytest.mark.parametrize("path", ["gathered", "row-sums", "kernel"])
+def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slots):
+    """Gathered slots + batched matmuls (long segments), per-token row sums and the compiled kernel (short segments)
+    each give, for every token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in buckets of 4 and 8; tokens
+    without a slot and padded segments untouched) — against a loop over tokens; also when every token of the forward
+    has a slot in one bucket (the row sums then add in the forward's own order, without selecting)."""
+    from deltatune.serve import kernel, routing
     from deltatune.serve.slots import Banks
 
+    bag_below = 0 if path == "gathered" else 1000
     monkeypatch.setattr(routing, "BAG_BELOW", bag_below)
+    monkeypatch.setattr(routing, "KERNEL", path == "kernel")
+    if path == "kernel":
+        require_kernel(kernel)
+        calls = []
+        monkeypatch.setattr(kernel, "usable", lambda *a, _real=kernel.usable: calls.append(_real(*a)) or calls[-1])
     torch.manual_seed(0)
     shapes = {"m": (6, 5)}
     banks = Banks(shapes, {4: 2, 8: 2}, torch.device("cpu"), torch.float64)
@@ -280,6 +286,69 @@ def test_both_routing_paths_match_a_per_token_reference(monkeypatch, bag_below, 
     assert all((g.token_rows is not None) == (bag_below > 0) for g in plan.groups)
     one_bucket = min(slots) >= 0 and len({banks.locate(s)[0] for s in slots}) == 1
     assert any(g.tokens is None for g in plan.groups) == (bag_below > 0 and one_bucket)
+    if path == "kernel":  # the kernel ran, for every bucket
+        assert calls and all(c is not None for c in calls)
+
+
+def require_kernel(kernel):
+    """The compiled kernel, built here; skipped only on a machine without a C++ compiler (then routing's torch ops
+    are what runs, and they are tested above)."""
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the routing kernel cannot be built here")
+    assert kernel.load() is not None, "a C++ compiler is here, so the routing kernel must build"
+    return kernel.load()
+
+
+@pytest.mark.parametrize("rank", [3, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_routing_kernel_equals_matmuls_for_every_width(rank, dtype):
+    """Widths that are and are not multiples of the kernel's blocks (in 37 and 64; out 70 and 96), ranks of the
+    templated and general loops, 40 tokens over 7 bank rows in an unsorted order, 3 tokens left out: each listed
+    token gets x·Aᵀ[s]·Bᵀ[s] added, the others stay as they were."""
+    from deltatune.serve import kernel
+
+    k = require_kernel(kernel)
+    g = torch.Generator().manual_seed(rank)
+    for width_in, width_out in ((37, 70), (64, 96)):
+        at = torch.randn(7, width_in, rank, generator=g, dtype=dtype)
+        bt = torch.randn(7, rank, width_out, generator=g, dtype=dtype)
+        x, out = torch.randn(40, width_in, generator=g, dtype=dtype), torch.randn(40, width_out, generator=g, dtype=dtype)
+        tokens = torch.randperm(40, generator=g)[:37]
+        rows = torch.randint(0, 7, (37,), generator=g)
+        expect = out.clone()
+        expect[tokens] += torch.einsum("ti,tir,tro->to", x[tokens], at[rows], bt[rows])
+        k.grouped_low_rank_add(x, out, at, bt, rows, tokens)
+        tol = 1e-12 if dtype == torch.float64 else 2e-4
+        assert torch.allclose(out, expect, rtol=tol, atol=tol * rank)
+
+
+def test_the_routing_kernel_refuses_bad_indices_and_changes_nothing():
+    """Rows outside the bank, tokens outside x, a token listed twice, mixed dtypes, wrong shapes: each a clear error
+    before anything is added."""
+    from deltatune.serve import kernel
+
+    k = require_kernel(kernel)
+    at, bt = torch.randn(3, 5, 3), torch.randn(3, 3, 6)
+    x, out = torch.randn(4, 5), torch.randn(4, 6)
+    keep = out.clone()
+    long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    for rows, tokens, match in (([0, 3], [0, 1], "bank row 3"), ([0, -1], [0, 1], "bank row -1"),
+                                ([0, 1], [0, 4], "token 4"), ([0, 1], [2, 2], "listed twice")):
+        with pytest.raises(RuntimeError, match=match):
+            k.grouped_low_rank_add(x, out, at, bt, long(rows), long(tokens))
+        assert torch.equal(out, keep)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        k.grouped_low_rank_add(x.double(), out, at, bt, long([0]), long([0]))
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.grouped_low_rank_add(torch.randn(4, 6), out, at, bt, long([0]), long([0]))
+    assert torch.equal(out, keep)
+    k.grouped_low_rank_add(x, out, at, bt, long([2, 0]), long([3, 1]))  # and a good call adds exactly its tokens
+    expect = keep.clone()
+    expect[3] += x[3] @ at[2] @ bt[2]
+    expect[1] += x[1] @ at[0] @ bt[0]
+    assert torch.allclose(out, expect, atol=1e-5) and torch.equal(out[[0, 2]], keep[[0, 2]])
 
 
 def test_read_buffers_of_dropped_entries_are_reused_and_nothing_kept_is_overwritten(base, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from ..core.targeting import head_paths, linear_types
 from ..core.layouts import layout_of
 from ..core.threads import torch_threads
 from ..io.deferred import checks_at_exit
+from . import kernel
 from .pool import DeltaPool, Registered
 from .routing import install_hooks, make_plan, use_plan
 from .sampling import SamplingParams, generator_for, sample
@@ -58,6 +59,8 @@ class Engine:
         self.slots = SlotTable(self.banks)
         self.pool = DeltaPool(model, meta_skeleton(model), shapes, max_rank, host_bytes, self.dtype)
         self._hooks = install_hooks(model, self.banks)
+        if self.device.type == "cpu":
+            kernel.load()  # built (about 20 s) or loaded from its cache now, never inside a forward
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling (row None) or decoding (a row of the arena)
         self.arena = Arena(max_batch)

@@ -8,9 +8,12 @@ of two paths, both reading the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serv
 * **long segments** (prefill: many tokens per slot): the u segments are padded to the longest one (L); the hook
   gathers the u slots' factors once, runs two batched matmuls over [u, L, ·] and keeps the valid rows;
 * **short segments** (fewer than `BAG_BELOW` tokens per distinct slot on average: decode over many deltas): no
-  gather — two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and y = Σᵣ zᵣ·Bᵀ[s, r, :], which read
-  each token's factors where they lie, in the forward's own token order (when every token of the forward has a
-  slot in the bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
+  gather — each token's factors are read where they lie. On the CPU (float32/64) the compiled kernel of
+  serve/kernel.py does it: tokens sorted by slot, z = x·Aᵀ[s] and y += z·Bᵀ[s] per token, added in place, the
+  tokens of one slot in a row on one thread so that its factors come from cache after the first. Elsewhere (or
+  where the kernel could not be built): two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and
+  y = Σᵣ zᵣ·Bᵀ[s, r, :], in the forward's own token order (when every token of the forward has a slot in the
+  bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
   (SmolLM2-135M, 2 CPU threads) times one forward both ways: below 8 tokens per slot the row sums are faster
   (32 tokens over 32 slots: 134 vs 163 ms; over 8: 107 vs 113), from 8 on gathering is as fast or faster
   (8 per slot: 110 vs 112 ms for 32 tokens, 357 vs 366 ms for 256; 16 per slot: 331 vs 345; 32: 106 vs 109) —
@@ -28,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernel
 from .slots import Banks
 
 _PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("deltatune_serve_plan", default=None)
 #: a bucket's tokens take the row-sum path when they average fewer than this many per distinct slot
 BAG_BELOW = 8
+#: short segments use the compiled kernel where it is loaded and suits the tensors (False: always torch ops)
+KERNEL = True
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Group:
     length: int
     token_rows: Tensor | None = None  # [n] bank row of each token (short-segment path), in the forward's order
     bags: dict | None = None          # (size, width) -> (indices, offsets), built once per forward
+    by_slot: tuple[Tensor, Tensor] | None = None  # (bank rows, tokens) sorted by row: the kernel's order
 
     def bag(self, size: int, width: int) -> tuple[Tensor, Tensor]:
         """embedding_bag indices and offsets over a [count * size, width] view: token t sums rows
@@ -80,8 +87,10 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
         if n < BAG_BELOW * len(segs):  # short segments: each token by itself, in the forward's own order
             order = [t for t, s in enumerate(slots) if b.offset <= s < b.offset + b.count]
             whole = n == len(slots)  # every token of the forward, in order: no select, a plain add
+            ranked = sorted((slots[t] - b.offset, t) for t in order)
             groups.append(Group(bi, as_t([r for r, _ in segs]), None, None, None if whole else as_t(order),
-                                len(segs), 1, as_t([slots[t] - b.offset for t in order]), {}))
+                                len(segs), 1, as_t([slots[t] - b.offset for t in order]), {},
+                                (as_t([r for r, _ in ranked]), as_t([t for _, t in ranked]))))
             continue
         length = max(len(toks) for _, toks in segs)
         gather, valid, tokens = [], [], []
@@ -113,7 +122,11 @@ def low_rank_add(banks: Banks, path: str, x: Tensor, out: Tensor, plan: Plan) ->
     o2 = out.view(-1, out.shape[-1])
     for g in plan.groups:
         at, bt = banks.AT[path][g.bucket], banks.BT[path][g.bucket]  # [count, in, R], [count, R, out]
-        if g.token_rows is not None:  # short segments: per-token row sums where the factors lie
+        if g.token_rows is not None:  # short segments: per token, where the factors lie
+            compiled = kernel.usable(x2, o2, at, bt) if KERNEL else None
+            if compiled is not None:
+                compiled.grouped_low_rank_add(x2, o2, at, bt, *g.by_slot)
+                continue
             rank, width = at.shape[2], bt.shape[2]
             xs = (x2 if g.tokens is None else x2.index_select(0, g.tokens)).to(at.dtype)
             idx, off = g.bag(at.shape[1], rank)
