@@ -95,14 +95,14 @@ def test_serve_routing_bench_runs_on_a_tiny_model(capsys) -> None:
     bench = _load_bench("serve_routing.py")
     from deltatune.serve import routing
 
-    threads, threshold = torch.get_num_threads(), routing.BAG_BELOW
+    threads, threshold, use_kernel = torch.get_num_threads(), routing.BAG_BELOW, routing.KERNEL
     try:
-        rows = bench.main(["--smoke", "--reps", "1"])
+        rows = bench.main(["--smoke", "--reps", "1"])  # raises if a forced path did not run (the kernel included)
     finally:
         torch.set_num_threads(threads)
-    assert routing.BAG_BELOW == threshold  # put back
+    assert routing.BAG_BELOW == threshold and routing.KERNEL == use_kernel  # put back
     assert [(t, u) for t, u, *_ in rows] == [(64, 1), (64, 4), (8, 2)]
-    assert all(min(r[2:]) > 0 for r in rows)  # base only, row sums, gathered: each timed
+    assert all(len(r) == 6 and min(r[2:]) > 0 for r in rows)  # base only, kernel, row sums, gathered: each timed
     assert "| 64 | 4 | 16 |" in capsys.readouterr().out
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,7 +128,29 @@ def test_host_lru_stays_under_budget_and_slots_evict_lru(setup):
 
 
 # --- 2. per-token routing, exact ------------------------------------------------------------------------------
-def test_mixed_batch_more_deltas_than_slots_is_exact(setup):
+def require_kernel():
+    """The compiled routing kernel, built here; skipped only on a machine without a C++ compiler (then routing's
+    torch ops are what runs, and they are tested too)."""
+    from deltatune.serve import kernel
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the routing kernel cannot be built here")
+    assert kernel.load() is not None, "a C++ compiler is here, so the routing kernel must build"
+    return kernel.load()
+
+
+@pytest.fixture(params=["kernel", "torch-ops"])
+def routes(request, monkeypatch):
+    """Each routed test twice: through the compiled kernel and through routing's torch ops."""
+    from deltatune.serve import routing
+
+    if request.param == "kernel":
+        require_kernel()
+    monkeypatch.setattr(routing, "KERNEL", request.param == "kernel")
+    return request.param
+
+
+def test_mixed_batch_more_deltas_than_slots_is_exact(setup, routes):
     base, paths = setup
     eng = Engine(copy.deepcopy(base), max_loaded=3, max_rank=64, rank_buckets={8: 2, 64: 1})
     for n, p in paths.items():
@@ -139,7 +163,7 @@ def test_mixed_batch_more_deltas_than_slots_is_exact(setup):
     assert eng.slots.evictions > 0 and all(x == 0 for x in eng.slots.pins)
 
 
-def test_base_tokens_get_exactly_the_base_output(setup):
+def test_base_tokens_get_exactly_the_base_output(setup, routes):
     base, paths = setup
     eng = Engine(copy.deepcopy(base), max_loaded=2, max_rank=64)
     eng.register("a", paths["r64_0"])
@@ -186,7 +210,7 @@ def test_kind_policy(setup, tmp_path):
 
 # --- 4. continuous batching -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefill_tokens,longest", [(256, 7), (3, 14)])
-def test_churn_is_exact(setup, prefill_tokens, longest):
+def test_churn_is_exact(setup, routes, prefill_tokens, longest):
     """Random arrivals, evictions, mixed ranks; with prefill_tokens=3 prompts are prefilled in chunks across steps
     while others decode, and the KV arena moves its columns several times."""
     base, paths = setup

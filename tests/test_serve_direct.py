@@ -16,7 +16,7 @@ from deltatune.io.delta import Delta
 from deltatune.serve import Engine, SamplingParams
 from deltatune.serve import pool as pool_module
 from deltatune.serve.direct import read_direct
-from test_serve import build_base, make_lora, reference
+from test_serve import build_base, make_lora, reference, require_kernel
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +258,11 @@ def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slo
     from deltatune.serve import kernel, routing
     from deltatune.serve.slots import Banks
 
-    bag_below = 0 if path == "gathered" else 1000
+    bag_below = 1000 if path == "row-sums" else 0  # the kernel, where it runs, takes every segment length
     monkeypatch.setattr(routing, "BAG_BELOW", bag_below)
     monkeypatch.setattr(routing, "KERNEL", path == "kernel")
     if path == "kernel":
-        require_kernel(kernel)
+        require_kernel()
         calls = []
         monkeypatch.setattr(kernel, "usable", lambda *a, _real=kernel.usable: calls.append(_real(*a)) or calls[-1])
     torch.manual_seed(0)
@@ -283,22 +283,11 @@ def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slo
     got = routing.low_rank_add(banks, "m", x, out.clone(), routing.make_plan(slots, banks, torch.device("cpu")))
     assert torch.allclose(got.view(-1, 6), expect, atol=1e-12)
     plan = routing.make_plan(slots, banks, torch.device("cpu"))
-    assert all((g.token_rows is not None) == (bag_below > 0) for g in plan.groups)
+    assert all((g.token_rows is not None) == (path != "gathered") for g in plan.groups)
     one_bucket = min(slots) >= 0 and len({banks.locate(s)[0] for s in slots}) == 1
-    assert any(g.tokens is None for g in plan.groups) == (bag_below > 0 and one_bucket)
+    assert any(g.tokens is None for g in plan.groups) == (path != "gathered" and one_bucket)
     if path == "kernel":  # the kernel ran, for every bucket
         assert calls and all(c is not None for c in calls)
-
-
-def require_kernel(kernel):
-    """The compiled kernel, built here; skipped only on a machine without a C++ compiler (then routing's torch ops
-    are what runs, and they are tested above)."""
-    import shutil
-
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the routing kernel cannot be built here")
-    assert kernel.load() is not None, "a C++ compiler is here, so the routing kernel must build"
-    return kernel.load()
 
 
 @pytest.mark.parametrize("rank", [3, 16, 64])
@@ -309,7 +298,7 @@ def test_the_routing_kernel_equals_matmuls_for_every_width(rank, dtype):
     token gets x·Aᵀ[s]·Bᵀ[s] added, the others stay as they were."""
     from deltatune.serve import kernel
 
-    k = require_kernel(kernel)
+    k = require_kernel()
     g = torch.Generator().manual_seed(rank)
     for width_in, width_out in ((37, 70), (64, 96)):
         at = torch.randn(7, width_in, rank, generator=g, dtype=dtype)
@@ -329,7 +318,7 @@ def test_the_routing_kernel_refuses_bad_indices_and_changes_nothing():
     before anything is added."""
     from deltatune.serve import kernel
 
-    k = require_kernel(kernel)
+    k = require_kernel()
     at, bt = torch.randn(3, 5, 3), torch.randn(3, 3, 6)
     x, out = torch.randn(4, 5), torch.randn(4, 6)
     keep = out.clone()

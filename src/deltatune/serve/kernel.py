@@ -72,6 +72,11 @@ def load() -> ModuleType | None:
         return _STATE["module"]
 
 
+def loaded() -> bool:
+    """Whether the kernel is loaded in this process (never builds it)."""
+    return _STATE.get("module") is not None
+
+
 def usable(x: Tensor, out: Tensor, at: Tensor, bt: Tensor) -> ModuleType | None:
     """The loaded kernel if these tensors suit it (CPU, one dtype of float32/float64, rows with unit stride);
     never builds it."""

@@ -77,6 +77,8 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
     for t, s in enumerate(slots):
         if s >= 0:
             by_slot.setdefault(s, []).append(t)
+    # the compiled kernel beats both torch paths at every segment length measured (bench/serve_routing.py)
+    compiled = KERNEL and device.type == "cpu" and banks.dtype in (torch.float32, torch.float64) and kernel.loaded()
     groups = []
     for bi, b in enumerate(banks.buckets):
         segs = [(s - b.offset, toks) for s, toks in sorted(by_slot.items()) if b.offset <= s < b.offset + b.count]
@@ -84,7 +86,7 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
             continue
         as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         n = sum(len(toks) for _, toks in segs)
-        if n < BAG_BELOW * len(segs):  # short segments: each token by itself, in the forward's own order
+        if compiled or n < BAG_BELOW * len(segs):  # per token, in the forward's own order (the kernel: by slot)
             order = [t for t, s in enumerate(slots) if b.offset <= s < b.offset + b.count]
             whole = n == len(slots)  # every token of the forward, in order: no select, a plain add
             ranked = sorted((slots[t] - b.offset, t) for t in order)

@@ -39,7 +39,7 @@ class Banks:
             self.buckets.append(Bucket(rank, buckets[rank], offset))
             offset += buckets[rank]
         self.size = offset
-        self.shapes = shapes
+        self.shapes, self.dtype = shapes, dtype
         self.AT: dict[str, list[Tensor]] = {}
         self.BT: dict[str, list[Tensor]] = {}
         for path, (out_f, in_f) in shapes.items():
