@@ -93,9 +93,10 @@ def main(argv=None) -> list[tuple[int, int, float, float, float, float]]:
              f"Command: `PYTHONPATH=src .venv/bin/python bench/serve_routing.py --write docs/benchmarks.md` — "
              f"{'a tiny random Llama' if a.smoke else 'SmolLM2-135M'} (fp32) on CPU ({a.threads} threads, {platform.machine()}, {os.cpu_count()} cores), 64 r=16 all-linear "
              f"deltas in slots; one forward, tokens split evenly over u distinct slots, median of {a.reps} (kernel: the "
-             f"mean of two such medians, taken before and after the others). Short segments: the compiled kernel, "
-             f"or the torch fallback's `embedding_bag` row sums; long segments: gathered slots + batched matmuls. "
-             f"The engine takes the short-segment path for a bucket whose tokens average fewer than {saved} per slot.", "",
+             f"mean of two such medians, taken before and after the others). On the CPU the engine routes every bucket "
+             f"through the compiled kernel; the torch ops (CUDA, or no kernel) take the `embedding_bag` row sums for "
+             f"a bucket whose tokens average fewer than {saved} per slot and gather slots for batched matmuls "
+             f"otherwise.", "",
              "| tokens | distinct slots u | tokens per slot | base only | kernel | row sums | gathered + bmm |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     try:

@@ -1,23 +1,21 @@
-"""Per-token routing of the low-rank contribution (SGMV-style, in plain torch ops).
+"""Per-token routing of the low-rank contribution (SGMV-style): a compiled kernel on the CPU, torch ops elsewhere.
 
 The engine sets a `Plan` for each forward in a context variable; the forward hook it installs once on every banked
 module reads it. Tokens are the flattened [batch × time] positions of the forward's input; each carries a global
-slot number or none. Per rank bucket the plan groups the bucket's tokens by slot (u distinct slots) and picks one
-of two paths, both reading the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serve/slots.py):
+slot number or none. Per rank bucket the plan groups the bucket's tokens by slot (u distinct slots) and picks a
+path; all read the banks' Aᵀ [n, in, R] and Bᵀ [n, R, out] (serve/slots.py) where they lie:
 
-* **long segments** (prefill: many tokens per slot): the u segments are padded to the longest one (L); the hook
-  gathers the u slots' factors once, runs two batched matmuls over [u, L, ·] and keeps the valid rows;
-* **short segments** (fewer than `BAG_BELOW` tokens per distinct slot on average: decode over many deltas): no
-  gather — each token's factors are read where they lie. On the CPU (float32/64) the compiled kernel of
-  serve/kernel.py does it: tokens sorted by slot, z = x·Aᵀ[s] and y += z·Bᵀ[s] per token, added in place, the
-  tokens of one slot in a row on one thread so that its factors come from cache after the first. Elsewhere (or
-  where the kernel could not be built): two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and
-  y = Σᵣ zᵣ·Bᵀ[s, r, :], in the forward's own token order (when every token of the forward has a slot in the
-  bucket, the input is used as it is and y added to the output as a whole). `bench/serve_routing.py`
-  (SmolLM2-135M, 2 CPU threads) times one forward both ways: below 8 tokens per slot the row sums are faster
-  (32 tokens over 32 slots: 134 vs 163 ms; over 8: 107 vs 113), from 8 on gathering is as fast or faster
-  (8 per slot: 110 vs 112 ms for 32 tokens, 357 vs 366 ms for 256; 16 per slot: 331 vs 345; 32: 106 vs 109) —
-  hence 8. The gaps near the threshold are a few percent, from one run.
+* **the compiled kernel** (serve/kernel.py; CPU, float32/64 banks, every bucket): tokens sorted by slot,
+  z = x·Aᵀ[s] and out += z·Bᵀ[s] per token, in place, the tokens of one slot in a row on one thread so that its
+  factors come from cache after the first. `bench/serve_routing.py` found it faster than both torch paths at
+  every segment length it measured, prefill and decode;
+* **long segments** (torch ops; prefill: many tokens per slot): the u segments are padded to the longest one (L);
+  the hook gathers the u slots' factors once, runs two batched matmuls over [u, L, ·] and keeps the valid rows;
+* **short segments** (torch ops; fewer than `BAG_BELOW` tokens per distinct slot on average: decode over many
+  deltas): two `embedding_bag` row sums per token, z = Σᵢ xᵢ·Aᵀ[s, i, :] and y = Σᵣ zᵣ·Bᵀ[s, r, :], in the
+  forward's own token order (when every token of the forward has a slot in the bucket, the input is used as it
+  is and y added to the output as a whole). Between these two torch paths the same benchmark puts the crossover
+  near 8 tokens per slot (gaps of a few percent around it, docs/serving.md).
 
 Otherwise the result is added into the module's output rows with `index_add_`. Tokens without a delta are never
 touched, so their output is the base output exactly; a step's cost grows with its tokens and the distinct deltas

@@ -2,8 +2,8 @@
 (name, version) each slot holds, with pins for requests in flight and LRU eviction among the unpinned.
 
 A bucket of rank R with n slots holds, for every banked module of shape [out, in], Aᵀ [n, in, R] and Bᵀ [n, R, out]
-(the scale folded into Bᵀ): transposed, so that both the batched matmuls over gathered slots and the per-token
-row sums of the routing's short-segment path (serve/routing.py) read them as they lie. A delta of rank r goes into
+(the scale folded into Bᵀ): transposed, so that the compiled routing kernel, the batched matmuls over gathered
+slots and the per-token row sums (serve/routing.py) all read them as they lie. A delta of rank r goes into
 the smallest bucket with R ≥ r (a larger one if that is full of pinned deltas); its factors are copied in and the
 unused R − r ranks zeroed, which adds exactly nothing. Nothing is allocated after construction and no module of
 the model changes."""
