@@ -11,6 +11,7 @@ the same results, slower for decode over many deltas (docs/serving.md)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -51,6 +52,9 @@ def _build() -> ModuleType:
     name = f"deltatune_grouped_add_{digest}"
     folder = kernels_home() / name
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{name}.so").exists():
+        logging.getLogger("deltatune.serve").info("building the serving engine's routing kernel in %s (once, about "
+                                                  "20 s)", folder)
     return load_extension(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                           extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
 
@@ -86,3 +90,15 @@ def usable(x: Tensor, out: Tensor, at: Tensor, bt: Tensor) -> ModuleType | None:
     if not (x.dtype == out.dtype == at.dtype == bt.dtype) or x.stride(-1) != 1 or out.stride(-1) != 1:
         return None
     return module
+
+
+def main() -> int:
+    """`python -m deltatune.serve.kernel`: build (or find) the kernel now; says where, or why not (`make setup`)."""
+    module = load()
+    print(f"routing kernel: {module.__file__}" if module is not None else
+          "routing kernel: not built; the serving engine routes with torch ops")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
