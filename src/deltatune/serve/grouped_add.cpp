@@ -5,9 +5,9 @@
 // Built on first use by deltatune/serve/kernel.py (torch's C++ extension loader); routing falls back to torch ops
 // where it is not built.
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -16,7 +16,7 @@ namespace {
 template <typename T, int RT>
 void token_add(const T* __restrict__ x, int64_t in, const T* __restrict__ a, const T* __restrict__ b,
                int64_t rank, int64_t out, T* __restrict__ y) {
-  constexpr int kMax = 256;
+  constexpr int kMax = 256;  // the largest rank taken (kernel.MAX_RANK; checked below)
   const int64_t R = RT > 0 ? RT : rank;
   T z0[kMax], z1[kMax], z2[kMax], z3[kMax];
   for (int64_t r = 0; r < R; ++r) z0[r] = z1[r] = z2[r] = z3[r] = T(0);
@@ -39,13 +39,13 @@ void token_add(const T* __restrict__ x, int64_t in, const T* __restrict__ a, con
   }
   T z[kMax];
   for (int64_t r = 0; r < R; ++r) z[r] = (z0[r] + z1[r]) + (z2[r] + z3[r]);
-  // y in chunks held in registers while the R rows of Bᵀ stream past
+  // z · Bᵀ in chunks held in registers while the R rows of Bᵀ stream past, summed from zero and added to y once
   constexpr int C = 32;
   int64_t o = 0;
   for (; o + C <= out; o += C) {
     T acc[C];
 #pragma omp simd
-    for (int c = 0; c < C; ++c) acc[c] = y[o + c];
+    for (int c = 0; c < C; ++c) acc[c] = T(0);
     for (int64_t r = 0; r < R; ++r) {
       const T zr = z[r];
       const T* __restrict__ br = b + r * out + o;
@@ -53,12 +53,12 @@ void token_add(const T* __restrict__ x, int64_t in, const T* __restrict__ a, con
       for (int c = 0; c < C; ++c) acc[c] += zr * br[c];
     }
 #pragma omp simd
-    for (int c = 0; c < C; ++c) y[o + c] = acc[c];
+    for (int c = 0; c < C; ++c) y[o + c] += acc[c];
   }
   for (; o < out; ++o) {
-    T acc = y[o];
+    T acc = T(0);
     for (int64_t r = 0; r < R; ++r) acc += z[r] * b[r * out + o];
-    y[o] = acc;
+    y[o] += acc;
   }
 }
 
@@ -92,8 +92,8 @@ void dispatch_rank(const at::Tensor& x, at::Tensor& out, const at::Tensor& at_, 
 
 }  // namespace
 
-// Checked: every shape, dtype and device, rows within the bank, tokens within x and each token listed once (two
-// threads must never add into one output row). Adds into `out` in place; returns nothing.
+// Checked: every shape, dtype and device, rows within the bank, tokens within x, each token listed once and rows
+// of out that share no memory (two threads must never add into one output row). Adds into `out` in place.
 void grouped_low_rank_add(const at::Tensor& x, at::Tensor& out, const at::Tensor& at_, const at::Tensor& bt_,
                           const at::Tensor& rows, const at::Tensor& tokens) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && at_.device().is_cpu() && bt_.device().is_cpu(),
@@ -109,6 +109,12 @@ void grouped_low_rank_add(const at::Tensor& x, at::Tensor& out, const at::Tensor
   TORCH_CHECK(out.size(0) == T_ && x.size(1) == at_.size(1) && bt_.size(0) == n && bt_.size(1) == at_.size(2) &&
               out.size(1) == bt_.size(2), "grouped_low_rank_add: shapes do not agree");
   TORCH_CHECK(at_.size(2) >= 1 && at_.size(2) <= 256, "grouped_low_rank_add: rank 1..256");
+  // rows of out must not share memory with each other (threads write different rows at once) nor with the inputs
+  TORCH_CHECK((out.size(0) <= 1 || out.stride(0) >= out.size(1)) && at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "grouped_low_rank_add: rows of out overlap");
+  at::assert_no_overlap(out, x);
+  at::assert_no_overlap(out, at_);
+  at::assert_no_overlap(out, bt_);
   TORCH_CHECK(rows.scalar_type() == at::kLong && tokens.scalar_type() == at::kLong && rows.is_contiguous() &&
               tokens.is_contiguous() && rows.dim() == 1 && rows.sizes() == tokens.sizes() && rows.device().is_cpu() &&
               tokens.device().is_cpu(), "grouped_low_rank_add: rows and tokens: int64 [m] on the CPU");

@@ -33,9 +33,9 @@ from . import kernel
 from .slots import Banks
 
 _PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("deltatune_serve_plan", default=None)
-#: a bucket's tokens take the row-sum path when they average fewer than this many per distinct slot
+#: with torch ops, a bucket's tokens take the row-sum path when they average fewer than this many per distinct slot
 BAG_BELOW = 8
-#: short segments use the compiled kernel where it is loaded and suits the tensors (False: always torch ops)
+#: every bucket the compiled kernel suits uses it where it is loaded (False: always torch ops)
 KERNEL = True
 
 
@@ -46,12 +46,12 @@ class Group:
     gather: Tensor | None       # [u * L] token index per padded position (padding points at token 0; dropped below)
     valid: Tensor | None        # positions of real tokens in [u * L]
     tokens: Tensor | None       # [n] token index of each valid position, in the same order; None: every token of
-                                # the forward in its own order (short-segment path only)
+                                # the forward in its own order (torch ops' short-segment path only)
     u: int
     length: int
-    token_rows: Tensor | None = None  # [n] bank row of each token (short-segment path), in the forward's order
+    token_rows: Tensor | None = None  # [n] bank row of each token (torch ops' short segments), in the forward's order
     bags: dict | None = None          # (size, width) -> (indices, offsets), built once per forward
-    by_slot: tuple[Tensor, Tensor] | None = None  # (bank rows, tokens) sorted by row: the kernel's order
+    by_slot: tuple[Tensor, Tensor] | None = None  # the kernel's (bank rows, tokens) sorted by row; None: torch ops
 
     def bag(self, size: int, width: int) -> tuple[Tensor, Tensor]:
         """embedding_bag indices and offsets over a [count * size, width] view: token t sums rows
@@ -75,22 +75,24 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
     for t, s in enumerate(slots):
         if s >= 0:
             by_slot.setdefault(s, []).append(t)
-    # the compiled kernel beats both torch paths at every segment length measured (bench/serve_routing.py)
-    compiled = KERNEL and device.type == "cpu" and banks.dtype in (torch.float32, torch.float64) and kernel.loaded()
+    # the compiled kernel beats both torch paths at every segment length measured (bench/serve_routing.py); the torch
+    # ops' fields are planned as well, for a forward whose tensors the kernel does not take (kernel.usable)
+    compiled = KERNEL and kernel.loaded()
     groups = []
     for bi, b in enumerate(banks.buckets):
         segs = [(s - b.offset, toks) for s, toks in sorted(by_slot.items()) if b.offset <= s < b.offset + b.count]
         if not segs:
             continue
         as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+        ranked = None
+        if compiled and kernel.suits(banks.dtype, b.rank, device):
+            ranked = (as_t([r for r, toks in segs for _ in toks]), as_t([t for _, toks in segs for t in toks]))
         n = sum(len(toks) for _, toks in segs)
-        if compiled or n < BAG_BELOW * len(segs):  # per token, in the forward's own order (the kernel: by slot)
+        if n < BAG_BELOW * len(segs):  # short segments: each token by itself, in the forward's own order
             order = [t for t, s in enumerate(slots) if b.offset <= s < b.offset + b.count]
             whole = n == len(slots)  # every token of the forward, in order: no select, a plain add
-            ranked = sorted((slots[t] - b.offset, t) for t in order)
             groups.append(Group(bi, as_t([r for r, _ in segs]), None, None, None if whole else as_t(order),
-                                len(segs), 1, as_t([slots[t] - b.offset for t in order]), {},
-                                (as_t([r for r, _ in ranked]), as_t([t for _, t in ranked]))))
+                                len(segs), 1, as_t([slots[t] - b.offset for t in order]), {}, ranked))
             continue
         length = max(len(toks) for _, toks in segs)
         gather, valid, tokens = [], [], []
@@ -98,7 +100,8 @@ def make_plan(slots: list[int], banks: Banks, device: torch.device) -> Plan:
             gather.extend(toks + [0] * (length - len(toks)))
             valid.extend(range(i * length, i * length + len(toks)))
             tokens.extend(toks)
-        groups.append(Group(bi, as_t([r for r, _ in segs]), as_t(gather), as_t(valid), as_t(tokens), len(segs), length))
+        groups.append(Group(bi, as_t([r for r, _ in segs]), as_t(gather), as_t(valid), as_t(tokens), len(segs), length,
+                            by_slot=ranked))
     return Plan(groups)
 
 
@@ -122,11 +125,10 @@ def low_rank_add(banks: Banks, path: str, x: Tensor, out: Tensor, plan: Plan) ->
     o2 = out.view(-1, out.shape[-1])
     for g in plan.groups:
         at, bt = banks.AT[path][g.bucket], banks.BT[path][g.bucket]  # [count, in, R], [count, R, out]
-        if g.token_rows is not None:  # short segments: per token, where the factors lie
-            compiled = kernel.usable(x2, o2, at, bt) if KERNEL else None
-            if compiled is not None:
-                compiled.grouped_low_rank_add(x2, o2, at, bt, *g.by_slot)
-                continue
+        if g.by_slot is not None and (compiled := kernel.usable(x2, o2, at, bt)) is not None:
+            compiled.grouped_low_rank_add(x2, o2, at, bt, *g.by_slot)  # in place, per token, where the factors lie
+            continue
+        if g.token_rows is not None:  # short segments: per-token row sums where the factors lie
             rank, width = at.shape[2], bt.shape[2]
             xs = (x2 if g.tokens is None else x2.index_select(0, g.tokens)).to(at.dtype)
             idx, off = g.bag(at.shape[1], rank)

@@ -61,12 +61,18 @@ def asset_file(module: str, relative: str) -> Path:
     return path
 
 
-def zoo_home() -> Path:
-    """Cache root: `$DELTATUNE_HOME/zoo`, else `$XDG_CACHE_HOME/deltatune/zoo`, else `~/.cache/deltatune/zoo`."""
+def cache_home(part: str) -> Path:
+    """deltatune's cache folder `part`: `$DELTATUNE_HOME/<part>`, else `$XDG_CACHE_HOME/deltatune/<part>`, else
+    `~/.cache/deltatune/<part>`."""
     if home := os.environ.get("DELTATUNE_HOME"):
-        return Path(home).expanduser() / "zoo"
+        return Path(home).expanduser() / part
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "deltatune" / "zoo"
+    return Path(cache).expanduser() / "deltatune" / part
+
+
+def zoo_home() -> Path:
+    """Cache root of the zoo's downloads and unpacked assets: `cache_home("zoo")`."""
+    return cache_home("zoo")
 
 
 def shared_data_dir() -> Path:
