@@ -352,10 +352,8 @@ def test_without_the_kernel_the_engine_warns_once_and_routes_with_torch_ops(monk
 
 
 def test_the_routing_kernel_refuses_bad_indices_and_changes_nothing():
-    """Rows outside the bank, tokens outside x, a token listed twice, mixed dtypes, wrong shapes: each a clear error
-    before anything is added."""
-    from deltatune.serve import kernel
-
+    """Rows outside the bank, tokens outside x, a token listed twice, mixed dtypes, wrong shapes, output rows that
+    share memory, a rank above 256: each a clear error before anything is added."""
     k = require_kernel()
     at, bt = torch.randn(3, 5, 3), torch.randn(3, 3, 6)
     x, out = torch.randn(4, 5), torch.randn(4, 6)
