@@ -60,6 +60,12 @@ def cell(runs: list[dict], key: str) -> str:
     return f"{values[0]:.4f}" if len(values) == 1 else f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def wall(store: dict) -> str:
+    runs = [r for name in ROWS for r in store.get(name, {}).get("runs", {}).values() if "wall_s" in r]
+    total = sum(r["wall_s"] for r in runs) / 60
+    return f"the {len(runs)} runs' wall times add up to {total:.0f} minutes, about {total / 2:.0f} with two at a time"
+
+
 def untuned_lr(name: str) -> float:
     return float(yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())["lr"])
 
@@ -71,7 +77,7 @@ def render(store: dict) -> str:
              "Each was swept over three learning rates, the untuned one among them, with seeds 0, 1 and 2 "
              "(`make tuned`: `deltatune sweep bench/sweeps/<row>.yaml --grid lr=… --seeds 3 --jobs 2 --out "
              "runs/sweeps/<row>` for each row, then `bench/tuned_rows.py --collect` and `--write docs/results.md`; "
-             "36 runs, one thread each, two at a time). The tuned lr is the grid point with the best mean "
+             "36 runs, one thread each, two at a time: " + wall(store) + "). The tuned lr is the grid point with the best mean "
              "validation accuracy; test accuracy and macro-F1 are mean ± sample standard deviation over the 3 seeds. "
              "Every run is kept in bench/sweeps/measured.json.", "",
              "| data | method | untuned lr | untuned accuracy | untuned macro-F1 | tuned lr (by validation) | "
