@@ -129,12 +129,14 @@ def test_host_lru_stays_under_budget_and_slots_evict_lru(setup):
 
 # --- 2. per-token routing, exact ------------------------------------------------------------------------------
 def require_kernel():
-    """The compiled routing kernel, built here; skipped only on a machine without a C++ compiler (then routing's
-    torch ops are what runs, and they are tested too)."""
+    """The compiled routing kernel, built here; skipped only on a machine without a C++ compiler or ninja (then
+    routing's torch ops are what runs, and they are tested too)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
     from deltatune.serve import kernel
 
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the routing kernel cannot be built here")
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja: the routing kernel cannot be built here")
     assert kernel.load() is not None, "a C++ compiler is here, so the routing kernel must build"
     return kernel.load()
 
