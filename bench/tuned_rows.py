@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import publish  # noqa: E402
+
+from deltatune.train.sweep import Sweep, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "bench" / "sweeps"
@@ -48,16 +49,14 @@ def collect(runs: Path) -> dict:
     return store
 
 
-def by_lr(sweep: dict) -> dict[float, list[dict]]:
-    points: dict[float, list[dict]] = {}
-    for run in sweep["runs"].values():
-        points.setdefault(float(run["point"]["lr"]), []).append(run["metrics"])
-    return dict(sorted(points.items()))
+def by_lr(sweep: dict, metric: str) -> dict[float, dict]:
+    """Per learning rate swept: the sweep command's own summary of `metric` (its per-seed values, mean, std)."""
+    rows = summary(Sweep({}, sweep["grid"], sweep["seeds"], metric, sweep["runs"]))
+    return {float(r["point"]["lr"]): r for r in rows if r["values"]}
 
 
-def cell(runs: list[dict], key: str) -> str:
-    values = [r[key] for r in runs]
-    return f"{values[0]:.4f}" if len(values) == 1 else f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+def cell(row: dict) -> str:
+    return f"{row['mean']:.4f}" if len(row["values"]) == 1 else f"{row['mean']:.4f} ± {row['std']:.4f}"
 
 
 def wall(store: dict) -> str:
@@ -87,17 +86,15 @@ def render(store: dict) -> str:
         if name not in store:
             lines.append(f"| bbc | {label} | {untuned_lr(name):g} | not swept yet | | | | | |")
             continue
-        points = by_lr(store[name])
+        val, test, f1 = (by_lr(store[name], m) for m in ("val_accuracy", "test_accuracy", "test_macro_f1"))
         base = untuned_lr(name)
-        best = max(points, key=lambda lr: statistics.mean(r["val_accuracy"] for r in points[lr]))
-        seeds = {len(v) for v in points.values()}
-        edge = " (the grid's edge)" if len(points) > 1 and best in (min(points), max(points)) else ""
-        grid = "; ".join(f"{lr:g}: {cell(runs, 'val_accuracy')} / {cell(runs, 'test_accuracy')}"
-                         for lr, runs in points.items())
-        untuned = points.get(base)
-        lines.append(f"| bbc | {label} | {base:g} | {cell(untuned, 'test_accuracy') if untuned else 'not run'} | "
-                     f"{cell(untuned, 'test_macro_f1') if untuned else ''} | {best:g}{edge} | "
-                     f"{cell(points[best], 'test_accuracy')} | {cell(points[best], 'test_macro_f1')} | {grid}"
+        best = max(val, key=lambda lr: val[lr]["mean"])
+        seeds = {len(r["values"]) for r in val.values()}
+        edge = " (the grid's edge)" if len(val) > 1 and best in (min(val), max(val)) else ""
+        grid = "; ".join(f"{lr:g}: {cell(val[lr])} / {cell(test[lr])}" for lr in sorted(val))
+        lines.append(f"| bbc | {label} | {base:g} | {cell(test[base]) if base in test else 'not run'} | "
+                     f"{cell(f1[base]) if base in f1 else ''} | {best:g}{edge} | "
+                     f"{cell(test[best])} | {cell(f1[best])} | {grid}"
                      + (f" (seeds per point: {sorted(seeds)})" if seeds != {3} else "") + " |")
     same = []
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -161,13 +161,16 @@ def test_tuned_rows_choose_by_validation_and_report_test_over_seeds() -> None:
     """The tuned lr is the one with the best mean validation accuracy even where another lr has the better test
     accuracy; cells are mean ± sample std over the seeds; rows not swept say so."""
     bench = _load_bench("tuned_rows.py")
+    from deltatune.train.sweep import run_id
 
     def run(lr, seed, val, test):
         return {"point": {"lr": lr}, "seed": seed, "metrics": {"val_accuracy": val, "test_accuracy": test,
                                                                "test_macro_f1": test - 0.1}}
-    runs = {f"{lr}/{s}": run(lr, s, val, test) for lr, val, test in ((1e-3, 0.5, 0.6), (1e-2, 0.9, 0.5), (3e-2, 0.7, 0.99))
+    runs = {run_id({"lr": lr}, s): run(lr, s, val, test)
+            for lr, val, test in ((1e-3, 0.5, 0.6), (1e-2, 0.9, 0.5), (3e-2, 0.7, 0.99))
             for s, (val, test) in enumerate([(val, test), (val + 0.02, test + 0.02), (val - 0.02, test - 0.02)])}
-    text = bench.render({"bbc_adalora": {"grid": {}, "seeds": [0, 1, 2], "runs": runs}})
+    grid = {"lr": [1e-3, 1e-2, 3e-2]}
+    text = bench.render({"bbc_adalora": {"grid": grid, "seeds": [0, 1, 2], "runs": runs}})
     row = next(line for line in text.splitlines() if "AdaLoRA" in line)
     cells = [c.strip() for c in row.split("|")]
     assert cells[3] == "0.001" and cells[4] == "0.6000 ± 0.0200"  # the untuned lr (the yaml's) over its 3 seeds

@@ -141,17 +141,26 @@ def require_kernel():
     return kernel.load()
 
 
+def spy_on_kernel(monkeypatch, refuse: bool = False) -> list:
+    """What `kernel.usable` answered at each call from now on (None where refused; `refuse`: refuse every call)."""
+    from deltatune.serve import kernel
+
+    calls = []
+    monkeypatch.setattr(kernel, "usable",
+                        lambda *a, _real=kernel.usable: calls.append(None if refuse else _real(*a)) or calls[-1])
+    return calls
+
+
 @pytest.fixture(params=["kernel", "torch-ops"])
 def routes(request, monkeypatch):
     """Each routed test twice: through the compiled kernel (checked to have run, for every routed module) and
     through routing's torch ops (checked not to have consulted it)."""
-    from deltatune.serve import kernel, routing
+    from deltatune.serve import routing
 
     if request.param == "kernel":
         require_kernel()
     monkeypatch.setattr(routing, "KERNEL", request.param == "kernel")
-    calls = []
-    monkeypatch.setattr(kernel, "usable", lambda *a, _real=kernel.usable: calls.append(_real(*a)) or calls[-1])
+    calls = spy_on_kernel(monkeypatch)
     yield request.param
     if request.param == "kernel":
         assert calls and all(c is not None for c in calls)

@@ -16,7 +16,7 @@ from deltatune.io.delta import Delta
 from deltatune.serve import Engine, SamplingParams
 from deltatune.serve import pool as pool_module
 from deltatune.serve.direct import read_direct
-from test_serve import build_base, make_lora, reference, require_kernel
+from test_serve import build_base, make_lora, reference, require_kernel, spy_on_kernel
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slo
     every token of the forward has a slot in one bucket (the row sums then add in the forward's own order, without
     selecting). A plan made for the kernel whose tensors the kernel then refuses ("kernel-refused") takes the torch
     ops it also planned."""
-    from deltatune.serve import kernel, routing
+    from deltatune.serve import routing
     from deltatune.serve.slots import Banks
 
     bag_below = 1000 if path == "row-sums" else 0  # the kernel, where it runs, takes every segment length
@@ -265,10 +265,7 @@ def test_every_routing_path_matches_a_per_token_reference(monkeypatch, path, slo
     monkeypatch.setattr(routing, "KERNEL", path.startswith("kernel"))
     if path.startswith("kernel"):
         require_kernel()
-        calls = []
-        refuse = path == "kernel-refused"
-        monkeypatch.setattr(kernel, "usable",
-                            lambda *a, _real=kernel.usable: calls.append(None if refuse else _real(*a)) or calls[-1])
+        calls = spy_on_kernel(monkeypatch, refuse=path == "kernel-refused")
     torch.manual_seed(0)
     shapes = {"m": (6, 5)}
     banks = Banks(shapes, {4: 2, 8: 2}, torch.device("cpu"), torch.float64)
