@@ -21,7 +21,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,25 +85,52 @@ def train_one(task: str, kind: str, seed: int = 0) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"task": task, "kind": kind, "steps": result.steps, "accuracy": result.metrics.get("test_accuracy"), "wall_s": time.perf_counter() - t0,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "peak_rss_mb": usage.ru_maxrss / 1024, "delta_dir": str(out / "delta")}
+            "peak_rss_mb": usage.ru_maxrss / 1024, "delta_dir": str(out / "delta"), "threads": torch.get_num_threads()}
 
 
-def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0) -> dict[str, dict]:
+def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0, threads: int = THREADS) -> dict[str, dict]:
+    """Train (each in its own subprocess with `threads` torch threads) what runs/ lacks of `kind` × `tasks` at `seed`;
+    safe to call from several threads at once (each run's record is merged into the seed's trained.json under a lock)."""
     store = runs_for(seed) / "trained.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
     for task in tasks:
         key = f"{kind}-{task}"
-        if key in done and Path(done[key]["delta_dir"]).is_dir():
+        if key in _trained(store) and Path(_trained(store)[key]["delta_dir"]).is_dir():
             continue
-        print(f"== train {key}", flush=True)
+        print(f"== train {key} seed {seed}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--train-one", f"{task}:{kind}:{seed}"], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads), "RESULTS_THREADS": str(threads)})
         if proc.returncode != 0:
-            sys.exit(f"training {key} failed:\n{proc.stderr[-4000:]}")
-        done[key] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(done, indent=1))
+            sys.exit(f"training {key} seed {seed} failed:\n{proc.stderr[-4000:]}")
+        row = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
+        with _STORE_LOCK:
+            done = _trained(store)
+            done[key] = row
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            tmp.replace(store)
+    done = _trained(store)
     return {t: done[f"{kind}-{t}"] for t in tasks}
+
+
+_STORE_LOCK = threading.Lock()
+
+
+def _trained(store: Path) -> dict:
+    return json.loads(store.read_text()) if store.exists() else {}
+
+
+def train_all(kinds: list[str], seeds: list[int], jobs: int) -> None:
+    """Every (kind, task, seed) training runs/ lacks, `jobs` at a time with one thread each (jobs=1: THREADS threads)."""
+    units = [(kind, (task,), seed) for seed in seeds for kind in kinds for task in tasks_of(kind)]
+    threads = THREADS if jobs == 1 else 1
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for _ in pool.map(lambda u: ensure_trained(*u, threads=threads), units):
+            pass
+
+
+def tasks_of(kind: str) -> tuple[str, ...]:
+    return TASKS if kind == "lora" else ("bbc", "r8")
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
@@ -174,7 +203,7 @@ def evaluate_all(kinds: list[str], seed: int = 0) -> dict:
     from deltatune.merging.combine import merge_deltas
 
     res: dict = {"own": {}, "together": {}, "merged": {}}
-    trained = {kind: ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8"), seed) for kind in kinds}
+    trained = {kind: ensure_trained(kind, tasks_of(kind), seed) for kind in kinds}
     deltas = {kind: {t: Delta.read(info["delta_dir"]) for t, info in rows.items()} for kind, rows in trained.items()}
     for kind, by_task in deltas.items():
         for task, d in by_task.items():
@@ -211,6 +240,8 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="write the results into this markdown file")
     ap.add_argument("--render-only", action="store_true", help="render the seeds' results.json, measure nothing")
     ap.add_argument("--seeds", default="0", help="seeds: a list (0,1,2) or a count (3); cells are mean ± std over them")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at a time, one thread each (2 on 2 cores); "
+                    "evaluation then runs with RESULTS_THREADS threads")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     if args.train_one:
@@ -219,10 +250,11 @@ def main() -> None:
         return
     seeds = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
     kinds = args.kinds.split(",")
+    if not args.render_only:
+        t0 = time.perf_counter()
+        train_all(kinds, seeds, args.jobs)
+        print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.train_only:
-        for kind in kinds:
-            for seed in seeds:
-                print(json.dumps(ensure_trained(kind, TASKS if kind == "lora" else ("bbc", "r8"), seed), indent=1))
         return
     by_seed = {}
     stored = json.loads(STORE.read_text()) if STORE.exists() else {}
@@ -233,7 +265,7 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             by_seed[seed] = evaluate_all(kinds, seed)
-            by_seed[seed]["seconds"] = time.perf_counter() - t0  # training what runs/ lacked, then every evaluation
+            by_seed[seed]["seconds"] = time.perf_counter() - t0  # every evaluation (the trainings ran before)
             path.write_text(json.dumps(by_seed[seed], indent=1))
             stored[str(seed)] = by_seed[seed]  # the per-seed values, kept with the repository
             tmp = STORE.with_suffix(".tmp")
@@ -255,6 +287,19 @@ def cell(by_seed: dict, value, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def run_time(by_seed: dict) -> str:
+    """What the seeds' runs cost: the trainings' wall times (and threads) and the evaluations' time."""
+    runs = [info for res in by_seed.values() for rows in res["trained"].values() for info in rows.values()]
+    if not all("seconds" in res for res in by_seed.values()):
+        return ""
+    threads = sorted({info.get("threads", 2) for info in runs})  # seed 0's first runs predate the record: 2 threads
+    return (f"; the {len(runs)} trainings' wall times add up to {sum(i['wall_s'] for i in runs) / 60:.0f} minutes "
+            f"({'one thread' if threads == [1] else ' or '.join(map(str, threads)) + ' threads'} each; `--jobs 2` runs two "
+            f"at a time with one thread each), "
+            f"the evaluations of every seed took {sum(r['seconds'] for r in by_seed.values()) / 60:.0f} minutes on "
+            f"{THREADS} threads")
+
+
 def render(by_seed: dict) -> str:
     """The section's markdown; with several seeds every cell is mean ± sample standard deviation over them (relative
     accuracies are averaged per seed, not divided after averaging)."""
@@ -267,8 +312,7 @@ def render(by_seed: dict) -> str:
              f"Regenerate: `.venv/bin/python bench/multitask.py --seeds {','.join(map(str, seeds))} --write docs/results.md` "
              "(trains what runs/multitask lacks; `--seeds 0,1,2` gives every cell as mean ± std over three seeds; "
              "each seed's values are kept in bench/multitask_results.json"
-             + (f"; the run that wrote this took {sum(by_seed[k]['seconds'] for k in seeds) / 60:.0f} minutes on "
-                f"{THREADS} threads, training what runs/multitask lacked and evaluating every seed" if all("seconds" in by_seed[k] for k in seeds) else "") +
+             + run_time(by_seed) +
              "). MiniLM-L6, one delta per task, each with its own classification head trained in full; "
              f"{STEPS} steps × batch {BATCH}, max {MAX_LEN} tokens, AdamW with 6% warmup and linear decay, "
              + (f"seed {seeds[0]} (1 seed: differences of a point or two are within seed noise). " if len(seeds) == 1

@@ -159,6 +159,9 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
                                              "r8:pissa"]
 # the rows run with several seeds (issue 19): full fine-tuning and LoRA, ours and peft's, on both datasets
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
+MIN_SEEDS = 3  # a row is in the tables once it has this many seeds
+TUNED_ROWS = {"bbc:adalora", "bbc:sorsa", "bbc:spiel", "bbc:adaptformer"}  # swept at 3 seeds (bench/tuned_rows.py)
+SEEDLESS = {"gsm8k:base"}  # no training, greedy decoding: every seed gives the same result, so it runs once
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
 COST = ("seeds 1 and 2 of the six main rows (12 runs) took 36 minutes with `--jobs 2` on two idle cores (2026-12-07), "
@@ -262,7 +265,7 @@ def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
             "steps": result.steps}
 
 
-def _gsm_row(method: str, out: Path) -> dict:
+def _gsm_row(method: str, out: Path, seed: int = 0) -> dict:
     from deltatune import zoo
     from deltatune.train import train
     from deltatune.train.evaluate import evaluate_generation
@@ -273,7 +276,7 @@ def _gsm_row(method: str, out: Path) -> dict:
     steps = 0
     if method == "lora":
         cfg = {"output_dir": str(out), "max_steps": GSM_STEPS, "batch_size": 8, "lr": 5e-4, "max_length": 256,
-               "train_examples": GSM_TRAIN, "max_eval_examples": 50, "eval_every": 10**9, "seed": 0,
+               "train_examples": GSM_TRAIN, "max_eval_examples": 50, "eval_every": 10**9, "seed": seed,
                "progress": False, "plot": False, "task": "generation",
                "delta": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}}
         steps = train(cfg, model=model, tokenizer=tok, splits=splits).steps
@@ -288,9 +291,9 @@ def run_row(row: str, seed: int = 0) -> dict:
     data, method = row.split(":")
     out = ROOT / "runs" / "results" / f"{data}-{method}" / f"seed-{seed}"
     torch.set_num_threads(THREADS)
-    if data == "gsm8k" and seed != 0:
-        raise SystemExit("the GSM8K rows run seed 0 only (their training subset and budget are fixed)")
-    res = _gsm_row(method, out) if data == "gsm8k" else _cls_row(data, method, out, seed)
+    if row in SEEDLESS and seed != 0:
+        raise SystemExit(f"{row} draws no random numbers (greedy decoding of fixed weights): it runs once, as seed 0")
+    res = _gsm_row(method, out, seed) if data == "gsm8k" else _cls_row(data, method, out, seed)
     res["seed"] = seed
     usage = resource.getrusage(resource.RUSAGE_SELF)
     res["peak_rss_mb"] = usage.ru_maxrss / 1024
@@ -389,21 +392,30 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "| data | method | seeds | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     chosen = [r for r in rows if r["row"] in CHOSEN and r["data"] != "gsm8k"]
-    others = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k"]
+    others = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k" and r["n_seeds"] >= MIN_SEEDS]
+    unshown = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k" and r["n_seeds"] < MIN_SEEDS]
     head = lines[-2:]
     del lines[-2:]
-    lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's, run with `--seeds`)", "",
-              "`1 seed` marks a row whose other seeds were not measured yet (listed at the end); its one value "
-              "cannot separate methods closer than the spread between seeds, which on R8 can be several points.", "",
-              *head]
-    for r in chosen:
-        lines.append(_cls_line(r))
-    lines += ["", "### Every other method (1 seed each, measured before seeds were added; compare with the spread "
-                  "of the rows above before reading a difference of a point or two)", "", *head]
-    for r in others:
-        lines.append(_cls_line(r))
+    lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's)", "", *head]
+    lines += [_cls_line(r) for r in chosen]
+    lines += ["", "### Other methods beside peft's (the same seeds for both libraries)", "",
+              "A difference between two rows means little unless it is larger than their standard deviations: the "
+              "per-seed values (bench/results_rows.json) show how far one seed moves a row.", "", *head]
+    lines += [_cls_line(r) for r in others]
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
-              "not yet learned by any method here, hence the low macro-F1 beside the accuracy."]
+              "not yet learned by any method here, hence the low macro-F1 beside the accuracy (docs/training.md, "
+              "Imbalanced classes, has the recipe that learns them)."]
+    if unshown:
+        tuned = [r for r in unshown if r["row"] in TUNED_ROWS]
+        rest = [r for r in unshown if r["row"] not in TUNED_ROWS]
+        lines += ["", f"Not in the tables: rows measured at fewer than {MIN_SEEDS} seeds (one seed cannot separate "
+                  "methods closer than the spread between seeds, which on R8 is several points). "
+                  + (f"{', '.join(r['method'] + ' (`' + r['row'] + '`)' for r in tuned)} are in the tuning section "
+                     f"below, at {MIN_SEEDS} seeds at both their untuned and tuned learning rates. " if tuned else "")
+                  + (f"The others — {', '.join(r['method'] + ' (`' + r['row'] + '`)' for r in rest)} — keep their "
+                     "one-seed values in bench/results_rows.json; `.venv/bin/python bench/results.py --rows "
+                     "<row>,… --seeds 0,1,2 --jobs 2 --write docs/results.md` (with `RESULTS_THREADS=1`) measures the "
+                     "missing seeds and puts a row in the table (about 8 minutes per row on two cores)." if rest else "")]
     if missing:
         lines += ["", f"(row, seed) pairs not yet measured (the regeneration command adds them to the ones kept in "
                       f"bench/results_rows.json and keeps those): "
@@ -416,10 +428,13 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
                   "chat template), lr 5e-4, max 256 tokens. Evaluation: greedy decoding (KV cache, 256 new "
                   f"tokens) on the first {GSM_TEST} problems of the GSM8K test split, exact match of the final number. "
                   "The base weights are the Q4_1 GGUF dequantised to fp32.", "",
-                  "| model | exact match | test problems | train steps | wall time (s) | CPU time (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "The base row trains nothing and decodes greedily, so it draws no random numbers and runs once; the "
+                  "LoRA row's seed sets its initialisation, data order and dropout.", "",
+                  "| model | seeds | exact match | test problems | train steps | wall time (s) | CPU time (s) | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in gsm:
-            lines.append(f"| {r['method']} | {_metric(r, 'exact_match', 3)} | {r['n_test']} | {r['steps']} | "
+            seeds = "— (no random draws)" if r["row"] in SEEDLESS else _seeds(r)
+            lines.append(f"| {r['method']} | {seeds} | {_metric(r, 'exact_match', 3)} | {r['n_test']} | {r['steps']} | "
                          f"{r['wall_s']:.0f} | {_cpu(r)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -457,7 +472,7 @@ def main() -> None:
     store = args.store
     done = load_store(store)
     todo = [(r, s) for s in seeds for r in rows  # seed by seed, so rows compared with each other get the same seeds first
-            if (s == 0 or not r.startswith("gsm8k:")) and str(s) not in done.get(r, {}).get("seeds", {})]
+            if (s == 0 or r not in SEEDLESS) and str(s) not in done.get(r, {}).get("seeds", {})]
 
     def table() -> str:  # every row measured so far, in the table's order
         have = [{**merged(done[r]), "row": r} for r in EVERY if r in done]

@@ -157,6 +157,55 @@ def test_results_rows_over_seeds_render_mean_and_std(tmp_path) -> None:
     assert bench.parse_seeds("3") == [0, 1, 2] and bench.parse_seeds("0,4") == [0, 4]
 
 
+def test_results_tables_hold_only_rows_with_three_seeds() -> None:
+    """A row is in a table once it has MIN_SEEDS seeds; rows with fewer are named (with the key that measures them)
+    outside the tables; the seedless GSM8K base row says it draws nothing."""
+    sys.path.insert(0, str(BENCH.parent))
+    bench = _load_bench("results.py")
+    one = {"accuracy": 0.8, "macro_f1": 0.3, "trainable": 10, "wall_s": 10.0, "cpu_s": 20.0, "threads": 1,
+           "peak_rss_mb": 100.0}
+
+    def row(key, label, n):
+        data = key.split(":")[0]
+        seeds = {str(s): {**one, "data": data, "method": label, "accuracy": 0.8 + s / 100} for s in range(n)}
+        return {**bench.merged({"seeds": seeds}), "row": key}
+    gsm = {"exact_match": 0.05, "n_test": 60, "steps": 0, "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 1.0,
+           "data": "gsm8k", "method": "SmolLM2-135M base"}
+    rows = [row("bbc:lora", "LoRA r=8", 3), row("bbc:vera", "VeRA r=256", 3), row("bbc:dora", "DoRA r=8", 1),
+            row("bbc:sorsa", "SORSA r=8", 1), {**bench.merged({"seeds": {"0": gsm}}), "row": "gsm8k:base"}]
+    text = bench.render(rows, "make results")
+    table_lines = [line for line in text.splitlines() if line.startswith("| bbc |")]
+    assert [line.split("|")[2].strip() for line in table_lines] == ["LoRA r=8", "VeRA r=256"]
+    assert "| VeRA r=256 | 3 (0, 1, 2) | 0.8100 ± 0.0100 |" in table_lines[1]
+    outside = next(line for line in text.splitlines() if line.startswith("Not in the tables"))
+    assert "DoRA r=8 (`bbc:dora`)" in outside and "SORSA r=8 (`bbc:sorsa`) are in the tuning section" in outside
+    assert "| SmolLM2-135M base | — (no random draws) | 0.050 | 60 |" in text
+
+
+def test_multitask_cells_are_mean_and_std_over_seeds() -> None:
+    """Every multitask cell over three seeds is mean ± sample std; relative accuracy is averaged per seed (not the
+    ratio of the means); the run time sums the trainings' wall times."""
+    sys.path.insert(0, str(BENCH.parent))
+    bench = _load_bench("multitask.py")
+
+    def seed_result(own_bbc, merged_bbc, seconds):
+        own = {f"{k}:{t}": 0.8 for k in ("lora", "sparse") for t in bench.TASKS} | {"lora:bbc": own_bbc}
+        merged = {f"{m}:{t}": 0.5 for m in bench.MERGES for t in bench.TASKS} | {"ties:bbc": merged_bbc}
+        merged |= {f"{m}:seconds": 1.0 for m in bench.MERGES}
+        trained = {k: {t: {"trainable": 100, "wall_s": 60.0, "threads": 1} for t in bench.tasks_of(k)}
+                   for k in ("lora", "sparse")}
+        return {"own": own, "together": {f"{k}:{t}": 0.7 for k in ("lora", "sparse") for t in ("bbc", "r8")},
+                "merged": merged, "trained": trained, "seconds": seconds}
+    by_seed = {0: seed_result(0.9, 0.45, 60.0), 1: seed_result(0.8, 0.6, 60.0), 2: seed_result(1.0, 0.6, 60.0)}
+    text = bench.render(by_seed)
+    ties = next(line for line in text.splitlines() if line.startswith("| ties |"))
+    # bbc: merged 0.45/0.6/0.6 (mean 0.55, std 0.0866); relative 0.5/0.75/0.6 (mean 0.617, std 0.126)
+    assert "0.5500 ± 0.0866 (0.617 ± 0.126)" in ties
+    assert "| each task's own delta | 0.9000 ± 0.1000 |" in text
+    assert "the 18 trainings' wall times add up to 18 minutes (one thread each" in text
+    assert "the evaluations of every seed took 3 minutes" in text and "seeds 0, 1, 2: cells are mean" in text
+
+
 def test_tuned_rows_choose_by_validation_and_report_test_over_seeds() -> None:
     """The tuned lr is the one with the best mean validation accuracy even where another lr has the better test
     accuracy; cells are mean ± sample std over the seeds; rows not swept say so."""
