@@ -1,13 +1,15 @@
-"""Real-data results table (docs/results.md): MiniLM-L6 on BBC and R8 — full fine-tuning, LoRA, DoRA, PiSSA,
-and peft's LoRA with the same settings and seeds — plus SmolLM2-135M with LoRA on a GSM8K training subset.
+"""Real-data results tables (docs/results.md): MiniLM-L6 on BBC and R8 — full fine-tuning and LoRA, deltatune's and
+peft's, and the methods both libraries have side by side — plus SmolLM2-135M with LoRA on a GSM8K training subset.
 
 Every (row, seed) runs in its own subprocess (so peak RSS is that run's alone) through `dt.train` with the same data
 order, schedule and evaluation; only the way the model is adapted differs. Each (row, seed) result is kept in
-bench/results_rows.json; a row's table cells are the mean ± sample standard deviation over its seeds.
+bench/results_rows.json (pairs already there are not run again); a row's table cells are the mean ± sample standard
+deviation over its seeds, and a row is in the tables once it has MIN_SEEDS of them.
 
-    RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md  # main rows
-    .venv/bin/python bench/results.py --rows bbc:lora,bbc:peft-lora --seeds 3         # a subset, printed
-    .venv/bin/python bench/results.py --all --seeds 0 --write docs/results.md         # every row, one seed (~3 h)
+    RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md  # TABLED rows
+    RESULTS_THREADS=2 .venv/bin/python bench/results.py --rows gsm8k:base,gsm8k:lora --seeds 0,1,2 --write docs/results.md
+    .venv/bin/python bench/results.py --rows bbc:dora --seeds 3 --jobs 2 --write docs/results.md  # a row more
+    .venv/bin/python bench/results.py --render-only --write docs/results.md  # the tables from the stored results
 """
 from __future__ import annotations
 
@@ -159,6 +161,10 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
                                              "r8:pissa"]
 # the rows run with several seeds (issue 19): full fine-tuning and LoRA, ours and peft's, on both datasets
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
+# the methods both libraries have, side by side at the same seeds: the table's other rows
+COMPARED = [f"bbc:{m}" for pair in ("prompt", "vera", "lokr", "loha", "prefix", "qlora", "ia3", "bitfit")
+            for m in (pair, f"peft-{pair}")]
+TABLED = CHOSEN + COMPARED  # the default rows (the GSM8K rows run on their own: 10 GB each, one at a time)
 MIN_SEEDS = 3  # a row is in the tables once it has this many seeds
 TUNED_ROWS = {"bbc:adalora", "bbc:sorsa", "bbc:spiel", "bbc:adaptformer"}  # swept at 3 seeds (bench/tuned_rows.py)
 SEEDLESS = {"gsm8k:base"}  # no training, greedy decoding: every seed gives the same result, so it runs once
@@ -451,7 +457,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", help="comma-separated data:method rows (default: the main rows, CHOSEN)")
+    ap.add_argument("--rows", help="comma-separated data:method rows (default: the tables' classification rows, TABLED)")
     ap.add_argument("--all", action="store_true", help="every row (about 3 hours per seed on 2 cores)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds to run for each row: a list (0,1,2) or a count (3)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("RESULTS_JOBS", "1")),
@@ -467,7 +473,7 @@ def main() -> None:
         row, _, seed = args.one.partition("@")
         print("ROW " + json.dumps(run_row(row, int(seed or 0))))
         return
-    rows = args.rows.split(",") if args.rows else (EVERY if args.all else CHOSEN)
+    rows = args.rows.split(",") if args.rows else (EVERY if args.all else TABLED)
     seeds = parse_seeds(args.seeds)
     store = args.store
     done = load_store(store)
