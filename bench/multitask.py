@@ -9,8 +9,9 @@ MiniLM-L6 gets one delta per task (BBC, R8, 20NG, SpamAssassin), each with its o
 
 Accuracies are reported relative to each task's own delta alone. Every training run is its own subprocess.
 
-    .venv/bin/python bench/multitask.py --write docs/results.md                 # seed 0; trains what runs/multitask lacks
-    .venv/bin/python bench/multitask.py --seeds 0,1,2 --write docs/results.md   # every cell mean ± std over 3 seeds
+    .venv/bin/python bench/multitask.py --write docs/results.md        # seed 0; trains what runs/multitask lacks
+    RESULTS_THREADS=2 .venv/bin/python bench/multitask.py --seeds 0,1,2 --jobs 2 --write docs/results.md  # 3 seeds
+    .venv/bin/python bench/multitask.py --seeds 0,1,2 --render-only --write docs/results.md  # from the stored values
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0, threads: in
         proc = subprocess.run([sys.executable, __file__, "--train-one", f"{task}:{kind}:{seed}"], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": str(threads), "RESULTS_THREADS": str(threads)})
         if proc.returncode != 0:
-            sys.exit(f"training {key} seed {seed} failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"training {key} seed {seed} failed:\n{proc.stderr[-4000:]}")
         row = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("ROW "))[4:])
         with _STORE_LOCK:
             done = _trained(store)
@@ -240,8 +241,8 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="write the results into this markdown file")
     ap.add_argument("--render-only", action="store_true", help="render the seeds' results.json, measure nothing")
     ap.add_argument("--seeds", default="0", help="seeds: a list (0,1,2) or a count (3); cells are mean ± std over them")
-    ap.add_argument("--jobs", type=int, default=1, help="trainings at a time, one thread each (2 on 2 cores); "
-                    "evaluation then runs with RESULTS_THREADS threads")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at a time (2 on 2 cores): with more than one, one "
+                    "thread each, else RESULTS_THREADS; evaluation then runs with RESULTS_THREADS threads")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     if args.train_one:
@@ -294,7 +295,7 @@ def run_time(by_seed: dict) -> str:
         return ""
     threads = sorted({info.get("threads", 2) for info in runs})  # seed 0's first runs predate the record: 2 threads
     train_min, eval_min = sum(i["wall_s"] for i in runs) / 60, sum(r["seconds"] for r in by_seed.values()) / 60
-    return (f". The run that wrote this: the {len(runs)} trainings' wall times add up to {train_min:.0f} minutes "
+    return (f". Measured: the {len(runs)} trainings' wall times add up to {train_min:.0f} minutes "
             f"({'one thread' if threads == [1] else ' or '.join(map(str, threads)) + ' threads'} each; `--jobs 2` "
             f"runs two at a time, so about half that in wall time), the evaluations of the seeds took {eval_min:.0f} "
             f"minutes on {THREADS} threads: about {(train_min / 2 + eval_min) / 60:.1f} hours from nothing on 2 cores")

@@ -71,7 +71,11 @@ CLS_PEFT.update({"peft-vera": ("VeraConfig", {"r": 256, "vera_dropout": 0.05}),
 CLS_METHODS.update({"prompt": ("prompt tuning, 20 tokens", 1e-2), "peft-prompt": ("peft prompt tuning, 20 tokens", 1e-2),
                     "prefix": ("prefix tuning, 72 tokens", 1e-2), "peft-prefix": ("peft prefix tuning, 72 tokens", 1e-2)})
 PROMPT_DELTAS = {"prompt": {"kind": "prompt", "n_tokens": 20}, "prefix": {"kind": "prefix", "n_tokens": 72}}
-PEFT_PROMPTS = {"peft-prompt": ("PromptTuningConfig", 20), "peft-prefix": ("PrefixTuningConfig", 72)}
+PEFT_PROMPTS = {"peft-prompt": ("PromptTuningConfig", 20, {}), "peft-prefix": ("PrefixTuningConfig", 72, {}),
+                # peft's default prompt init is RANDOM (nn.Embedding's N(0, 1)); deltatune's copies sampled vocabulary
+                # embeddings, which peft has as SAMPLE_VOCAB: this row starts both libraries the same way
+                "peft-prompt-vocab": ("PromptTuningConfig", 20, {"prompt_tuning_init": "SAMPLE_VOCAB"})}
+CLS_METHODS["peft-prompt-vocab"] = ("peft prompt tuning, 20 tokens, SAMPLE_VOCAB init (as deltatune's)", 1e-2)
 # bottleneck adapters (targets "auto": MiniLM-L6 is BERT): 2·d·m + m + d per adapter (d = 384); Houlsby has 12 adapters
 # (m=36: 336,816), Pfeiffer / parallel / AdaptFormer 6 (m=73: 339,126), LoRA r=8 337,920 (all without the head); lr
 # 1e-3, inside Houlsby et al.'s range (3e-5..3e-3) and AdaptFormer's base lr, not tuned; no peft rows (peft has none)
@@ -163,13 +167,15 @@ EVERY = [f"bbc:{m}" for m in CLS_METHODS] + ["r8:lora", "r8:peft-lora", "gsm8k:b
 CHOSEN = ["bbc:full", "bbc:lora", "bbc:peft-lora", "r8:full", "r8:lora", "r8:peft-lora"]
 # the methods both libraries have, side by side at the same seeds: the table's other rows
 COMPARED = [f"bbc:{m}" for pair in ("prompt", "vera", "lokr", "loha", "prefix", "qlora", "ia3", "bitfit")
-            for m in (pair, f"peft-{pair}")]
+            for m in (pair, f"peft-{pair}") + (("peft-prompt-vocab",) if pair == "prompt" else ())]
+GSM_ROWS = ["gsm8k:base", "gsm8k:lora"]
 TABLED = CHOSEN + COMPARED  # the default rows (the GSM8K rows run on their own: 10 GB each, one at a time)
 MIN_SEEDS = 3  # a row is in the tables once it has this many seeds
 TUNED_ROWS = {"bbc:adalora", "bbc:sorsa", "bbc:spiel", "bbc:adaptformer"}  # swept at 3 seeds (bench/tuned_rows.py)
 SEEDLESS = {"gsm8k:base"}  # no training, greedy decoding: every seed gives the same result, so it runs once
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
+PER_ROW = "two more seeds of a row take 4–6 minutes on two cores, seed 0 included 6–9"
 COST = ("seeds 1 and 2 of the six main rows (12 runs) took 36 minutes with `--jobs 2` on two idle cores (2026-12-07), "
         "so all three seeds from nothing take about 55 minutes; every row (`--all`) is about 3 hours per seed")
 
@@ -235,8 +241,8 @@ def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
     if method in PEFT_PROMPTS:  # the virtual tokens live in peft's wrapper (SEQ_CLS also trains the classifier)
         import peft
 
-        name, n = PEFT_PROMPTS[method]
-        model = peft.get_peft_model(model, getattr(peft, name)(task_type="SEQ_CLS", num_virtual_tokens=n))
+        name, n, kw = PEFT_PROMPTS[method]
+        model = peft.get_peft_model(model, getattr(peft, name)(task_type="SEQ_CLS", num_virtual_tokens=n, **kw))
 
         def prepare(m):
             pass
@@ -316,8 +322,7 @@ def merged(entry: dict) -> dict:
     """One table row from a stored row's per-seed results: the metrics' mean, sample std and per-seed values; mean
     times, the largest peak RSS."""
     per = [entry["seeds"][k] for k in sorted(entry["seeds"], key=int)]
-    out = {**per[0], "n_seeds": len(per), "seed_list": sorted(int(k) for k in entry["seeds"]),
-           "imported": entry.get("imported")}
+    out = {**per[0], "n_seeds": len(per), "seed_list": sorted(int(k) for k in entry["seeds"])}
     for key in ("accuracy", "macro_f1", "exact_match"):
         if key in per[0]:
             vals = [r[key] for r in per]
@@ -376,7 +381,10 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "deltatune draws one per layer size). "
              "Prompt tuning (20 virtual tokens in front of [CLS], as peft places them) and prefix tuning (72 keys and values "
              "per layer: LoRA r=8's count), lr 1e-2, not tuned; peft's rows use the same settings (peft's prefix moves "
-             "the real tokens to positions n.., deltatune's keeps them in place; peft drops token_type_ids). "
+             "the real tokens to positions n.., deltatune's keeps them in place; peft drops token_type_ids); the "
+             "prompts start from each library's default — deltatune's from the embeddings of sampled vocabulary "
+             "tokens, peft's from N(0, 1) (its RANDOM init: 18× the standard deviation of MiniLM's word embeddings, 0.056) — and "
+             "the SAMPLE_VOCAB row starts peft's prompt as deltatune's starts. "
              "Bottleneck adapters (Houlsby: after the attention and FFN output projections, m=36; Pfeiffer: after the FFN "
              "output projection, m=73; parallel adapter s=4 and AdaptFormer s=0.1 beside the FFN, m=73) train LoRA r=8's "
              "count within 0.4%, lr 1e-3, not tuned. "
@@ -397,45 +405,59 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "LoRA row and expect some slowdown from the neighbouring row.", "",
              "| data | method | seeds | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    chosen = [r for r in rows if r["row"] in CHOSEN and r["data"] != "gsm8k"]
-    others = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k" and r["n_seeds"] >= MIN_SEEDS]
-    unshown = [r for r in rows if r["row"] not in CHOSEN and r["data"] != "gsm8k" and r["n_seeds"] < MIN_SEEDS]
+    def shown(r: dict) -> bool:
+        return r["n_seeds"] >= MIN_SEEDS or r["row"] in SEEDLESS
+    cls = [r for r in rows if r["data"] != "gsm8k"]
+    chosen = [r for r in cls if r["row"] in CHOSEN and shown(r)]
+    others = [r for r in cls if r["row"] not in CHOSEN and shown(r)]
+    gsm = [r for r in rows if r["data"] == "gsm8k" and shown(r)]
+    if not any(r["row"] not in SEEDLESS for r in gsm):
+        gsm = []  # the base row alone compares with nothing
+    unshown = [r for r in rows if not shown(r) or (r["data"] == "gsm8k" and not gsm)]
     head = lines[-2:]
     del lines[-2:]
     lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's)", "", *head]
     lines += [_cls_line(r) for r in chosen]
-    lines += ["", "### Other methods beside peft's (the same seeds for both libraries)", "",
-              "A difference between two rows means little unless it is larger than their standard deviations: the "
-              "per-seed values (bench/results_rows.json) show how far one seed moves a row.", "", *head]
-    lines += [_cls_line(r) for r in others]
+    if others:
+        lines += ["", "### Other methods, deltatune's and peft's side by side (the same seeds for both libraries)", "",
+                  "A difference between two rows means little unless it is larger than their standard deviations: "
+                  "the per-seed values (bench/results_rows.json) show how far one seed moves a row.", "", *head]
+        lines += [_cls_line(r) for r in others]
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
               "not yet learned by any method here, hence the low macro-F1 beside the accuracy (docs/training.md, "
               "Imbalanced classes, has the recipe that learns them)."]
     if unshown:
         tuned = [r for r in unshown if r["row"] in TUNED_ROWS]
         rest = [r for r in unshown if r["row"] not in TUNED_ROWS]
+
+        def names(rs: list[dict]) -> str:
+            return ", ".join(f"{r['method']} (`{r['row']}`, {r['n_seeds']})" for r in rs)
         lines += ["", f"Not in the tables: rows measured at fewer than {MIN_SEEDS} seeds (one seed cannot separate "
-                  "methods closer than the spread between seeds, which on R8 is several points). "
-                  + (f"{', '.join(r['method'] + ' (`' + r['row'] + '`)' for r in tuned)} are in the tuning section "
-                     f"below, at {MIN_SEEDS} seeds at both their untuned and tuned learning rates. " if tuned else "")
-                  + (f"The others — {', '.join(r['method'] + ' (`' + r['row'] + '`)' for r in rest)} — keep their "
-                     "one-seed values in bench/results_rows.json; `.venv/bin/python bench/results.py --rows "
-                     "<row>,… --seeds 0,1,2 --jobs 2 --write docs/results.md` (with `RESULTS_THREADS=1`) measures the "
-                     "missing seeds and puts a row in the table (about 8 minutes per row on two cores)." if rest else "")]
+                  "methods closer than the spread between seeds, which on R8 is several points); the number after "
+                  "each is its seeds so far. "
+                  + (f"{names(tuned)} {'are' if len(tuned) > 1 else 'is'} in the tuning section below, at "
+                     f"{MIN_SEEDS} seeds at both the untuned and the tuned learning rate. " if tuned else "")
+                  + (f"{'The others' if tuned else 'They'} — {names(rest)} — keep their values in "
+                     "bench/results_rows.json; `RESULTS_THREADS=1 .venv/bin/python bench/results.py --rows <row>,… "
+                     "--seeds 0,1,2 --jobs 2 --write docs/results.md` measures the missing seeds and puts a row in "
+                     f"the tables ({PER_ROW})." if rest else "")]
+    if not gsm:
+        lines += ["", "The GSM8K rows (SmolLM2-135M-Instruct, base and LoRA r=16; `gsm8k:base`, `gsm8k:lora`) are not "
+                  f"shown until the LoRA row has {MIN_SEEDS} seeds: `RESULTS_THREADS=2 .venv/bin/python bench/results.py "
+                  "--rows gsm8k:base,gsm8k:lora --seeds 0,1,2 --write docs/results.md` (part of `make results`; one "
+                  "run at a time, about 10 GB and 9 minutes each on two cores) measures them."]
     if missing:
-        lines += ["", f"(row, seed) pairs not yet measured (the regeneration command adds them to the ones kept in "
-                      f"bench/results_rows.json and keeps those): "
-                      f"{', '.join(missing)}."]
-    gsm = [r for r in rows if r["data"] == "gsm8k"]
+        lines += ["", f"(row, seed) pairs of the tables' rows not yet measured (`make results` measures them and keeps "
+                      f"what bench/results_rows.json has): {', '.join(missing)}."]
     if gsm:
         lines += ["", "## Causal LM: SmolLM2-135M-Instruct on GSM8K", "",
-                  f"LoRA r=16, alpha 32, dropout 0.05 on all linear layers, {GSM_STEPS} steps × batch 8 over the "
-                  f"first {GSM_TRAIN} examples of the zoo's GSM8K train split (loss on the solution tokens only, "
-                  "chat template), lr 5e-4, max 256 tokens. Evaluation: greedy decoding (KV cache, 256 new "
+                  f"LoRA r=16, alpha 32, dropout 0.05 on all linear layers, {GSM_STEPS} steps × batch 8 over "
+                  f"{GSM_TRAIN} examples of the zoo's GSM8K train split drawn by the seed (loss on the solution tokens "
+                  "only, chat template), lr 5e-4, max 256 tokens. Evaluation: greedy decoding (KV cache, 256 new "
                   f"tokens) on the first {GSM_TEST} problems of the GSM8K test split, exact match of the final number. "
-                  "The base weights are the Q4_1 GGUF dequantised to fp32.", "",
-                  "The base row trains nothing and decodes greedily, so it draws no random numbers and runs once; the "
-                  "LoRA row's seed sets its initialisation, data order and dropout.", "",
+                  "The base weights are the Q4_1 GGUF dequantised to fp32. The base row trains nothing and decodes "
+                  "greedily, so it draws no random numbers and runs once; the LoRA row's seed picks its training "
+                  "examples and sets its initialisation, data order and dropout.", "",
                   "| model | seeds | exact match | test problems | train steps | wall time (s) | CPU time (s) | peak RSS (MB) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in gsm:
@@ -480,9 +502,12 @@ def main() -> None:
     todo = [(r, s) for s in seeds for r in rows  # seed by seed, so rows compared with each other get the same seeds first
             if (s == 0 or r not in SEEDLESS) and str(s) not in done.get(r, {}).get("seeds", {})]
 
-    def table() -> str:  # every row measured so far, in the table's order
-        have = [{**merged(done[r]), "row": r} for r in EVERY if r in done]
-        return render(have, COMMAND, [f"{r}@{s}" for r, s in todo if str(s) not in done.get(r, {}).get("seeds", {})])
+    def table() -> str:  # every row measured so far: the tables' rows in their order, then the others
+        order = TABLED + GSM_ROWS + [r for r in EVERY if r not in TABLED + GSM_ROWS]
+        have = [{**merged(done[r]), "row": r} for r in order if done.get(r, {}).get("seeds")]
+        missing = [f"{r}@{s}" for r in TABLED + GSM_ROWS for s in (0, 1, 2)
+                   if (s == 0 or r not in SEEDLESS) and str(s) not in done.get(r, {}).get("seeds", {})]
+        return render(have, COMMAND, missing)
 
     def one(pair: tuple[str, int]) -> dict:
         row, seed = pair
@@ -500,9 +525,10 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for (row, seed), res in zip(todo, pool.map(one, todo)):
             print(json.dumps(res), flush=True)
+            done = load_store(store)  # as it is now: another results.py may have added pairs meanwhile
             done.setdefault(row, {"seeds": {}})["seeds"][str(seed)] = res
             store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(".tmp")
+            tmp = store.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(done, indent=1))
             tmp.replace(store)
             if args.write:  # after every run, so a long run that stops early keeps what it measured

@@ -159,27 +159,30 @@ def test_results_rows_over_seeds_render_mean_and_std(tmp_path) -> None:
 
 def test_results_tables_hold_only_rows_with_three_seeds() -> None:
     """A row is in a table once it has MIN_SEEDS seeds; rows with fewer are named (with the key that measures them)
-    outside the tables; the seedless GSM8K base row says it draws nothing."""
+    outside the tables; the seedless GSM8K base row is shown beside a LoRA row with its seeds, never alone."""
     sys.path.insert(0, str(BENCH.parent))
     bench = _load_bench("results.py")
     one = {"accuracy": 0.8, "macro_f1": 0.3, "trainable": 10, "wall_s": 10.0, "cpu_s": 20.0, "threads": 1,
-           "peak_rss_mb": 100.0}
+           "peak_rss_mb": 100.0, "exact_match": 0.05, "n_test": 60, "steps": 0}
 
     def row(key, label, n):
         data = key.split(":")[0]
         seeds = {str(s): {**one, "data": data, "method": label, "accuracy": 0.8 + s / 100} for s in range(n)}
         return {**bench.merged({"seeds": seeds}), "row": key}
-    gsm = {"exact_match": 0.05, "n_test": 60, "steps": 0, "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 1.0,
-           "data": "gsm8k", "method": "SmolLM2-135M base"}
-    rows = [row("bbc:lora", "LoRA r=8", 3), row("bbc:vera", "VeRA r=256", 3), row("bbc:dora", "DoRA r=8", 1),
-            row("bbc:sorsa", "SORSA r=8", 1), {**bench.merged({"seeds": {"0": gsm}}), "row": "gsm8k:base"}]
-    text = bench.render(rows, "make results")
+    rows = [row("bbc:lora", "LoRA r=8", 3), row("bbc:vera", "VeRA r=256", 3), row("bbc:dora", "DoRA r=8", 2),
+            row("bbc:sorsa", "SORSA r=8", 1), row("gsm8k:base", "SmolLM2-135M base", 1)]
+    text = bench.render(rows + [row("gsm8k:lora", "SmolLM2-135M + LoRA", 3)], "make results")
     table_lines = [line for line in text.splitlines() if line.startswith("| bbc |")]
     assert [line.split("|")[2].strip() for line in table_lines] == ["LoRA r=8", "VeRA r=256"]
     assert "| VeRA r=256 | 3 (0, 1, 2) | 0.8100 ± 0.0100 |" in table_lines[1]
     outside = next(line for line in text.splitlines() if line.startswith("Not in the tables"))
-    assert "DoRA r=8 (`bbc:dora`)" in outside and "SORSA r=8 (`bbc:sorsa`) are in the tuning section" in outside
+    assert "DoRA r=8 (`bbc:dora`, 2)" in outside and "SORSA r=8 (`bbc:sorsa`, 1) is in the tuning section" in outside
     assert "| SmolLM2-135M base | — (no random draws) | 0.050 | 60 |" in text
+    assert "| SmolLM2-135M + LoRA | 3 (0, 1, 2) | 0.050 ± 0.000 |" in text
+    alone = bench.render(rows, "make results")  # the LoRA row unmeasured: no GSM8K table, and it says so
+    assert "## Causal LM" not in alone and "The GSM8K rows" in alone
+    assert "SmolLM2-135M base (`gsm8k:base`, 1)" in next(line for line in alone.splitlines()
+                                                        if line.startswith("Not in the tables"))
 
 
 def test_multitask_cells_are_mean_and_std_over_seeds() -> None:
