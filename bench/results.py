@@ -351,6 +351,29 @@ def _seeds(r: dict) -> str:
     return f"{r['n_seeds']} ({', '.join(map(str, r['seed_list']))})" if r["n_seeds"] > 1 else "1 seed"
 
 
+def pair_readings(rows: list[dict]) -> list[str]:
+    """For each shown row with a shown peft counterpart (data:peft-<method>, or a peft-<method>-<variant> row),
+    the per-seed differences of test accuracy over the seeds both have."""
+    by_key = {r["row"]: r for r in rows}
+    out = []
+    for r in rows:
+        data, method = r["row"].split(":")
+        if method.startswith("peft-"):
+            continue
+        for key, peft in by_key.items():
+            if not (key == f"{data}:peft-{method}" or key.startswith(f"{data}:peft-{method}-")):
+                continue
+            ours = dict(zip(r["seed_list"], r["accuracy_values"]))
+            theirs = dict(zip(peft["seed_list"], peft["accuracy_values"]))
+            common = sorted(set(ours) & set(theirs))
+            if len(common) < 2:
+                continue
+            diffs = [ours[k] - theirs[k] for k in common]
+            out.append(f"{data} {r['method']} − {peft['method']}: {statistics.fmean(diffs):+.4f} ± "
+                       f"{statistics.stdev(diffs):.4f} ({len(common)} seeds)")
+    return out
+
+
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
     lines = [f"Regenerate: `{command}` (`RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 "
              "--write docs/results.md`, then bench/multitask.py: every row × seed in its own process, `--jobs 2` of them at a time with one thread "
@@ -423,6 +446,11 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
                   "A difference between two rows means little unless it is larger than their standard deviations: "
                   "the per-seed values (bench/results_rows.json) show how far one seed moves a row.", "", *head]
         lines += [_cls_line(r) for r in others]
+    paired = pair_readings(chosen + others)
+    if paired:
+        lines += ["", "Test accuracy paired by seed (deltatune's row minus peft's at each seed both have; mean ± sample "
+                  "standard deviation of the per-seed differences; with three seeds, a mean smaller than its standard "
+                  f"deviation is no evidence of a difference): {'; '.join(paired)}."]
     lines += ["", "R8 is imbalanced (8 topics, two of them most of the data); after half an epoch the small topics are "
               "not yet learned by any method here, hence the low macro-F1 beside the accuracy (docs/training.md, "
               "Imbalanced classes, has the recipe that learns them)."]

@@ -179,6 +179,10 @@ def test_results_tables_hold_only_rows_with_three_seeds() -> None:
     assert "DoRA r=8 (`bbc:dora`, 2)" in outside and "SORSA r=8 (`bbc:sorsa`, 1) is in the tuning section" in outside
     assert "| SmolLM2-135M base | — (no random draws) | 0.050 | 60 |" in text
     assert "| SmolLM2-135M + LoRA | 3 (0, 1, 2) | 0.050 ± 0.000 |" in text
+    peft = row("bbc:peft-vera", "peft VeRA r=256", 3)
+    peft["accuracy_values"] = [0.79, 0.79, 0.83]  # differences from VeRA's 0.80/0.81/0.82: +0.01, +0.02, -0.01
+    paired = next(line for line in bench.render(rows + [peft], "x").splitlines() if line.startswith("Test accuracy paired"))
+    assert paired.endswith("bbc VeRA r=256 − peft VeRA r=256: +0.0067 ± 0.0153 (3 seeds).")
     alone = bench.render(rows, "make results")  # the LoRA row unmeasured: no GSM8K table, and it says so
     assert "## Causal LM" not in alone and "The GSM8K rows" in alone
     assert "SmolLM2-135M base (`gsm8k:base`, 1)" in next(line for line in alone.splitlines()
