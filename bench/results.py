@@ -175,9 +175,8 @@ TUNED_ROWS = {"bbc:adalora", "bbc:sorsa", "bbc:spiel", "bbc:adaptformer"}  # swe
 SEEDLESS = {"gsm8k:base"}  # no training, greedy decoding: every seed gives the same result, so it runs once
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
-PER_ROW = "two more seeds of a row take 4–6 minutes on two cores, seed 0 included 6–9"
-COST = ("seeds 1 and 2 of the six main rows (12 runs) took 36 minutes with `--jobs 2` on two idle cores (2026-12-07), "
-        "so all three seeds from nothing take about 55 minutes; every row (`--all`) is about 3 hours per seed")
+PER_ROW = ("seeds 1 and 2 of a deltatune/peft pair took 6–10 minutes on two cores here (four runs, two at a time; "
+           "2026-12-07)")
 
 
 def _cls_row(data: str, method: str, out: Path, seed: int = 0) -> dict:
@@ -375,15 +374,21 @@ def pair_readings(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    lines = [f"Regenerate: `{command}` (`RESULTS_THREADS=1 .venv/bin/python bench/results.py --seeds 0,1,2 --jobs 2 "
-             "--write docs/results.md`, then bench/multitask.py: every row × seed in its own process, `--jobs 2` of them at a time with one thread "
-             f"each; {COST}). `--rows` picks rows, `--seeds 0,1,2` the seeds; each (row, seed) measured is kept with its "
-             "own values in bench/results_rows.json, and a row's metric cells are the mean ± sample standard deviation "
-             "over its seeds (one value where the seeds column says `1 seed`); wall and CPU time are the mean, peak RSS "
-             "and threads the largest over its seeds.", "",
+    shown_rows = [r for r in rows if r["n_seeds"] >= MIN_SEEDS or r["row"] in SEEDLESS]
+    cpu_min = sum(r["cpu_s"] * r["n_seeds"] for r in shown_rows if r.get("cpu_s")) / 60
+    lines = [f"Regenerate: `{command}` (the tables' classification rows: `RESULTS_THREADS=1 .venv/bin/python "
+             "bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md`, every (row, seed) in its own process, "
+             "two at a time with one thread each; then the GSM8K rows and bench/multitask.py, below). The runs in "
+             f"these tables add up to {cpu_min:.0f} minutes of CPU time (each run's user + system time, loading and "
+             f"evaluation included), so about {cpu_min / 2:.0f} minutes on two idle cores; {PER_ROW}. `--rows` picks "
+             "rows, `--seeds 0,1,2` the seeds; each (row, seed) measured is kept with its own values in "
+             "bench/results_rows.json (pairs already there are not run again), and a row's metric cells are the mean ± "
+             "sample standard deviation over its seeds; wall and CPU time are the mean, peak RSS and threads the "
+             "largest over its seeds.", "",
              f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__}; the `threads` column is the row's "
-             "torch thread count (the main rows' seed 0 ran with 2 threads on R8 and with peft on BBC, seeds 1 and 2 "
-             "with 1, so their time columns mix the two). "
+             "torch thread count, the largest over its seeds (the R8 LoRA rows' seed 0 ran with 2 threads in an "
+             "earlier session — bench/same_start.py reproduced both exactly on this code — every other run in the "
+             "tables with 1). "
              "MiniLM-L6 (`minilm-l6`) with a new classification head trained in full by every method; "
              "one epoch over the zoo's fixed train split for BBC, half an epoch for R8, batch 16, max 128 tokens, AdamW with 6% warmup and "
              "linear decay; the seed sets the head's initialisation, the delta's, the data order and dropout (rows "
@@ -423,9 +428,8 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "Peak memory is the row's process peak RSS (weights, activations, optimizer state, Python). "
              "CPU time is the row process's user+system time (includes loading and evaluation); wall time is "
              "the training call (or, for GSM8K, training plus evaluation) and depends on other load on the "
-             "machine while the row ran: most rows of the methods added in session 3 (from SSF on) ran two at a "
-             "time with one thread each (the threads column says which), so compare their times with the one-thread "
-             "LoRA row and expect some slowdown from the neighbouring row.", "",
+             "machine while the row ran: the runs in the tables ran two at a time with one thread each, so each "
+             "carries some slowdown from its neighbour.", "",
              "| data | method | seeds | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     def shown(r: dict) -> bool:
