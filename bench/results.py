@@ -374,8 +374,16 @@ def pair_readings(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
-    shown_rows = [r for r in rows if r["n_seeds"] >= MIN_SEEDS or r["row"] in SEEDLESS]
-    cpu_min = sum(r["cpu_s"] * r["n_seeds"] for r in shown_rows if r.get("cpu_s")) / 60
+    def shown(r: dict) -> bool:
+        return r["n_seeds"] >= MIN_SEEDS or r["row"] in SEEDLESS
+    cls = [r for r in rows if r["data"] != "gsm8k"]
+    chosen = [r for r in cls if r["row"] in CHOSEN and shown(r)]
+    others = [r for r in cls if r["row"] not in CHOSEN and shown(r)]
+    gsm = [r for r in rows if r["data"] == "gsm8k" and shown(r)]
+    if not any(r["row"] not in SEEDLESS for r in gsm):
+        gsm = []  # the base row alone compares with nothing
+    unshown = [r for r in rows if not shown(r) or (r["data"] == "gsm8k" and not gsm)]
+    cpu_min = sum(r["cpu_s"] * r["n_seeds"] for r in chosen + others + gsm if r.get("cpu_s")) / 60
     lines = [f"Regenerate: `{command}` (the tables' classification rows: `RESULTS_THREADS=1 .venv/bin/python "
              "bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md`, every (row, seed) in its own process, "
              "two at a time with one thread each; then the GSM8K rows and bench/multitask.py, below). The runs in "
@@ -432,15 +440,6 @@ def render(rows: list[dict], command: str, missing: list[str] = ()) -> str:
              "carries some slowdown from its neighbour.", "",
              "| data | method | seeds | test accuracy | macro-F1 | trainable params | wall time (s) | CPU time (s) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    def shown(r: dict) -> bool:
-        return r["n_seeds"] >= MIN_SEEDS or r["row"] in SEEDLESS
-    cls = [r for r in rows if r["data"] != "gsm8k"]
-    chosen = [r for r in cls if r["row"] in CHOSEN and shown(r)]
-    others = [r for r in cls if r["row"] not in CHOSEN and shown(r)]
-    gsm = [r for r in rows if r["data"] == "gsm8k" and shown(r)]
-    if not any(r["row"] not in SEEDLESS for r in gsm):
-        gsm = []  # the base row alone compares with nothing
-    unshown = [r for r in rows if not shown(r) or (r["data"] == "gsm8k" and not gsm)]
     head = lines[-2:]
     del lines[-2:]
     lines += ["### The main rows (full fine-tuning and LoRA, deltatune's and peft's)", "", *head]
