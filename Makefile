@@ -43,7 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/quant.py --write docs/benchmarks.md
 
 # docs/results.md: results.py runs the (row, seed) pairs bench/results_rows.json lacks; multitask.py trains what
-# runs/multitask lacks and evaluates every seed (about 2 h 40 min from nothing on 2 cores: docs/results.md)
+# runs/multitask lacks and evaluates every seed (from nothing about 3 h 20 min on 2 cores: 1 h 40 classification rows,
+# 35 min GSM8K, 1 h multitask; docs/results.md gives each)
 results: $(ZOO_STAMP)
 	RESULTS_THREADS=1 $(BIN)/python bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
 	RESULTS_THREADS=2 $(BIN)/python bench/results.py --rows gsm8k:base,gsm8k:lora --seeds 0,1,2 --write docs/results.md
