@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from deltatune.io import atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "multitask"
 STORE = ROOT / "bench" / "multitask_results.json"  # every measured seed's results (runs/ is not kept)
@@ -95,7 +97,8 @@ def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0, threads: in
     store = runs_for(seed) / "trained.json"
     for task in tasks:
         key = f"{kind}-{task}"
-        if key in _trained(store) and Path(_trained(store)[key]["delta_dir"]).is_dir():
+        known = _trained(store).get(key)
+        if known and Path(known["delta_dir"]).is_dir():
             continue
         print(f"== train {key} seed {seed}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--train-one", f"{task}:{kind}:{seed}"], capture_output=True, text=True,
@@ -107,9 +110,7 @@ def ensure_trained(kind: str, tasks: tuple[str, ...], seed: int = 0, threads: in
             done = _trained(store)
             done[key] = row
             store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            tmp.replace(store)
+            atomic.write_text(store, json.dumps(done, indent=1))
     done = _trained(store)
     return {t: done[f"{kind}-{t}"] for t in tasks}
 
@@ -269,9 +270,7 @@ def main() -> None:
             by_seed[seed]["seconds"] = time.perf_counter() - t0  # every evaluation (the trainings ran before)
             path.write_text(json.dumps(by_seed[seed], indent=1))
             stored[str(seed)] = by_seed[seed]  # the per-seed values, kept with the repository
-            tmp = STORE.with_suffix(".tmp")
-            tmp.write_text(json.dumps(stored, indent=1) + "\n")
-            tmp.replace(STORE)
+            atomic.write_text(STORE, json.dumps(stored, indent=1) + "\n")
     from _report import publish
 
     publish(render(by_seed), args.write, "multitask")

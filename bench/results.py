@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from _report import write_section
+from tuned_rows import ROWS as TUNED_SWEEPS
+from deltatune.io import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = int(os.environ.get("RESULTS_THREADS", "2"))
@@ -172,7 +174,7 @@ COMPARED = [f"bbc:{m}" for pair in ("prompt", "vera", "lokr", "loha", "prefix")
 GSM_ROWS = ["gsm8k:base", "gsm8k:lora"]
 TABLED = CHOSEN + COMPARED  # the default rows (the GSM8K rows run on their own: 10 GB each, one at a time)
 MIN_SEEDS = 3  # a row is in the tables once it has this many seeds
-TUNED_ROWS = {"bbc:adalora", "bbc:sorsa", "bbc:spiel", "bbc:adaptformer"}  # swept at 3 seeds (bench/tuned_rows.py)
+TUNED_ROWS = {sweep.replace("_", ":", 1) for sweep in TUNED_SWEEPS}  # bbc_sorsa -> bbc:sorsa: swept at 3 seeds
 SEEDLESS = {"gsm8k:base"}  # no training, greedy decoding: every seed gives the same result, so it runs once
 STORE = ROOT / "bench" / "results_rows.json"
 COMMAND = "make results"  # RESULTS_THREADS=1 bench/results.py --seeds 0,1,2 --jobs 2 --write docs/results.md
@@ -560,9 +562,7 @@ def main() -> None:
             done = load_store(store)  # as it is now: another results.py may have added pairs meanwhile
             done.setdefault(row, {"seeds": {}})["seeds"][str(seed)] = res
             store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            tmp.replace(store)
+            atomic.write_text(store, json.dumps(done, indent=1))
             if args.write:  # after every run, so a long run that stops early keeps what it measured
                 write_section(args.write, "results", table())
     if args.write:

@@ -21,6 +21,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import publish  # noqa: E402
 
+from deltatune.io import atomic  # noqa: E402
 from deltatune.train.sweep import Sweep, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,7 @@ def collect(runs: Path) -> dict:
         if found.exists():
             sweep = json.loads(found.read_text())
             store[name] = {key: sweep[key] for key in ("grid", "seeds", "metric", "runs") if key in sweep}
-    tmp = STORE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(store, indent=1) + "\n")
-    tmp.replace(STORE)
+    atomic.write_text(STORE, json.dumps(store, indent=1) + "\n")
     return store
 
 
